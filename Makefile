@@ -1,0 +1,38 @@
+# secondstage — the two commands users need: `make serve` and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+STAMP := $(VENV)/.installed
+BIN := $(VENV)/bin
+
+.PHONY: serve test install demo lint bench clean
+
+$(STAMP): pyproject.toml scripts/install.sh
+	bash scripts/install.sh
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Build the demo model if no model is configured, then serve on 127.0.0.1:8000.
+serve: $(STAMP)
+	@if [ -z "$$SECONDSTAGE_MODEL" ]; then $(BIN)/secondstage model demo; fi
+	$(BIN)/secondstage serve
+
+## The whole suite: unit tests, then the real-engine and end-to-end tests.
+test: $(STAMP)
+	$(BIN)/secondstage model demo
+	$(BIN)/python -m pytest
+
+demo: $(STAMP)
+	$(BIN)/secondstage model demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/secondstage model demo
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf var/redis var/spool .pytest_cache

@@ -1,0 +1,146 @@
+"""The app factory: `build_app(settings)` wires engine, Redis, policies and routes in `lifespan`.
+
+Nothing is built at import. Tests pass a fake engine (and their own Redis URL)
+to exercise the HTTP layer without vLLM; `secondstage serve` passes nothing and
+gets the real engine on the configured model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from serve.engine import ModelEngine
+from serve.errors import install_error_handlers
+from serve.keys import Keys
+from serve.logwriter import LogWriter, Record
+from serve.metrics import Metrics
+from serve.middleware import RequestMiddleware
+from serve.redis_server import resolve_redis
+from serve.routers import chat, feedback, models, ops
+from serve.services.chat import ChatService
+from serve.services.feedback import FeedbackService
+from serve.services.records import Recorder
+from serve.settings import ServeSettings
+from serve.swap import VersionWatcher
+
+logger = logging.getLogger("secondstage.app")
+
+
+def build_app(
+    settings: ServeSettings | None = None,
+    *,
+    engine: ModelEngine | None = None,
+    registry: CollectorRegistry | None = None,
+) -> FastAPI:
+    settings = settings or ServeSettings()
+    metrics = Metrics(registry or CollectorRegistry(), settings.model_name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            await _start(app, settings, metrics, engine, stack)
+            yield
+
+    app = FastAPI(
+        title="secondstage",
+        version="0.1.0",
+        description="OpenAI-compatible chat that enforces operators' rules and learns from its users.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.started = time.time()
+    app.state.policy = None
+    install_error_handlers(app)
+    app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    for module in (chat, feedback, models, ops):
+        app.include_router(module.router)
+    try:
+        from serve.routers import policies
+    except ImportError:  # policies are an optional package during development
+        pass
+    else:
+        app.include_router(policies.router)
+    return app
+
+
+async def _start(
+    app: FastAPI,
+    settings: ServeSettings,
+    metrics: Metrics,
+    engine: ModelEngine | None,
+    stack: contextlib.AsyncExitStack,
+) -> None:
+    keys = Keys(settings.redis_prefix)
+    url, child = resolve_redis(settings)
+    if child is not None:
+        stack.callback(child.stop)
+        logger.info("started a private redis-server at %s (data in %s)", url, settings.redis_dir)
+
+    def client() -> aioredis.Redis:
+        return aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+
+    lookup = client()
+    stack.push_async_callback(lookup.aclose)
+
+    recorder: Recorder | None = None
+    if settings.logging_enabled:
+        writer = LogWriter(
+            client, settings.var_dir / "spool", max_queue=settings.log_queue_size, registry=metrics.registry
+        )
+        await writer.start()
+        stack.push_async_callback(writer.stop)
+        recorder = Recorder(writer, lookup, keys, record_cls=Record)
+        app.state.writer = writer
+
+    if engine is None:
+        engine = ModelEngine.from_settings(settings, metrics)
+        stack.callback(engine.shutdown)
+    elif engine.metrics is None:
+        engine.metrics = metrics
+        metrics.set_active_version(engine.current.name)
+    app.state.engine = engine
+
+    policy = _policy_engine(settings, metrics, engine) if settings.policies_enabled else None
+    app.state.policy = policy
+
+    app.state.chat = ChatService(engine, recorder, metrics, policy)
+    if recorder is not None:
+        app.state.feedback = FeedbackService(recorder, metrics)
+
+    stop = asyncio.Event()
+    watcher = VersionWatcher(engine, client, keys, interval_s=settings.reconcile_interval_s)
+    # Serve the active version from the first request on, when Redis can tell us which.
+    with contextlib.suppress(Exception):
+        await watcher.reconcile(lookup)
+    tasks = [asyncio.create_task(watcher.run(stop), name="version-watcher")]
+    if policy is not None:
+        tasks.append(asyncio.create_task(policy.watch(stop), name="policy-watcher"))
+
+    async def stop_tasks() -> None:
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    stack.push_async_callback(stop_tasks)
+
+
+def _policy_engine(settings: ServeSettings, metrics: Metrics, engine: ModelEngine) -> Any:
+    from serve.policy import PolicyEngine
+
+    def count_tokens(text: str) -> int:
+        return len(engine.tokenizer.encode(text, add_special_tokens=False))
+
+    policy = PolicyEngine(settings.policies_dir, registry=metrics.registry, tokenizer_count=count_tokens)
+    policy.load()
+    return policy

@@ -1,0 +1,220 @@
+"""The model engine: vLLM's AsyncLLM in-process, plus which model version each request uses.
+
+A version is either the base model or a LoRA adapter from the version store.
+`pin()` binds a request to the version active when it starts, so a swap never
+mixes two versions in one response; versions no request uses any more are
+unloaded from the engine (vLLM does not free them by itself: vllm #54839).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from serve.errors import BadRequest, NotFound
+from serve.versions import BASE, VersionError, VersionStore, version_number
+
+if TYPE_CHECKING:
+    from serve.metrics import Metrics
+    from serve.settings import ServeSettings
+
+logger = logging.getLogger("secondstage.engine")
+
+
+class LLM(Protocol):
+    """The slice of vLLM's AsyncLLM we use (a fake implements it in unit tests)."""
+
+    def generate(self, prompt: Any, sampling_params: Any, request_id: str, **kw: Any) -> AsyncIterator[Any]: ...
+    async def abort(self, request_id: str | list[str]) -> None: ...
+    async def add_lora(self, lora_request: Any) -> bool: ...
+    async def remove_lora(self, lora_id: int) -> bool: ...
+    async def check_health(self) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+@dataclass
+class ServedVersion:
+    name: str
+    lora: Any | None  # vllm LoRARequest, None for the base model
+    inflight: int = 0
+
+
+class ModelEngine:
+    def __init__(
+        self,
+        llm: LLM,
+        tokenizer: Any,
+        *,
+        model_name: str,
+        max_model_len: int,
+        store: VersionStore,
+        metrics: Metrics | None = None,
+        lora_request_cls: Any = None,
+    ) -> None:
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.store = store
+        self.metrics = metrics
+        self._lora_request_cls = lora_request_cls
+        self.current = ServedVersion(BASE, None)
+        self._loaded: dict[str, ServedVersion] = {}
+        self._swap_lock = asyncio.Lock()
+        if metrics:
+            metrics.set_active_version(BASE)
+
+    @classmethod
+    def from_settings(cls, settings: ServeSettings, metrics: Metrics | None = None) -> ModelEngine:
+        """Start vLLM's engine on the configured base model (15-20 s on CPU)."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.lora.request import LoRARequest
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=settings.model_path,
+            served_model_name=[settings.model_name],
+            max_model_len=settings.max_model_len,
+            gpu_memory_utilization=settings.kv_cache_memory_fraction,
+            max_num_seqs=settings.max_num_seqs,
+            enable_lora=True,
+            max_lora_rank=settings.max_lora_rank,
+            max_loras=settings.max_loras,
+            enforce_eager=settings.enforce_eager,
+            seed=settings.seed,
+            disable_log_stats=False,
+        )
+        llm = AsyncLLM.from_engine_args(args)
+        return cls(
+            llm,
+            llm.get_tokenizer(),
+            model_name=settings.model_name,
+            max_model_len=settings.max_model_len,
+            store=VersionStore(settings.versions_dir),
+            metrics=metrics,
+            lora_request_cls=LoRARequest,
+        )
+
+    # -- prompts -------------------------------------------------------------------------------
+
+    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of the chat template applied to `messages`, ready for the assistant's turn."""
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # jinja raises on conversations the template refuses (e.g. bad role order)
+            raise BadRequest(f"messages: the model's chat template rejected them: {exc}", param="messages") from exc
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def check_length(self, prompt_len: int, max_tokens: int | None, param: str = "messages") -> int:
+        """The max new tokens to use; 400 when the prompt (plus requested tokens) exceeds the context."""
+        room = self.max_model_len - prompt_len
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            asked = prompt_len + (max_tokens or 1)
+            raise BadRequest(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{asked} tokens ({prompt_len} in the {param}, {max_tokens or 1} for the completion). "
+                f"Please reduce the length of the {param} or the completion.",
+                param=param,
+            )
+        return max_tokens if max_tokens is not None else room
+
+    # -- generation ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def pin(self) -> Iterator[ServedVersion]:
+        """Bind one request to the version active now; it keeps it to the end, whatever swaps happen."""
+        version = self.current
+        version.inflight += 1
+        try:
+            yield version
+        finally:
+            version.inflight -= 1
+            if version is not self.current and version.inflight == 0 and version.lora is not None:
+                # The last request on a superseded version is done: free its adapter.
+                task = asyncio.get_running_loop().create_task(self._unload(version))
+                task.add_done_callback(lambda t: t.exception())
+
+    async def generate(
+        self, prompt_ids: list[int], params: Any, request_id: str, version: ServedVersion, priority: int = 0
+    ) -> AsyncIterator[Any]:
+        """Stream vLLM RequestOutputs; closing the iterator aborts the engine request."""
+        stream = self.llm.generate(
+            {"prompt_token_ids": prompt_ids}, params, request_id, lora_request=version.lora, priority=priority
+        )
+        finished = False
+        try:
+            async for out in stream:
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                await self.llm.abort(request_id)
+
+    # -- versions ------------------------------------------------------------------------------
+
+    async def activate(self, name: str) -> float:
+        """Load `name` (if an adapter) and route new requests to it. Returns seconds taken."""
+        async with self._swap_lock:
+            if name == self.current.name:
+                return 0.0
+            start = time.perf_counter()
+            try:
+                served = await self._load(name)
+            except Exception:
+                if self.metrics:
+                    self.metrics.swaps.labels("error").inc()
+                raise
+            previous, self.current = self.current, served
+            took = time.perf_counter() - start
+            logger.info("now serving version %s (was %s; loaded in %.3fs)", name, previous.name, took)
+            if self.metrics:
+                self.metrics.swaps.labels("ok").inc()
+                self.metrics.swap_duration.observe(took)
+                self.metrics.set_active_version(name)
+            if previous.inflight == 0 and previous.lora is not None:
+                await self._unload(previous)
+            return took
+
+    async def _load(self, name: str) -> ServedVersion:
+        if name == BASE:
+            return ServedVersion(BASE, None)
+        if name in self._loaded:
+            return self._loaded[name]
+        try:
+            manifest = self.store.manifest(name)
+        except VersionError as exc:
+            raise NotFound(str(exc), param="version") from exc
+        adapter = self.store.adapter_path(manifest.version)
+        lora = self._lora_request_cls(lora_name=name, lora_int_id=max(1, version_number(name)), lora_path=str(adapter))
+        # add_lora loads the weights now, so the first request on the new version pays nothing.
+        if not await self.llm.add_lora(lora):
+            raise RuntimeError(f"the engine refused adapter {adapter}")
+        served = ServedVersion(name, lora)
+        self._loaded[name] = served
+        if self.metrics:
+            self.metrics.loaded_adapters.set(len(self._loaded))
+        return served
+
+    async def _unload(self, version: ServedVersion) -> None:
+        if version is self.current or version.inflight or self._loaded.get(version.name) is not version:
+            return
+        del self._loaded[version.name]
+        with contextlib.suppress(Exception):
+            await self.llm.remove_lora(version.lora.lora_int_id)
+        if self.metrics:
+            self.metrics.loaded_adapters.set(len(self._loaded))
+        logger.info("unloaded version %s", version.name)
+
+    def loaded_versions(self) -> list[str]:
+        return list(self._loaded)
+
+    async def check_health(self) -> None:
+        await self.llm.check_health()
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()

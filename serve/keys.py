@@ -1,0 +1,58 @@
+"""The Redis data model: every key and channel secondstage uses, under one prefix.
+
+docs/architecture.md describes each; change them only together with that page.
+Every stream entry carries `schema` (SCHEMA_VERSION) so readers can evolve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEMA_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "secondstage"
+
+    @property
+    def completions(self) -> str:
+        """Stream: one entry per completion (fields: schema, id, data=JSON record)."""
+        return f"{self.prefix}:completions"
+
+    def completion(self, completion_id: str) -> str:
+        """String: the JSON record of one completion, for lookup by id (feedback, align)."""
+        return f"{self.prefix}:completion:{completion_id}"
+
+    @property
+    def feedback(self) -> str:
+        """Stream: one entry per feedback event (fields: schema, id, completion_id, data=JSON)."""
+        return f"{self.prefix}:feedback"
+
+    @property
+    def policy_pairs(self) -> str:
+        """Stream: preference pairs derived from enforced output-policy decisions."""
+        return f"{self.prefix}:policy_pairs"
+
+    @property
+    def versions(self) -> str:
+        """Hash: version name -> manifest JSON."""
+        return f"{self.prefix}:versions"
+
+    @property
+    def active_version(self) -> str:
+        """String: the version new requests are served with ("base" = no adapter)."""
+        return f"{self.prefix}:active_version"
+
+    @property
+    def events(self) -> str:
+        """Pub/sub channel: JSON events {"type": "activated", "version": ...}."""
+        return f"{self.prefix}:events"
+
+    @property
+    def align_lock(self) -> str:
+        """String with TTL: held by the one align job allowed to run."""
+        return f"{self.prefix}:align:lock"
+
+    align_group: str = "align"
+    """Consumer group on the feedback and policy-pair streams that align reads with."""

@@ -1,0 +1,64 @@
+"""Prometheus metrics of the serving process (vLLM's own `vllm:` metrics live beside them).
+
+All metrics register on an injected `CollectorRegistry` so tests and several apps
+in one process never collide; `/metrics` renders this registry plus vLLM's.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
+        self.registry = registry
+        self.model_name = model_name
+        self.requests = Counter(
+            "secondstage_requests_total", "HTTP requests by route and status.", ["route", "status"], registry=registry
+        )
+        self.request_latency = Histogram(
+            "secondstage_request_latency_seconds",
+            "End-to-end latency of completion requests.",
+            ["route", "stream"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "secondstage_time_to_first_token_seconds",
+            "Time from request arrival to the first content sent.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "secondstage_prompt_tokens_total", "Prompt tokens processed.", ["model_name", "version"], registry=registry
+        )
+        self.completion_tokens = Counter(
+            "secondstage_completion_tokens_total",
+            "Completion tokens generated.",
+            ["model_name", "version"],
+            registry=registry,
+        )
+        self.feedback = Counter("secondstage_feedback_total", "Feedback events by kind.", ["kind"], registry=registry)
+        self.active_version = Gauge(
+            "secondstage_active_version_info",
+            "1 for the model version new requests are served with.",
+            ["model_name", "version"],
+            registry=registry,
+        )
+        self.swaps = Counter("secondstage_swaps_total", "Version activations by result.", ["result"], registry=registry)
+        self.swap_duration = Histogram(
+            "secondstage_swap_duration_seconds",
+            "Time to load and activate a version.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+            registry=registry,
+        )
+        self.loaded_adapters = Gauge(
+            "secondstage_loaded_adapters", "LoRA adapters resident in the engine.", registry=registry
+        )
+
+    def set_active_version(self, version: str) -> None:
+        self.active_version.clear()
+        self.active_version.labels(self.model_name, version).set(1)

@@ -1,0 +1,52 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from serve.deps import CallerDep, ChatDep
+from serve.errors import error_body
+from serve.protocol import ChatCompletionRequest, ChatCompletionResponse
+
+router = APIRouter()
+
+_ERRORS = {
+    s: {"description": d, "content": {"application/json": {"example": error_body(s, t, d)}}}
+    for s, t, d in [
+        (400, "BadRequestError", "Invalid request"),
+        (404, "NotFoundError", "Unknown model"),
+        (413, "RequestEntityTooLargeError", "Body too large"),
+    ]
+}
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, **_ERRORS},
+)
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, chat: ChatDep, caller: CallerDep
+) -> Any:
+    job = chat.prepare(body, caller)
+    if body.stream:
+        lines = await chat.open_stream(job)
+        return StreamingResponse(lines, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return await until_disconnect(request, chat.complete(job))
+
+
+async def until_disconnect(request: Request, coro: Any) -> Any:
+    """Run `coro`, cancelling it (and so aborting its engine request) if the client goes away."""
+    task = asyncio.ensure_future(coro)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            # 499 (nginx's "client closed request"): nobody reads it, but logs and metrics do.
+            return JSONResponse(error_body(499, "ClientClosedRequest", "client disconnected"), status_code=499)

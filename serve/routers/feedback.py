@@ -1,0 +1,15 @@
+"""POST /v1/feedback: thumbs, rating, comment, correction or preferred choice on a completion."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from serve.deps import CallerDep, FeedbackDep
+from serve.protocol import FeedbackRequest, FeedbackResponse
+
+router = APIRouter()
+
+
+@router.post("/v1/feedback", response_model=FeedbackResponse)
+async def create_feedback(body: FeedbackRequest, feedback: FeedbackDep, caller: CallerDep) -> FeedbackResponse:
+    return await feedback.submit(body, user=caller.key_id)

@@ -1,0 +1,22 @@
+"""GET /v1/models: the served model, and the version new requests get."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from serve.protocol import ModelCard, ModelList
+
+router = APIRouter()
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    engine = request.app.state.engine
+    card = ModelCard(
+        id=engine.model_name,
+        created=int(request.app.state.started),
+        root=request.app.state.settings.model_path,
+        max_model_len=engine.max_model_len,
+        version=engine.current.name,
+    )
+    return ModelList(data=[card])

@@ -1,0 +1,70 @@
+"""Settings for the deployables, read from the environment (prefix `SECONDSTAGE_`).
+
+`CommonSettings` holds what serve and align must agree on (where Redis and the
+var/ directory are, which base model is served); each deployable extends it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SECONDSTAGE_", extra="ignore")
+
+    var_dir: Path = Field(Path("var"), description="Runtime data: models, versions, Redis data, spool.")
+    model: str | None = Field(
+        None, description="Base model: a Hugging Face model directory or hub id. Default: the demo model."
+    )
+    redis_url: str | None = Field(
+        None,
+        description="Redis to use (redis://, rediss://, unix://). Unset: a private redis-server under var/redis.",
+    )
+    redis_prefix: str = Field("secondstage", description="Prefix of every Redis key this deployment uses.")
+
+    @property
+    def demo_model_dir(self) -> Path:
+        return self.var_dir / "models" / "demo"
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.var_dir / "models" / "versions"
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.var_dir / "redis"
+
+    @property
+    def model_path(self) -> str:
+        """The base model to load: the configured one, else the demo model."""
+        return self.model if self.model else str(self.demo_model_dir)
+
+
+class ServeSettings(CommonSettings):
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, description="Port to bind.")
+    served_model_name: str | None = Field(
+        None, description="Model name clients send and /v1/models lists. Default: the model directory's name."
+    )
+    max_model_len: int = Field(1024, description="Context length (prompt + completion tokens).")
+    kv_cache_memory_fraction: float = Field(
+        0.2, description="vLLM gpu_memory_utilization; on CPU the share of host RAM reserved for KV cache."
+    )
+    max_num_seqs: int = Field(64, description="Most sequences the engine runs at once.")
+    max_lora_rank: int = Field(16, description="Largest LoRA rank an adapter version may have.")
+    max_loras: int = Field(2, description="LoRA versions resident in one batch (active + the one being drained).")
+    max_body_bytes: int = Field(1_000_000, description="Largest request body accepted (413 above).")
+    policies_dir: Path = Field(Path("policies"), description="Directory of policy rule files.")
+    policies_enabled: bool = Field(True, description="Enforce the rule files in policies_dir.")
+    logging_enabled: bool = Field(True, description="Log completions to Redis.")
+    log_queue_size: int = Field(10_000, description="Records held in memory before spooling to disk.")
+    reconcile_interval_s: float = Field(5.0, description="How often to re-read the active version from Redis.")
+    enforce_eager: bool = Field(True, description="Skip vLLM graph compilation (fast start on CPU).")
+    seed: int = Field(0, description="Engine seed.")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model_path.rstrip("/")).name

@@ -1,0 +1,123 @@
+"""Model versions: immutable directories on disk plus a registry in Redis.
+
+A version is `var/models/versions/<name>/` holding `adapter/` (a PEFT LoRA
+adapter) and `manifest.json` (lineage and metrics). It is written to a temporary
+directory and renamed into place, so a reader never sees half a version. The
+registry (a Redis hash of manifests, the active-version key and the events
+channel) is what serving follows; `BASE` means the base model with no adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+from pydantic import BaseModel, Field
+
+from serve.keys import Keys
+
+BASE = "base"
+_NAME = re.compile(r"^v(\d+)$")
+
+
+class VersionError(Exception):
+    """A version that does not exist or cannot be used."""
+
+
+class Manifest(BaseModel):
+    version: str
+    parent: str = Field(BASE, description="Version the adapter was trained from.")
+    base_model: str
+    created: float = Field(default_factory=time.time)
+    feedback_ids: list[str] = Field(default_factory=list)
+    policy_pair_ids: list[str] = Field(default_factory=list)
+    datasets: dict[str, int] = Field(default_factory=dict, description="Rows per dataset kind (kto, dpo).")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    gate: dict[str, Any] = Field(default_factory=dict)
+    lora_rank: int = 8
+
+
+def version_number(name: str) -> int:
+    m = _NAME.match(name)
+    return int(m.group(1)) if m else 0
+
+
+class VersionStore:
+    """The versions directory on disk."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, version: str) -> Path:
+        return self.root / version
+
+    def adapter_path(self, version: str) -> Path:
+        return self.path(version) / "adapter"
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        found = [p.name for p in self.root.iterdir() if (p / "manifest.json").is_file()]
+        return sorted(found, key=version_number)
+
+    def next_name(self) -> str:
+        return f"v{max([0, *map(version_number, self.names())]) + 1}"
+
+    def manifest(self, version: str) -> Manifest:
+        path = self.path(version) / "manifest.json"
+        if not path.is_file():
+            raise VersionError(f"version {version!r} has no manifest at {path}")
+        return Manifest.model_validate_json(path.read_text())
+
+    def write(self, manifest: Manifest, adapter_dir: Path) -> Path:
+        """Copy the adapter and manifest into place atomically (rename of a complete directory)."""
+        final = self.path(manifest.version)
+        if final.exists():
+            raise VersionError(f"version {manifest.version!r} already exists at {final}; versions are immutable")
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{manifest.version}-", dir=self.root))
+        try:
+            shutil.copytree(adapter_dir, tmp / "adapter")
+            (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=2))
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+
+class Registry:
+    """The Redis side: registered manifests, the active version, the events channel."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+
+    def register(self, manifest: Manifest) -> None:
+        self.client.hset(self.keys.versions, manifest.version, manifest.model_dump_json())
+
+    def manifests(self) -> dict[str, Manifest]:
+        raw = self.client.hgetall(self.keys.versions)
+        out = {k.decode() if isinstance(k, bytes) else k: Manifest.model_validate_json(v) for k, v in raw.items()}
+        return dict(sorted(out.items(), key=lambda kv: version_number(kv[0])))
+
+    def active(self) -> str:
+        value = self.client.get(self.keys.active_version)
+        if value is None:
+            return BASE
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    def activate(self, version: str) -> None:
+        """Make `version` the one new requests use, and tell every server now."""
+        if version != BASE and not self.client.hexists(self.keys.versions, version):
+            known = ", ".join([BASE, *self.manifests()])
+            raise VersionError(f"unknown version {version!r}; known versions: {known}")
+        self.client.set(self.keys.active_version, version)
+        self.client.publish(self.keys.events, json.dumps({"type": "activated", "version": version}))

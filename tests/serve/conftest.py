@@ -1,0 +1,51 @@
+"""Fixtures for the HTTP layer: the real app factory over a fake engine and a real Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serve.app import build_app
+from serve.engine import ModelEngine
+from serve.redis_server import PrivateRedis
+from serve.settings import ServeSettings
+from serve.versions import VersionStore
+from tests.fakes import ByteTokenizer, FakeLLM, FakeLoRARequest
+
+
+@pytest.fixture
+def fake_llm() -> FakeLLM:
+    return FakeLLM()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_server: PrivateRedis) -> ServeSettings:
+    return ServeSettings(
+        var_dir=tmp_path / "var",
+        redis_url=redis_server.url,
+        served_model_name="demo",
+        max_model_len=512,
+        policies_enabled=False,
+        reconcile_interval_s=0.2,
+    )
+
+
+@pytest.fixture
+def engine(fake_llm: FakeLLM, settings: ServeSettings) -> ModelEngine:
+    return ModelEngine(
+        fake_llm,
+        ByteTokenizer(),
+        model_name="demo",
+        max_model_len=settings.max_model_len,
+        store=VersionStore(settings.versions_dir),
+        lora_request_cls=FakeLoRARequest,
+    )
+
+
+@pytest.fixture
+def client(settings: ServeSettings, engine: ModelEngine) -> Iterator[TestClient]:
+    with TestClient(build_app(settings, engine=engine)) as c:
+        yield c
