@@ -1,0 +1,119 @@
+"""One real secondstage server for the whole session: real vLLM on the demo model, real redis-server.
+
+The server runs as a subprocess (`python -m serve.cli serve`) exactly as users run it,
+with its Redis started here so tests can kill and restart Redis under it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serve.redis_server import PrivateRedis
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "var" / "models" / "demo"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    env: dict[str, str]
+    redis: PrivateRedis
+    var_dir: Path
+    log: Path
+
+    def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """Run `secondstage ARGS` against this server's Redis and var/ (as an operator would)."""
+        return subprocess.run(
+            [sys.executable, "-m", "serve.cli", *args],
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    from serve.demo.build import ensure_demo_model
+
+    return ensure_demo_model(DEMO)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Server]:
+    base = tmp_path_factory.mktemp("e2e")
+    redis = PrivateRedis(base / "redis")
+    redis.start()
+    port = _free_port()
+    env = {
+        **os.environ,
+        "SECONDSTAGE_VAR_DIR": str(base / "var"),
+        "SECONDSTAGE_MODEL": str(demo_model),
+        "SECONDSTAGE_SERVED_MODEL_NAME": "demo",
+        "SECONDSTAGE_REDIS_URL": redis.url,
+        "SECONDSTAGE_PORT": str(port),
+        "SECONDSTAGE_RECONCILE_INTERVAL_S": "1",
+        "SECONDSTAGE_POLICIES_DIR": str(ROOT / "policies"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    log = base / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "serve.cli", "serve", "--log-level", "info"],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    srv = Server(f"http://127.0.0.1:{port}", env, redis, base / "var", log)
+    try:
+        deadline = time.time() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{srv.log_tail()}")
+            try:
+                if httpx.get(srv.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"server did not become healthy:\n{srv.log_tail()}")
+            time.sleep(1)
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+        redis.stop()
+
+
+@pytest.fixture
+def openai_client(server: Server):  # type: ignore[no-untyped-def]
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key="test-key", max_retries=0, timeout=120)
