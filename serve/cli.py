@@ -31,7 +31,6 @@ console = Console()
 def _mount_optional() -> None:
     # Each sub-app lives with its package; import errors surface when the command runs.
     from align.cli import align_app, feedback_app
-
     from serve.policy.cli import policy_app
 
     app.add_typer(align_app, name="align")

@@ -63,7 +63,8 @@ def demo_model() -> Path:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Server]:
     base = tmp_path_factory.mktemp("e2e")
-    redis = PrivateRedis(base / "redis")
+    # fsync always: the outage test SIGKILLs it and counts on acknowledged writes surviving.
+    redis = PrivateRedis(base / "redis", appendfsync="always")
     redis.start()
     port = _free_port()
     env = {

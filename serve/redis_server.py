@@ -1,0 +1,243 @@
+"""A private `redis-server` child process, and how serve and align find the Redis they share.
+
+With no `SECONDSTAGE_REDIS_URL`, secondstage runs its own real Redis: data under `var/redis`
+(AOF on, fsync every second), reachable only through a unix socket `var/redis/redis.sock`
+(mode 700, no TCP port). Whoever comes first starts it; whoever finds it already answering
+uses it. `resolve_redis(settings)` does exactly that and is the one way both deployables
+get their Redis URL.
+
+Tests use `PrivateRedis` directly as their Redis (start, `kill()` for an outage, `restart()`
+on the same directory keeps the data through the AOF).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+from serve.settings import CommonSettings
+
+log = logging.getLogger("secondstage.redis")
+
+# sockaddr_un.sun_path is 108 bytes on Linux, including the trailing NUL.
+_MAX_SOCKET_PATH = 107
+
+
+class RedisServerError(RuntimeError):
+    """The private redis-server could not be started, reached or stopped."""
+
+
+class PrivateRedis:
+    """One `redis-server` bound to a unix socket inside `data_dir`.
+
+    `start()` reuses a server that already answers on the socket (then `owned` is False and
+    `stop()` leaves it running); otherwise it starts a child process that `stop()` shuts down.
+    The child runs in its own session, so Ctrl-C reaches only the parent, which flushes its logs
+    to Redis before stopping it; if the parent dies without `stop()`, the server keeps running
+    and the next `start()` on the directory reuses it.
+
+    `appendfsync="always"` is for tests that SIGKILL the server: with `everysec` a write acknowledged
+    while a background fsync is slow can still be lost (Redis defers the write for up to 2 s).
+    """
+
+    def __init__(
+        self, data_dir: Path | str, *, executable: str = "redis-server", appendfsync: str = "everysec"
+    ) -> None:
+        if appendfsync not in ("always", "everysec", "no"):
+            raise ValueError(f"appendfsync={appendfsync!r} must be 'always', 'everysec' or 'no'")
+        self.data_dir = Path(data_dir).absolute()
+        self.executable = executable
+        self.appendfsync = appendfsync
+        self.socket_path = self.data_dir / "redis.sock"
+        self.pidfile = self.data_dir / "redis.pid"
+        self.logfile = self.data_dir / "redis.log"
+        self._lockfile = self.data_dir / "start.lock"
+        self._proc: subprocess.Popen[bytes] | None = None
+        if len(str(self.socket_path)) > _MAX_SOCKET_PATH:
+            raise RedisServerError(
+                f"redis data_dir {self.data_dir} is too deep: the socket path {self.socket_path} has "
+                f"{len(str(self.socket_path))} characters, unix sockets allow {_MAX_SOCKET_PATH}; "
+                "use a shorter directory (e.g. set SECONDSTAGE_VAR_DIR)"
+            )
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    @property
+    def owned(self) -> bool:
+        """True while this object's child process is the server (False when reusing another's)."""
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def ping(self) -> bool:
+        """True if a server answers PING on the socket (a server still loading its AOF counts as down)."""
+        return self._probe() == "up"
+
+    def _probe(self) -> str:
+        """'up', 'loading' (alive, replaying its AOF) or 'down'."""
+        if not self.socket_path.exists():
+            return "down"
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(1.0)
+                s.connect(str(self.socket_path))
+                s.sendall(b"*1\r\n$4\r\nPING\r\n")
+                reply = s.recv(256)
+        except OSError:
+            return "down"
+        if reply.startswith(b"+PONG"):
+            return "up"
+        if reply.startswith(b"-LOADING"):
+            return "loading"
+        return "down"
+
+    def _command(self) -> list[str]:
+        return [
+            self.executable,
+            "--dir", str(self.data_dir),
+            "--port", "0",
+            "--unixsocket", str(self.socket_path),
+            "--unixsocketperm", "700",
+            "--pidfile", str(self.pidfile),
+            "--logfile", str(self.logfile),
+            "--daemonize", "no",
+            "--appendonly", "yes",
+            "--appendfsync", self.appendfsync,
+            # The AOF is the persistence; RDB snapshots would only add forks.
+            "--save", "",
+        ]  # fmt: skip
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start the server (or attach to one already answering) and wait until it answers PING."""
+        if self.owned:
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # The lock stops serve and align, started together, from launching two servers on one directory.
+        with open(self._lockfile, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            state = self._probe()
+            if state == "loading":
+                self._wait_up(timeout, proc=None)
+            if state != "down":
+                log.info("using the redis-server already running at %s", self.socket_path)
+                return
+            if shutil.which(self.executable) is None:
+                raise RedisServerError(
+                    f"{self.executable!r} not found on PATH; install it: apt-get install redis-server "
+                    "(or set SECONDSTAGE_REDIS_URL to an existing Redis)"
+                )
+            with open(self.logfile, "ab") as out:
+                # Own session: Ctrl-C on serve must not kill Redis before serve has flushed its log to it.
+                self._proc = subprocess.Popen(
+                    self._command(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            try:
+                self._wait_up(timeout, proc=self._proc)
+            except BaseException:
+                self.kill()
+                raise
+        log.info("started redis-server pid %d at %s", self._proc.pid, self.socket_path)
+
+    def _wait_up(self, timeout: float, proc: subprocess.Popen[bytes] | None) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise RedisServerError(
+                    f"redis-server exited with code {proc.returncode} while starting; "
+                    f"its log {self.logfile} ends with:\n{self._log_tail()}"
+                )
+            if self._probe() == "up":
+                return
+            if time.monotonic() > deadline:
+                raise RedisServerError(
+                    f"redis-server at {self.socket_path} did not answer PING within {timeout}s "
+                    f"(raise the start timeout if it is loading a large AOF); log tail:\n{self._log_tail()}"
+                )
+            time.sleep(0.02)
+
+    def _log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Shut down the child server cleanly (SHUTDOWN flushes the AOF); SIGKILL if it does not exit in time.
+
+        A server this object did not start is left running.
+        """
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.settimeout(1.0)
+                    s.connect(str(self.socket_path))
+                    s.sendall(b"*1\r\n$8\r\nSHUTDOWN\r\n")
+                    with contextlib.suppress(OSError):
+                        s.recv(256)  # the server closes the socket on success
+            except OSError:
+                # Socket gone or unusable: SIGTERM asks for the same clean shutdown.
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("redis-server pid %d did not shut down within %ss; killing it", proc.pid, timeout)
+                proc.kill()
+                proc.wait()
+        self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL the child server (tests use it to simulate an outage); the AOF brings the data back on start."""
+        proc = self._proc
+        if proc is None:
+            raise RedisServerError(f"no redis-server child to kill at {self.socket_path} (not started by this object)")
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        self._proc = None
+
+    def restart(self, timeout: float = 10.0) -> None:
+        """Stop the child if it runs, then start a new one on the same directory (data comes back from the AOF)."""
+        self.stop()
+        self.start(timeout)
+
+    def __enter__(self) -> PrivateRedis:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def resolve_redis(settings: CommonSettings) -> tuple[str, PrivateRedis | None]:
+    """The Redis URL to use, and the private server to stop on exit when this call started one.
+
+    A configured `redis_url` wins. Otherwise the private server under `settings.redis_dir`:
+    reused if it already answers (another deployable started it), started here if not.
+    """
+    if settings.redis_url:
+        return settings.redis_url, None
+    server = PrivateRedis(settings.redis_dir)
+    server.start()
+    return server.url, (server if server.owned else None)
