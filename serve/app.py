@@ -25,8 +25,9 @@ from serve.logwriter import LogWriter, Record
 from serve.metrics import Metrics
 from serve.middleware import RequestMiddleware
 from serve.redis_server import resolve_redis
-from serve.routers import chat, feedback, models, ops
+from serve.routers import chat, completions, feedback, models, ops, tokenize
 from serve.services.chat import ChatService
+from serve.services.completions import CompletionService
 from serve.services.feedback import FeedbackService
 from serve.services.records import Recorder
 from serve.settings import ServeSettings
@@ -62,7 +63,7 @@ def build_app(
     app.state.policy = None
     install_error_handlers(app)
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
-    for module in (chat, feedback, models, ops):
+    for module in (chat, completions, feedback, models, tokenize, ops):
         app.include_router(module.router)
     try:
         from serve.routers import policies
@@ -114,6 +115,7 @@ async def _start(
     app.state.policy = policy
 
     app.state.chat = ChatService(engine, recorder, metrics, policy)
+    app.state.completions = CompletionService(app.state.chat)
     if recorder is not None:
         app.state.feedback = FeedbackService(recorder, metrics)
 

@@ -8,11 +8,16 @@ from fastapi import Depends, Request
 
 from serve.errors import Unavailable
 from serve.services.chat import Caller, ChatService
+from serve.services.completions import CompletionService
 from serve.services.feedback import FeedbackService
 
 
 def _chat(request: Request) -> ChatService:
     return request.app.state.chat  # type: ignore[no-any-return]
+
+
+def _completions(request: Request) -> CompletionService:
+    return request.app.state.completions  # type: ignore[no-any-return]
 
 
 def _feedback(request: Request) -> FeedbackService:
@@ -29,5 +34,6 @@ def _caller(request: Request) -> Caller:
 
 
 ChatDep = Annotated[ChatService, Depends(_chat)]
+CompletionsDep = Annotated[CompletionService, Depends(_completions)]
 FeedbackDep = Annotated[FeedbackService, Depends(_feedback)]
 CallerDep = Annotated[Caller, Depends(_caller)]

@@ -14,7 +14,7 @@ from serve.protocol import ChatCompletionRequest, ChatCompletionResponse
 
 router = APIRouter()
 
-_ERRORS = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     s: {"description": d, "content": {"application/json": {"example": error_body(s, t, d)}}}
     for s, t, d in [
         (400, "BadRequestError", "Invalid request"),
@@ -27,7 +27,7 @@ _ERRORS = {
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletionResponse,
-    responses={200: {"content": {"text/event-stream": {}}}, **_ERRORS},
+    responses={200: {"content": {"text/event-stream": {}}}, **ERROR_RESPONSES},
 )
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, chat: ChatDep, caller: CallerDep

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ from serve.protocol import (
     ChatCompletionResponse,
     ChoiceLogprobs,
     DeltaMessage,
+    SamplingRequest,
     StreamChoice,
     TokenLogprob,
     TopLogprob,
@@ -82,7 +83,7 @@ class Job:
     """One prepared request: everything decided before the engine (or the refusal) runs."""
 
     id: str
-    request: ChatCompletionRequest
+    request: SamplingRequest
     caller: Caller
     messages: list[dict[str, Any]]
     prompt_ids: list[int]
@@ -96,6 +97,8 @@ class Job:
     choices: list[Choice] = field(default_factory=list)
     first_token_at: float | None = None
     status: str = "ok"
+    route: str = "chat"
+    index_offset: int = 0  # /v1/completions numbers choices across prompts
 
 
 class ChatService:
@@ -113,24 +116,41 @@ class ChatService:
 
     # -- preparing -----------------------------------------------------------------------------
 
-    def prepare(self, req: ChatCompletionRequest, caller: Caller) -> Job:
-        started = time.time()
-        if req.model is not None and req.model != self.engine.model_name:
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.engine.model_name:
             raise NotFound(
-                f"The model `{req.model}` does not exist. This server serves `{self.engine.model_name}`.",
+                f"The model `{model}` does not exist. This server serves `{self.engine.model_name}`.",
                 param="model",
             )
+
+    def prepare(self, req: ChatCompletionRequest, caller: Caller) -> Job:
+        self.check_model(req.model)
         messages: list[dict[str, Any]] = [{"role": m.role, "content": m.text()} for m in req.messages]
+        return self.prepare_job(req, caller, messages, self.engine.render_chat, f"chatcmpl-{uuid.uuid4().hex}")
+
+    def prepare_job(
+        self,
+        req: SamplingRequest,
+        caller: Caller,
+        messages: list[dict[str, Any]],
+        render: Callable[[list[dict[str, Any]]], list[int]],
+        job_id: str,
+        *,
+        route: str = "chat",
+        param: str = "messages",
+    ) -> Job:
+        """Policy, prompt tokens, length check and sampling parameters for one engine request."""
         max_tokens = req.max_new_tokens
         job = Job(
-            id=f"chatcmpl-{uuid.uuid4().hex}",
+            id=job_id,
             request=req,
             caller=caller,
             messages=messages,
             prompt_ids=[],
             params=None,
             version=self.engine.current.name,
-            started=started,
+            started=time.time(),
+            route=route,
         )
         if self.policy is not None:
             from serve.policy import RequestContext
@@ -143,21 +163,22 @@ class ChatService:
             max_tokens = checked.max_tokens
             if checked.blocked:
                 job.refusal = checked.refusal or "This request was blocked by the operator's policy."
-        job.prompt_ids = self.engine.render_chat(messages)
+        job.prompt_ids = render(messages)
         if job.refusal is not None:
             return job
-        max_tokens = self.engine.check_length(len(job.prompt_ids), max_tokens)
+        max_tokens = self.engine.check_length(len(job.prompt_ids), max_tokens, param)
         job.params = self._sampling_params(req, max_tokens)
         return job
 
-    def _sampling_params(self, req: ChatCompletionRequest, max_tokens: int) -> Any:
+    def _sampling_params(self, req: SamplingRequest, max_tokens: int) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
         structured = None
-        if req.response_format is not None and req.response_format.type == "json_object":
+        response_format = getattr(req, "response_format", None)
+        if response_format is not None and response_format.type == "json_object":
             structured = StructuredOutputsParams(json_object=True)
-        elif req.response_format is not None and req.response_format.type == "json_schema":
-            spec = req.response_format.json_schema or {}
+        elif response_format is not None and response_format.type == "json_schema":
+            spec = response_format.json_schema or {}
             schema = spec.get("schema") if isinstance(spec, dict) else None
             if not isinstance(schema, dict):
                 raise BadRequest(
@@ -197,7 +218,7 @@ class ChatService:
                 stop_token_ids=req.stop_token_ids,
                 seed=req.seed,
                 ignore_eos=req.ignore_eos,
-                logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                logprobs=req.logprobs_count(),
                 logit_bias=logit_bias,
                 structured_outputs=structured,
                 output_kind=RequestOutputKind.DELTA,
@@ -216,7 +237,7 @@ class ChatService:
         """
         if job.refusal is not None:
             return self._refused(job)
-        top_n = job.request.top_logprobs or 0
+        top_n = job.request.logprobs_count() or 0
         job.choices = [
             Choice(i, self.policy.output_filter(job.policy_ctx) if self.policy else None, top_n)
             for i in range(job.request.n)
@@ -339,7 +360,7 @@ class ChatService:
     def _finish(self, job: Job) -> None:
         now = time.time()
         usage = self.usage(job)
-        route = "chat"
+        route = job.route
         self.metrics.request_latency.labels(route, str(job.request.stream).lower()).observe(now - job.started)
         if job.first_token_at is not None:
             self.metrics.ttft.labels(route).observe(job.first_token_at - job.started)
@@ -359,7 +380,8 @@ class ChatService:
             "version": job.version,
             "status": job.status,
             "messages": job.messages,
-            "params": req.model_dump(exclude={"messages", "user", "metadata"}, exclude_none=True),
+            "endpoint": job.route,
+            "params": req.model_dump(exclude={"messages", "prompt", "user", "metadata"}, exclude_none=True),
             "choices": [
                 {
                     "index": c.index,
@@ -375,7 +397,7 @@ class ChatService:
             "ttft_s": None if job.first_token_at is None else job.first_token_at - job.started,
             "user": req.user,
             "key": job.caller.key_id,
-            "metadata": req.metadata,
+            "metadata": getattr(req, "metadata", None),
             "policy": {"ruleset": job.ruleset, "decisions": decisions},
         }
         self.recorder.completion(record)
@@ -402,7 +424,7 @@ class ChatService:
                 ChatChoice(
                     index=c.index,
                     message=AssistantMessage(content="".join(c.text)),
-                    logprobs=ChoiceLogprobs(content=c.logprobs) if job.request.logprobs else None,
+                    logprobs=ChoiceLogprobs(content=c.logprobs) if job.request.logprobs_count() is not None else None,
                     finish_reason=c.finish_reason,
                 )
                 for c in job.choices
@@ -430,7 +452,6 @@ class ChatService:
             )
             return f"data: {body.model_dump_json()}\n\n"
 
-        opts = job.request.stream_options
         try:
             for i in range(job.request.n):
                 yield chunk([StreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
@@ -441,13 +462,13 @@ class ChatService:
                             index=d.index,
                             delta=DeltaMessage(content=d.text),
                             logprobs=ChoiceLogprobs(content=d.logprobs)
-                            if job.request.logprobs and d.logprobs
+                            if job.request.logprobs_count() is not None and d.logprobs
                             else None,
                             finish_reason=d.finish_reason,
                         )
                     ]
                 )
-            if opts is not None and opts.include_usage:
+            if job.request.include_usage:
                 yield chunk([], self.usage(job))
         except Exception as exc:  # the 200 is already sent: the error goes out as the next chunk
             _, body = to_error(exc)

@@ -1,0 +1,29 @@
+"""POST /v1/completions (legacy text completions)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from serve.deps import CallerDep, CompletionsDep
+from serve.protocol import CompletionRequest, CompletionResponse
+from serve.routers.chat import ERROR_RESPONSES, until_disconnect
+
+router = APIRouter()
+
+
+@router.post(
+    "/v1/completions",
+    response_model=CompletionResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, **ERROR_RESPONSES},
+)
+async def create_completion(
+    body: CompletionRequest, request: Request, completions: CompletionsDep, caller: CallerDep
+) -> Any:
+    jobs = completions.prepare(body, caller)
+    if body.stream:
+        lines = await completions.open_stream(jobs)
+        return StreamingResponse(lines, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return await until_disconnect(request, completions.complete(jobs))

@@ -1,0 +1,33 @@
+"""POST /tokenize and /detokenize, as vLLM's server offers them."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from serve.errors import BadRequest
+from serve.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+
+router = APIRouter()
+
+
+@router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    chat = request.app.state.chat
+    chat.check_model(body.model)
+    engine = chat.engine
+    if body.messages is not None:
+        tokens = engine.render_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+    else:
+        tokens = list(engine.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens))
+    return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    chat = request.app.state.chat
+    chat.check_model(body.model)
+    vocab = len(chat.engine.tokenizer)
+    bad = [t for t in body.tokens if not 0 <= t < vocab]
+    if bad:
+        raise BadRequest(f"tokens: ids must be in [0, {vocab}) (got {bad[:5]})", param="tokens")
+    return DetokenizeResponse(prompt=chat.engine.tokenizer.decode(body.tokens))
