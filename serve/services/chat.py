@@ -292,6 +292,9 @@ class ChatService:
             await outputs.aclose()  # aborts the engine request if it is still running
             version_cm.__exit__(None, None, None)
             self._finish(job)
+            for choice in job.choices:
+                if choice.filter is not None:
+                    choice.filter.close()  # frees the matcher's stream state, also after an abort
 
     def _advance(self, choice: Choice, comp: Any) -> Delta | None:
         choice.raw.append(comp.text)
@@ -406,7 +409,11 @@ class ChatService:
                 if choice.filter is None:
                     continue
                 pair = self.policy.policy_pair(
-                    job.messages, choice.filter.original_text, "".join(choice.text), choice.filter.decisions
+                    job.messages,
+                    choice.filter.original_text,
+                    choice.filter.final_text,
+                    choice.filter.decisions,
+                    refusal=choice.filter.refusal,
                 )
                 if pair is not None:
                     self.recorder.policy_pair(f"pp-{job.id}-{choice.index}", job.id, pair)

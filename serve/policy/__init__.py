@@ -1,0 +1,27 @@
+"""Operator rule policies: rule files, the engine that enforces them, and its streaming filter.
+
+Public API (what the chat service uses):
+
+    engine = PolicyEngine(Path("policies"), registry=registry, tokenizer_count=count)
+    engine.load()                                   # PolicyError: refuse to start
+    res = engine.check_input(messages, RequestContext(api_key, user, model), max_tokens)
+    f = engine.output_filter(ctx)                   # per choice: f.feed(delta) / f.finish()
+    engine.policy_pair(messages, f.original_text, f.final_text, f.decisions)
+"""
+
+from serve.policy.engine import InputResult, PolicyEngine, PolicySet, ReloadResult, RequestContext, load_policy_set
+from serve.policy.errors import PolicyError
+from serve.policy.stream import Decision, FilterStep, OutputFilter
+
+__all__ = [
+    "Decision",
+    "FilterStep",
+    "InputResult",
+    "OutputFilter",
+    "PolicyEngine",
+    "PolicyError",
+    "PolicySet",
+    "ReloadResult",
+    "RequestContext",
+    "load_policy_set",
+]

@@ -1,0 +1,190 @@
+"""Compiles the text-matching rules of one stage into hyperscan databases plus Python patterns.
+
+Per stage (input, output) there are two hyperscan databases over all match rules, so the cost of
+scanning a chunk does not grow with the number of rules:
+
+- `stream`: stream mode, the exact patterns. A report means "rule i matched, ending here"; only
+  then does Python (`re`, leftmost-first) run for that rule to find the precise spans.
+- `tail`: block mode with leftmost start-of-match, each rule's *prefix* pattern anchored at the
+  end. Scanned over the last `hold_back` characters after each chunk, it says where a match could
+  still be growing, which is exactly the text the stream filter must hold back.
+
+We use stream mode for exact matches instead of start-of-match tracking because hyperscan refuses
+SOM on many bounded-repeat patterns ("Pattern is too large"); the prefix patterns are relaxed to
+open-ended repeats, which it accepts.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import hyperscan
+
+from serve.policy.errors import PolicyError
+from serve.policy.presets import check_preset
+from serve.policy.regex import Analysed, PatternError, analyse, keywords_pattern
+from serve.policy.schema import KeywordsRule, PresetRule, RegexRule
+
+log = logging.getLogger("secondstage.policy")
+
+MatchRuleModel = KeywordsRule | RegexRule | PresetRule
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    """One match rule ready to run: its model, where it came from, and its Python pattern."""
+
+    index: int  # position in its stage's rule list == hyperscan expression id
+    rule: MatchRuleModel
+    file: str
+    analysed: Analysed
+    python: re.Pattern[str]
+    validate: Callable[[str], bool] | None
+    tag: str
+    always_hold: bool = False  # no usable prefix pattern: hold back the full width while active
+
+    @property
+    def width(self) -> int:
+        return self.analysed.max_width
+
+
+@dataclass
+class CompiledStage:
+    rules: list[CompiledRule]
+    stream_db: hyperscan.Database | None
+    tail_db: hyperscan.Database | None
+    hold_back: int  # characters: the widest match any rule of this stage can have
+    always_hold: list[int] = field(default_factory=list)
+
+
+def analyse_rule(rule: MatchRuleModel, file: str) -> tuple[Analysed, Callable[[str], bool] | None, str]:
+    """Analyse one rule's pattern; PolicyError names the file, rule and field on failure."""
+    validate = None
+    if isinstance(rule, KeywordsRule):
+        source = keywords_pattern(rule.keywords, whole_word=rule.whole_word)
+        caseless, max_len, fld, tag = not rule.case_sensitive, None, "keywords", "[REDACTED]"
+    elif isinstance(rule, RegexRule):
+        source, caseless, max_len, fld, tag = (
+            rule.pattern,
+            not rule.case_sensitive,
+            rule.max_len,
+            "pattern",
+            "[REDACTED]",
+        )
+    else:
+        try:
+            preset = check_preset(rule.preset)
+        except ValueError as exc:
+            raise PolicyError(str(exc), file=file, rule_id=rule.id, field="preset") from None
+        source, caseless, max_len, fld, tag = preset.pattern, preset.caseless, None, "preset", preset.tag
+        validate = preset.validate
+    try:
+        analysed = analyse(source, caseless=caseless, max_len=max_len)
+    except PatternError as exc:
+        field_name = "max_len" if "max_len" in str(exc) and fld == "pattern" else fld
+        raise PolicyError(str(exc), file=file, rule_id=rule.id, field=field_name) from None
+    return analysed, validate, rule.tag or tag
+
+
+def _hs_flags(a: Analysed, som: bool) -> int:
+    flags = hyperscan.HS_FLAG_UTF8
+    if a.caseless:
+        flags |= hyperscan.HS_FLAG_CASELESS
+    if a.dotall:
+        flags |= hyperscan.HS_FLAG_DOTALL
+    if a.multiline:
+        flags |= hyperscan.HS_FLAG_MULTILINE
+    if som:
+        flags |= hyperscan.HS_FLAG_SOM_LEFTMOST
+    return flags
+
+
+def _compile(mode: int, exprs: Sequence[tuple[int, str, int]]) -> hyperscan.Database:
+    db = hyperscan.Database(mode=mode)
+    db.compile(
+        expressions=[e[1].encode("utf-8") for e in exprs],
+        ids=[e[0] for e in exprs],
+        elements=len(exprs),
+        flags=[e[2] for e in exprs],
+    )
+    return db
+
+
+def compile_stage(entries: Sequence[tuple[MatchRuleModel, str]]) -> CompiledStage:
+    """Compile the match rules of one stage. `entries` are (rule, file) in rule-set order."""
+    compiled: list[CompiledRule] = []
+    for i, (rule, file) in enumerate(entries):
+        analysed, validate, tag = analyse_rule(rule, file)
+        field_name = {"keywords": "keywords", "regex": "pattern", "preset": "preset"}[rule.kind]
+        try:
+            python = re.compile(analysed.python, analysed.python_flags())
+        except re.error as exc:  # pragma: no cover - analyse() already parsed it
+            raise PolicyError(
+                f"Python cannot compile the pattern: {exc}", file=file, rule_id=rule.id, field=field_name
+            ) from None
+        compiled.append(CompiledRule(i, rule, file, analysed, python, validate, tag))
+    if not compiled:
+        return CompiledStage([], None, None, 0)
+
+    stream_exprs = [(r.index, r.analysed.hyperscan, _hs_flags(r.analysed, som=False)) for r in compiled]
+    try:
+        stream_db = _compile(hyperscan.HS_MODE_STREAM, stream_exprs)
+    except hyperscan.error:
+        # Some pattern is too big for an exact automaton. Hyperscan's prefilter mode compiles a
+        # superset of it instead, which is all we need: Python confirms every hit anyway.
+        for k, (r, expr) in enumerate(zip(compiled, stream_exprs, strict=True)):
+            try:
+                _compile(hyperscan.HS_MODE_STREAM, [expr])
+                continue
+            except hyperscan.error:
+                pass
+            loose = (expr[0], expr[1], expr[2] | hyperscan.HS_FLAG_PREFILTER)
+            try:
+                _compile(hyperscan.HS_MODE_STREAM, [loose])
+            except hyperscan.error as exc:
+                raise PolicyError(
+                    f"the matcher cannot compile this pattern ({exc}); simplify it or lower its repeat bounds",
+                    file=r.file,
+                    rule_id=r.rule.id,
+                    field={"keywords": "keywords", "regex": "pattern", "preset": "preset"}[r.rule.kind],
+                ) from None
+            stream_exprs[k] = loose
+        stream_db = _compile(hyperscan.HS_MODE_STREAM, stream_exprs)
+
+    tail_exprs = [
+        (r.index, r.analysed.prefix, _hs_flags(r.analysed, som=True)) for r in compiled if r.analysed.prefix is not None
+    ]
+    always: list[int] = [r.index for r in compiled if r.analysed.prefix is None]
+    tail_db: hyperscan.Database | None = None
+    try:
+        tail_db = _compile(hyperscan.HS_MODE_BLOCK, tail_exprs) if tail_exprs else None
+    except hyperscan.error:
+        ok = []
+        for expr in tail_exprs:
+            try:
+                _compile(hyperscan.HS_MODE_BLOCK, [expr])
+                ok.append(expr)
+            except hyperscan.error as exc:
+                r = compiled[expr[0]]
+                log.warning(
+                    "policy rule %r (%s): no prefix matcher (%s); its full width (%d chars) is held back while "
+                    "streaming",
+                    r.rule.id,
+                    r.file,
+                    exc,
+                    r.width,
+                )
+                always.append(expr[0])
+        tail_db = _compile(hyperscan.HS_MODE_BLOCK, ok) if ok else None
+    for i in always:
+        compiled[i] = CompiledRule(**{**compiled[i].__dict__, "always_hold": True})
+    return CompiledStage(
+        rules=compiled,
+        stream_db=stream_db,
+        tail_db=tail_db,
+        hold_back=max(r.width for r in compiled),
+        always_hold=sorted(always),
+    )

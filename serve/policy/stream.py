@@ -1,0 +1,350 @@
+"""Applies one stage's match rules to a text that arrives in pieces, holding back as little as possible.
+
+`Matcher` is the core, used for both stages: the output filter feeds it model deltas, the input
+check feeds each message whole. What it emits never depends on how the text was split: the
+result is defined as Python `re` (leftmost-first) run over the whole text, rule by rule, with the
+matches then applied in order of their start (block stops, redact/rewrite replace, flag and shadow
+only record). Streaming gets the same answer by only deciding positions that more text can no
+longer change:
+
+- hyperscan (stream mode) reports "rule i matched, ending here"; Python runs only for such rules.
+- For rule i, a match attempt at position p is final once p < N - width_i (it examines at most
+  width_i + 1 characters), or once no prefix of a possible match starts at or before p at the end
+  of the text (the tail database, a block-mode scan of the last `hold_back` characters).
+- The filter emits up to the smallest undecided position over all rules: it holds back text only
+  while some pattern could still be matching, and never more than the widest rule.
+
+Not thread-safe: the compiled databases share one hyperscan scratch; call from one thread (the
+event loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import weakref
+from collections.abc import Callable, Collection
+from dataclasses import asdict, dataclass
+
+import hyperscan
+
+from serve.policy.compiler import CompiledStage
+from serve.policy.schema import DEFAULT_REFUSAL
+
+# Drop consumed text from the working buffer once this many characters could go.
+_TRIM_AT = 4096
+
+
+@dataclass
+class Decision:
+    """One rule firing on one request: what the audit log and the metrics record."""
+
+    rule_id: str
+    kind: str
+    action: str
+    mode: str
+    stage: str
+    ruleset_version: str
+    span: tuple[int, int] | None = None  # character offsets in the stage's text (a message, or the output)
+    message_index: int | None = None  # input stage: which message the span is in
+    detail: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["span"] = list(self.span) if self.span is not None else None
+        return d
+
+
+@dataclass
+class FilterStep:
+    emit: str  # text that is safe to send now
+    stopped: bool = False  # a block rule fired: send nothing more, finish with "content_filter"
+    refusal: str | None = None  # the operator's refusal text for that block
+
+
+def _ignore_match(_rule: int, _from: int, _to: int, _flags: int, _ctx: object) -> None:
+    return None
+
+
+def _close_stream(stream: hyperscan.Stream) -> None:
+    with contextlib.suppress(hyperscan.error):  # already closed
+        stream.close(match_event_handler=_ignore_match)
+
+
+class Matcher:
+    """One text through one stage's rules; see the module docstring for the method."""
+
+    def __init__(
+        self,
+        stage: CompiledStage,
+        active: Collection[int],
+        *,
+        stage_name: str,
+        version: str,
+        on_decision: Callable[[Decision], None] | None = None,
+        message_index: int | None = None,
+    ) -> None:
+        self._stage = stage
+        self._active = frozenset(active)
+        self._stage_name = stage_name
+        self._version = version
+        self._on_decision = on_decision
+        self._message_index = message_index
+        self._hold = max((stage.rules[i].width for i in self._active), default=0)
+        self._always = [i for i in stage.always_hold if i in self._active]
+
+        self.decisions: list[Decision] = []
+        self.stopped = False
+        self.refusal: str | None = None
+        self._pieces: list[str] = []  # everything fed
+        self._out: list[str] = []  # everything emitted
+        self._buf = ""  # working text, from absolute offset _base to _n
+        self._base = 0
+        self._n = 0
+        self._done = 0  # output is decided up to here (absolute, original text)
+        self._cursor: dict[int, int] = {}  # rules not caught up: every match starting before cursor is queued
+        self._hit_end: dict[int, int] = {}  # rules with an exact hit that Python has not looked at yet
+        self._partial: dict[int, int] = {}  # rules a match may be growing for at the end: its leftmost start
+        self._queue: list[tuple[int, int, int]] = []  # (start, rule index, end)
+        self._finished = False
+
+        self._hits: set[int] = set()
+        self._stream: hyperscan.Stream | None = None
+        if self._active and stage.stream_db is not None:
+            hits, active_set = self._hits, self._active
+
+            def on_hit(rule: int, _from: int, _to: int, _flags: int, _ctx: object) -> None:
+                if rule in active_set:
+                    hits.add(rule)
+
+            # The extension keeps only a borrowed reference to a handler given at creation, so it is
+            # passed to every scan()/close() call instead and kept alive here.
+            self._on_hit = on_hit
+            self._stream = stage.stream_db.stream(match_event_handler=_ignore_match)
+            self._stream.__enter__()  # opens the hyperscan stream; closed in finish() or by the finalizer
+            self._finalizer = weakref.finalize(self, _close_stream, self._stream)
+
+    # -- public -----------------------------------------------------------------------------
+
+    @property
+    def original_text(self) -> str:
+        return "".join(self._pieces)
+
+    @property
+    def final_text(self) -> str:
+        return "".join(self._out)
+
+    def feed(self, text: str) -> str:
+        """Add text; return what can be emitted now."""
+        if self._finished:
+            raise RuntimeError("feed() after finish(): a Matcher handles exactly one text")
+        if not text:
+            return ""
+        self._pieces.append(text)
+        if self.stopped:
+            return ""
+        prev = self._n
+        self._buf += text
+        self._n += len(text)
+        if not self._active:
+            return self._emit_to(self._n)
+        if self._stream is not None:
+            self._stream.scan(text.encode("utf-8"), match_event_handler=self._on_hit)
+        self._note_hits()
+        partial = self._tail_partials(prev)
+        for rule in {*self._cursor, *self._hit_end, *partial, *self._always}:
+            self._advance(rule, self._cursor.get(rule, prev), partial)
+        return self._process(min(self._cursor.values(), default=self._n))
+
+    def finish(self) -> str:
+        """End of text: decide everything, return the rest to emit."""
+        if self._finished:
+            return ""
+        self._finished = True
+        if self._stream is not None:
+            # Closing reports the matches that needed the end of data (a `\b` at the very end).
+            self._stream.close(match_event_handler=self._on_hit)
+            self._finalizer.detach()
+            self._stream = None
+        if self.stopped:
+            return ""
+        self._note_hits()
+        for rule in {*self._cursor, *self._hit_end}:
+            self._advance(rule, self._cursor.get(rule, self._n), {})
+        return self._process(self._n)
+
+    def close(self) -> None:
+        """Release the hyperscan stream without deciding the rest (client went away)."""
+        if self._stream is not None:
+            self._finalizer()
+            self._stream = None
+        self._finished = True
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _note_hits(self) -> None:
+        for rule in self._hits:
+            self._hit_end[rule] = self._n  # the hit ended somewhere in the last chunk: n is an upper bound
+        self._hits.clear()
+
+    def _tail_partials(self, prev: int) -> dict[int, int]:
+        """Per rule, the leftmost start of a possible match prefix that ends at the end of the text.
+
+        Possible-match prefixes are prefix-closed: one that ends at the new end and starts before
+        the previous end was already one at the previous end. So a scan from the leftmost start
+        found last time (or from the previous end, if there was none) sees every one; with no
+        match in progress the window is just the new chunk.
+        """
+        db = self._stage.tail_db
+        if db is None:
+            return {}
+        first = max(min(self._partial.values(), default=prev), self._n - self._hold)
+        lo = max(first - 1, 0)  # one character of context, so `\b` at `first` is judged right
+        window = self._buf[lo - self._base :]
+        data = window.encode("utf-8")
+        starts: dict[int, int] = {}
+        active = self._active
+
+        def on_prefix(rule: int, start: int, _to: int, _flags: int, _ctx: object) -> None:
+            if rule in active and (rule not in starts or start < starts[rule]):
+                starts[rule] = start
+
+        db.scan(data, match_event_handler=on_prefix)
+        out: dict[int, int] = {}
+        ascii_only = len(data) == len(window)  # byte offsets are character offsets
+        for r, b in starts.items():
+            start = lo + (b if ascii_only else len(data[:b].decode("utf-8")))
+            # Nothing starts before `first` (see above), and no true prefix is longer than the rule's width.
+            out[r] = max(start, first, self._n - self._stage.rules[r].width)
+        self._partial = out
+        return out
+
+    def _advance(self, rule: int, cursor: int, partial: dict[int, int]) -> None:
+        """Queue every final match of `rule` and move its cursor to the first undecided position."""
+        compiled = self._stage.rules[rule]
+        n = self._n
+        if self._finished:
+            final = n
+        elif rule in self._always:
+            final = n - compiled.width
+        else:
+            final = max(n - compiled.width, partial.get(rule, n))
+        if self._hit_end.get(rule, -1) > cursor:
+            pattern, validate, buf, base = compiled.python, compiled.validate, self._buf, self._base
+            while True:
+                m = pattern.search(buf, cursor - base, n - base)
+                if m is None or m.start() + base >= final:
+                    break
+                start, end = m.start() + base, m.end() + base
+                if validate is None or validate(m.group()):
+                    heapq.heappush(self._queue, (start, rule, end))
+                cursor = end
+        cursor = max(cursor, final)
+        if self._hit_end.get(rule, n + 1) <= cursor:
+            del self._hit_end[rule]
+        if cursor < n:
+            self._cursor[rule] = cursor
+        else:
+            self._cursor.pop(rule, None)
+
+    def _process(self, safe: int) -> str:
+        emitted: list[str] = []
+        while self._queue and self._queue[0][0] < safe and not self.stopped:
+            start, rule, end = heapq.heappop(self._queue)
+            self._apply(start, rule, end, emitted)
+        if not self.stopped and self._done < safe:
+            emitted.append(self._text(self._done, safe))
+            self._done = safe
+        self._trim()
+        out = "".join(emitted)
+        if out:
+            self._out.append(out)
+        return out
+
+    def _apply(self, start: int, rule: int, end: int, emitted: list[str]) -> None:
+        compiled = self._stage.rules[rule]
+        model = compiled.rule
+        decision = Decision(
+            rule_id=model.id,
+            kind=model.kind,
+            action=model.action,
+            mode=model.mode,
+            stage=self._stage_name,
+            ruleset_version=self._version,
+            span=(start, end),
+            message_index=self._message_index,
+        )
+        self.decisions.append(decision)
+        if self._on_decision is not None:
+            self._on_decision(decision)
+        if model.mode == "shadow" or model.action == "flag":
+            return
+        if start > self._done:
+            emitted.append(self._text(self._done, start))
+            self._done = start
+        if model.action == "block":
+            self.stopped = True
+            self.refusal = model.refusal or DEFAULT_REFUSAL
+            return
+        if end <= self._done:  # inside text an earlier rule already replaced
+            return
+        if start >= self._done:
+            emitted.append(compiled.tag if model.action == "redact" else (model.replacement or ""))
+        # else: overlaps an earlier replacement, which now covers this match too
+        self._done = end
+
+    def _emit_to(self, safe: int) -> str:
+        return self._process(safe)
+
+    def _text(self, a: int, b: int) -> str:
+        return self._buf[a - self._base : b - self._base]
+
+    def _trim(self) -> None:
+        keep = min(
+            self._done,
+            min(self._cursor.values(), default=self._n),
+            self._queue[0][0] if self._queue else self._n,
+            min(self._partial.values(), default=self._n),
+        )
+        keep -= 1  # one character of context for `\b` at the first position still needed
+        if keep - self._base > _TRIM_AT:
+            self._buf = self._buf[keep - self._base :]
+            self._base = keep
+
+
+class OutputFilter:
+    """The output stage for one choice of one response: feed deltas, send what comes back."""
+
+    def __init__(self, matcher: Matcher) -> None:
+        self._m = matcher
+
+    def feed(self, text_delta: str) -> FilterStep:
+        emit = self._m.feed(text_delta)
+        return FilterStep(emit=emit, stopped=self._m.stopped, refusal=self._m.refusal)
+
+    def finish(self) -> FilterStep:
+        emit = self._m.finish()
+        return FilterStep(emit=emit, stopped=self._m.stopped, refusal=self._m.refusal)
+
+    def close(self) -> None:
+        self._m.close()
+
+    @property
+    def stopped(self) -> bool:
+        return self._m.stopped
+
+    @property
+    def refusal(self) -> str | None:
+        return self._m.refusal
+
+    @property
+    def decisions(self) -> list[Decision]:
+        return self._m.decisions
+
+    @property
+    def original_text(self) -> str:
+        return self._m.original_text
+
+    @property
+    def final_text(self) -> str:
+        return self._m.final_text

@@ -1,0 +1,286 @@
+"""The output filter: every action on whole and streamed text, splits anywhere give the same result."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from serve.policy import PolicyEngine
+from tests.serve.policy.conftest import CTX, stream, write_rules
+
+RULES = """
+rules:
+  - id: email
+    description: emails
+    kind: preset
+    preset: email
+    action: redact
+  - id: card
+    description: cards
+    kind: preset
+    preset: credit_card
+    action: redact
+  - id: key
+    description: keys
+    kind: preset
+    preset: openai_key
+    action: redact
+  - id: pk
+    description: private keys
+    kind: preset
+    preset: private_key
+    action: redact
+  - id: ssn
+    description: ssn
+    kind: preset
+    preset: us_ssn
+    action: redact
+    tag: "<ssn>"
+  - id: words
+    description: swap a word
+    kind: keywords
+    keywords: [colour, "grey area"]
+    action: rewrite
+    replacement: "COLOR"
+  - id: ip
+    description: ips
+    kind: preset
+    preset: ipv4
+    action: flag
+  - id: shadow-word
+    description: shadowed block
+    kind: keywords
+    keywords: [banana]
+    action: block
+    mode: shadow
+  - id: ticket
+    description: ticket ids
+    kind: regex
+    pattern: "TCK-[0-9]+"
+    max_len: 12
+    action: redact
+    tag: "[TICKET]"
+  - id: stop
+    description: forbidden word stops the response
+    kind: keywords
+    keywords: [frobnicate]
+    action: block
+    refusal: "I can't continue."
+"""
+
+TEXT = (
+    "Hi bob.smith@example.com, your card 4111 1111 1111 1111 is on file (not 4111 1111 1111 1112). "
+    "Key sk-proj-abcdefghijklmnopqrstuvwxyz0123 and SSN 123-45-6789; the colour is in a grey  area. "
+    "Server 10.0.0.7 said banana. Ticket TCK-123456789012345 closed.\n"
+    "-----BEGIN PRIVATE KEY-----\nMIIBVQIBADANBgkqhkiG9w0BAQEFAASCAT8wggE7AgEAAkEA\n-----END PRIVATE KEY-----\nbye"
+)
+EXPECTED = (
+    "Hi [EMAIL], your card [CARD] is on file (not 4111 1111 1111 1112). "
+    "Key [SECRET] and SSN <ssn>; the COLOR is in a COLOR. "
+    "Server 10.0.0.7 said banana. Ticket [TICKET]345 closed.\n"
+    "[PRIVATE KEY]\nbye"
+)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> PolicyEngine:
+    # One compile for the module: the private-key pattern takes most of a second.
+    directory = tmp_path_factory.mktemp("policies")
+    write_rules(directory, RULES)
+    engine = PolicyEngine(directory, registry=CollectorRegistry())
+    engine.load()
+    return engine
+
+
+def _reference(engine: PolicyEngine, text: str) -> str:
+    """The spec, written independently: Python finditer per rule on the whole text, applied by start."""
+    stage = engine.active.stages["output"]
+    matches = []
+    for r in stage.rules:
+        for m in r.python.finditer(text):
+            if r.validate is None or r.validate(m.group()):
+                matches.append((m.start(), r.index, m.end()))
+    out, done = [], 0
+    for start, i, end in sorted(matches):
+        rule = stage.rules[i].rule
+        if rule.mode == "shadow" or rule.action == "flag":
+            continue
+        if start > done:
+            out.append(text[done:start])
+            done = start
+        if rule.action == "block":
+            return "".join(out)
+        if end <= done:
+            continue
+        if start >= done:
+            out.append(stage.rules[i].tag if rule.action == "redact" else rule.replacement)
+        done = end
+    out.append(text[done:])
+    return "".join(out)
+
+
+def _random_split(text: str, rng: random.Random, most: int = 40) -> list[str]:
+    cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, most))))
+    return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+
+
+def test_every_action_whole_text(engine: PolicyEngine) -> None:
+    out, f = stream(engine, [TEXT])
+    assert out == EXPECTED
+    assert f.final_text == EXPECTED and f.original_text == TEXT
+    by_rule: dict[str, list[str]] = {}
+    for d in f.decisions:
+        by_rule.setdefault(d.rule_id, []).append(d.action)
+    assert by_rule["email"] == ["redact"]
+    assert by_rule["card"] == ["redact"]  # the Luhn-invalid number is not a decision
+    assert by_rule["words"] == ["rewrite", "rewrite"]
+    assert by_rule["ip"] == ["flag"]
+    assert by_rule["shadow-word"] == ["block"]
+    assert all(d.mode == "shadow" for d in f.decisions if d.rule_id == "shadow-word")
+    email = next(d for d in f.decisions if d.rule_id == "email")
+    assert TEXT[email.span[0] : email.span[1]] == "bob.smith@example.com"
+    assert email.stage == "output" and email.ruleset_version == engine.active.version
+
+
+def test_one_char_deltas_give_the_same_text(engine: PolicyEngine) -> None:
+    out, f = stream(engine, list(TEXT))
+    assert out == EXPECTED
+    assert [d.rule_id for d in f.decisions] == [d.rule_id for d in stream(engine, [TEXT])[1].decisions]
+
+
+def test_every_two_piece_split_gives_the_same_text(engine: PolicyEngine) -> None:
+    for i in range(1, len(TEXT)):
+        assert stream(engine, [TEXT[:i], TEXT[i:]])[0] == EXPECTED, i
+
+
+def test_random_splits_of_random_texts_match_the_reference(engine: PolicyEngine) -> None:
+    rng = random.Random(1234)
+    pieces = [
+        "a@b.co", "x.y+z@mail.example.org", "4111 1111 1111 1111", "5500-0000-0000-0004", "4111111111111112",
+        "sk-abcdefghijklmnopqrstuvwxyz", "123-45-6789", "colour", "grey\narea", "banana", "TCK-99", "TCK-1234567890123",
+        "10.1.2.3", "frobnicate", "frobnicated", " ", "  ", "\n", ".", "@", "-", "word", "é", "日本", "sk-", "4111",
+    ]  # fmt: skip
+    for _ in range(150):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 25)))
+        want = _reference(engine, text)
+        assert stream(engine, [text])[0] == want, text
+        for _ in range(3):
+            assert stream(engine, _random_split(text, rng))[0] == want, text
+
+
+def test_a_secret_in_one_char_deltas_is_never_emitted(engine: PolicyEngine) -> None:
+    secret = "sk-proj-abcdefghijklmnopqrstuvwxyz0123"
+    text = f"here: {secret} done"
+    f = engine.output_filter(CTX)
+    emitted = ""
+    for ch in text:
+        emitted += f.feed(ch).emit
+        # Not even a prefix of the key may leave while the key is still being written.
+        assert "sk-p" not in emitted
+    emitted += f.finish().emit
+    assert emitted == "here: [SECRET] done"
+
+
+def test_match_across_the_hold_back_boundary(engine: PolicyEngine) -> None:
+    hold = engine.active.hold_back
+    filler = "lorem ipsum " * (hold // 12 + 5)
+    for offset in (hold - 3, hold, hold + 1, hold + 7):
+        text = filler[:offset] + " card 4111-1111-1111-1111 end"
+        chunk = max(1, hold // 3)
+        chunks = [text[i : i + chunk] for i in range(0, len(text), chunk)]
+        assert stream(engine, chunks)[0] == filler[:offset] + " card [CARD] end"
+
+
+def test_hold_back_only_while_a_pattern_could_match(engine: PolicyEngine) -> None:
+    f = engine.output_filter(CTX)
+    assert f.feed("Hello there, friend. ").emit == "Hello there, friend. "
+    # "wor" could still be the start of an email address: held; the space ends it.
+    assert f.feed("wor").emit == ""
+    assert f.feed("ld ").emit == "world "
+    assert f.feed("4111 1111").emit == ""  # could be a card number
+    assert f.feed(" is a code!").emit == "4111 1111 is a code!"
+    assert f.finish().emit == ""
+
+
+def test_block_stops_before_the_match(engine: PolicyEngine) -> None:
+    text = "Sure. To frobnicate the widget, first"
+    for chunks in ([text], list(text)):
+        out, f = stream(engine, chunks)
+        assert out == "Sure. To "
+        assert f.stopped and f.refusal == "I can't continue."
+        assert [d.action for d in f.decisions if d.rule_id == "stop"] == ["block"]
+    f = engine.output_filter(CTX)
+    step = f.feed(text + " more")
+    assert step.stopped and step.emit == "Sure. To " and step.refusal == "I can't continue."
+    assert f.feed(" and more").emit == ""
+    assert f.finish().stopped
+
+
+def test_whole_word_keywords(engine: PolicyEngine) -> None:
+    assert stream(engine, ["frobnicated is fine"])[0] == "frobnicated is fine"
+    assert stream(engine, list("x frobnicate"))[0] == "x "
+
+
+def test_shadow_changes_nothing_but_records(make_engine: Callable[..., PolicyEngine]) -> None:
+    engine = make_engine(
+        """
+        defaults:
+          mode: shadow
+        rules:
+          - {id: e, description: emails, kind: preset, preset: email, action: redact}
+          - {id: k, description: stop, kind: keywords, keywords: [stop], action: block}
+        """
+    )
+    text = "mail a@b.co then stop here"
+    for chunks in ([text], list(text)):
+        out, f = stream(engine, chunks)
+        assert out == text and not f.stopped
+        got = [(d.rule_id, d.action, d.mode) for d in f.decisions]
+        assert got == [("e", "redact", "shadow"), ("k", "block", "shadow")]
+
+
+def test_scope_globs(make_engine: Callable[..., PolicyEngine]) -> None:
+    from serve.policy import RequestContext
+
+    engine = make_engine(
+        """
+        rules:
+          - id: by-model
+            description: only demo models
+            kind: keywords
+            keywords: [alpha]
+            action: redact
+            scope: {models: ["demo*"]}
+          - id: by-user
+            description: only team users
+            kind: keywords
+            keywords: [beta]
+            action: redact
+            scope: {users: ["team-*"], api_keys: ["sk-live-*"]}
+        """
+    )
+    text = "alpha beta"
+    assert stream(engine, [text], RequestContext(None, None, "demo-v2"))[0] == "[REDACTED] beta"
+    assert stream(engine, [text], RequestContext(None, None, "other"))[0] == "alpha beta"
+    assert stream(engine, [text], RequestContext("sk-live-1", "team-a", "other"))[0] == "alpha [REDACTED]"
+    assert stream(engine, [text], RequestContext("sk-test-1", "team-a", "other"))[0] == "alpha beta"
+    assert stream(engine, [text], RequestContext("sk-live-1", None, "other"))[0] == "alpha beta"
+
+
+def test_unicode_text_and_offsets(engine: PolicyEngine) -> None:
+    text = "日本語 é mail: ünï@x.io? no — ok@exämple.com and plain@example.com."
+    want = _reference(engine, text)
+    assert stream(engine, list(text))[0] == want == stream(engine, [text])[0]
+    _, f = stream(engine, [text])
+    spans = [text[d.span[0] : d.span[1]] for d in f.decisions if d.rule_id == "email"]
+    assert "plain@example.com" in spans
+
+
+def test_long_stream_stays_linear(engine: PolicyEngine) -> None:
+    text = ("The quick brown fox jumps over the lazy dog. " * 2000) + "a@b.co"
+    out, _ = stream(engine, re.findall(r".{1,4}", text, re.S))
+    assert out.endswith("dog. [EMAIL]") and len(out) == len(text) - len("a@b.co") + len("[EMAIL]")

@@ -1,0 +1,148 @@
+"""Policies through the chat route (fake engine): input block, streamed redaction/blocking, records, pairs."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from serve.app import build_app
+from serve.engine import ModelEngine
+from serve.keys import Keys
+from serve.settings import ServeSettings
+from serve.versions import VersionStore
+from tests.fakes import ByteTokenizer, FakeLLM, FakeLoRARequest
+
+RULES = """
+version: 1
+rules:
+  - id: in.block
+    description: Refuse requests about forbidden things.
+    kind: keywords
+    keywords: [forbidden]
+    stages: [input]
+    action: block
+    refusal: "I can't talk about that."
+  - id: out.email
+    description: Redact emails in output.
+    kind: preset
+    preset: email
+    stages: [output]
+    action: redact
+  - id: out.key
+    description: Stop on API keys.
+    kind: preset
+    preset: openai_key
+    stages: [output]
+    action: block
+    refusal: "[response withheld]"
+  - id: out.shadow
+    description: Measure the word banana.
+    kind: keywords
+    keywords: [banana]
+    stages: [output]
+    action: redact
+    mode: shadow
+"""
+
+REPLIES = {
+    "mail": "Write to jane.doe@example.com today.",
+    "key": "Your key is sk-abcdefghijklmnopqrstuvwxyz123456 ok",
+    "fruit": "I like banana bread.",
+}
+
+
+@pytest.fixture
+def pclient(tmp_path: Path, settings: ServeSettings) -> Iterator[TestClient]:
+    rules = tmp_path / "policies"
+    rules.mkdir()
+    (rules / "test.yaml").write_text(RULES)
+    settings = settings.model_copy(update={"policies_enabled": True, "policies_dir": rules})
+    llm = FakeLLM(reply=lambda prompt: next((v for k, v in REPLIES.items() if k in prompt), "fine"))
+    engine = ModelEngine(
+        llm,
+        ByteTokenizer(),
+        model_name="demo",
+        max_model_len=512,
+        store=VersionStore(settings.versions_dir),
+        lora_request_cls=FakeLoRARequest,
+    )
+    with TestClient(build_app(settings, engine=engine)) as c:
+        c.llm = llm  # type: ignore[attr-defined]
+        yield c
+
+
+def _ask(c: TestClient, text: str, stream: bool) -> tuple[str, str | None, str]:
+    body = {"messages": [{"role": "user", "content": text}], "stream": stream}
+    if not stream:
+        r = c.post("/v1/chat/completions", json=body).json()
+        return r["choices"][0]["message"]["content"], r["choices"][0]["finish_reason"], r["id"]
+    with c.stream("POST", "/v1/chat/completions", json=body) as r:
+        chunks = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
+    text_out = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"])
+    finish = next(
+        (ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"] and ch["choices"][0]["finish_reason"]),
+        None,
+    )
+    return text_out, finish, chunks[0]["id"]
+
+
+def _record(settings: ServeSettings, cid: str) -> dict:
+    rc = redis.Redis.from_url(settings.redis_url)
+    deadline = time.time() + 5
+    while (raw := rc.get(Keys(settings.redis_prefix).completion(cid))) is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert raw is not None
+    return json.loads(raw)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_output_redaction_and_block_same_streamed_or_not(pclient: TestClient, stream: bool) -> None:
+    text, finish, _ = _ask(pclient, "mail", stream)
+    assert (text, finish) == ("Write to [EMAIL] today.", "stop")
+    text, finish, _ = _ask(pclient, "key", stream)
+    assert "sk-" not in text and text == "Your key is [response withheld]" and finish == "content_filter"
+    text, finish, _ = _ask(pclient, "fruit", stream)
+    assert text == "I like banana bread."  # shadow changes nothing
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_input_block_skips_engine(pclient: TestClient, stream: bool) -> None:
+    before = len(pclient.llm.seen)  # type: ignore[attr-defined]
+    text, finish, _ = _ask(pclient, "tell me the forbidden thing", stream)
+    assert (text, finish) == ("I can't talk about that.", "content_filter")
+    assert len(pclient.llm.seen) == before  # type: ignore[attr-defined]
+
+
+def test_decisions_and_pairs_reach_redis_and_metrics(pclient: TestClient, settings: ServeSettings) -> None:
+    _, _, cid = _ask(pclient, "mail", True)
+    record = _record(settings, cid)
+    assert record["choices"][0]["text"] == "Write to [EMAIL] today."
+    assert record["choices"][0]["raw_text"] == REPLIES["mail"]
+    [decision] = record["policy"]["decisions"]
+    assert decision["rule_id"] == "out.email" and decision["action"] == "redact" and decision["mode"] == "enforce"
+    assert record["policy"]["ruleset"]
+    _, _, shadow_id = _ask(pclient, "fruit", False)
+    [shadow] = _record(settings, shadow_id)["policy"]["decisions"]
+    assert shadow["mode"] == "shadow"
+
+    rc = redis.Redis.from_url(settings.redis_url)
+    pairs = [json.loads(f[b"data"]) for _, f in rc.xrange(Keys(settings.redis_prefix).policy_pairs)]
+    pair = next(p for p in pairs if "Write to" in p["rejected"])
+    assert pair["chosen"] == "Write to [EMAIL] today." and pair["rule_ids"] == ["out.email"]
+    assert not any("banana" in p["rejected"] for p in pairs)  # shadow decisions teach nothing
+    metrics = pclient.get("/metrics").text
+    assert (
+        'secondstage_policy_decisions_total{action="redact",mode="enforce",rule="out.email",stage="output"}' in metrics
+    )
+
+
+def test_admin_policies_route(pclient: TestClient) -> None:
+    active = pclient.get("/admin/policies").json()
+    assert {r["id"] for r in active["rules"]} >= {"in.block", "out.email"}
+    assert pclient.post("/admin/policies/reload").status_code == 200
