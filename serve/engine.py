@@ -87,6 +87,7 @@ class ModelEngine:
             max_loras=settings.max_loras,
             enforce_eager=settings.enforce_eager,
             seed=settings.seed,
+            dtype=settings.engine_dtype,
             disable_log_stats=False,
         )
         llm = AsyncLLM.from_engine_args(args)

@@ -64,6 +64,16 @@ class ServeSettings(CommonSettings):
     reconcile_interval_s: float = Field(5.0, description="How often to re-read the active version from Redis.")
     enforce_eager: bool = Field(True, description="Skip vLLM graph compilation (fast start on CPU).")
     seed: int = Field(0, description="Engine seed.")
+    dtype: str = Field(
+        "auto",
+        description="Weights dtype for vLLM. `auto` means the model's own, except float32 for the demo model "
+        "(vLLM's CPU default, bfloat16, makes LoRA outputs drift from what training measured).",
+    )
+
+    @property
+    def engine_dtype(self) -> str:
+        is_demo = (Path(self.model_path) / "secondstage_demo.json").is_file()
+        return "float32" if self.dtype == "auto" and is_demo else self.dtype
 
     @property
     def model_name(self) -> str:

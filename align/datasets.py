@@ -1,0 +1,191 @@
+"""Turn feedback into TRL datasets, in TRL's conversational format so the model's chat template applies.
+
+- thumbs up/down → a KTO row (`prompt` = the request messages, `completion` = [assistant answer], `label`);
+  without thumbs, a rating ≥ 4 is desirable and ≤ 2 undesirable (3 says nothing);
+- a correction → a DPO pair: chosen = the correction, rejected = the model's answer for that choice;
+- a preferred choice (n > 1) → DPO pairs: the preferred answer against each other choice;
+- a policy pair → a DPO pair: chosen = the enforced rewrite, rejected = what the model said.
+
+Identical rows are kept once (a cap against copy-paste poisoning). `export_jsonl` writes the same rows as
+JSONL files that `datasets.load_dataset("json", ...)` and TRL read as they are.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+
+from align.feedback import FeedbackBatch, FeedbackItem
+
+Messages = list[dict[str, str]]
+
+
+def _content(value: Any) -> str:
+    """Message content as text: OpenAI allows a list of content parts; keep their text."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "".join(str(p.get("text", "")) for p in value if isinstance(p, dict))
+    return "" if value is None else str(value)
+
+
+def _messages(raw: list[dict[str, Any]]) -> Messages:
+    return [{"role": str(m["role"]), "content": _content(m.get("content"))} for m in raw]
+
+
+def _assistant(text: str) -> Messages:
+    return [{"role": "assistant", "content": text}]
+
+
+def _choice_text(completion: dict[str, Any], index: int) -> str | None:
+    for choice in completion.get("choices") or []:
+        if int(choice.get("index", -1)) == index:
+            return str(choice.get("text") or "")
+    return None
+
+
+def kto_label(data: dict[str, Any]) -> bool | None:
+    """Desirable (True), undesirable (False) or no signal (None); explicit thumbs win over the rating."""
+    thumbs = data.get("thumbs")
+    if thumbs == "up":
+        return True
+    if thumbs == "down":
+        return False
+    rating = data.get("rating")
+    if isinstance(rating, int | float) and not isinstance(rating, bool):
+        if rating >= 4:
+            return True
+        if rating <= 2:
+            return False
+    return None
+
+
+@dataclass
+class AlignData:
+    """The training rows of one run, their provenance and counts."""
+
+    dpo_rows: list[dict[str, Any]] = field(default_factory=list)
+    kto_rows: list[dict[str, Any]] = field(default_factory=list)
+    feedback_ids: list[str] = field(default_factory=list)
+    """Feedback ids that produced at least one row."""
+    policy_pair_ids: list[str] = field(default_factory=list)
+    counts: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def usable(self) -> int:
+        return len(self.dpo_rows) + len(self.kto_rows)
+
+    def dpo_dataset(self) -> Dataset | None:
+        return Dataset.from_list(self.dpo_rows) if self.dpo_rows else None
+
+    def kto_dataset(self) -> Dataset | None:
+        return Dataset.from_list(self.kto_rows) if self.kto_rows else None
+
+    def summary(self) -> dict[str, int]:
+        """Counts for the manifest: rows per dataset and per source, plus what was left out and why."""
+        return {"dpo": len(self.dpo_rows), "kto": len(self.kto_rows), **dict(sorted(self.counts.items()))}
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.data = AlignData()
+        self._seen: set[str] = set()
+
+    def _new(self, row: dict[str, Any]) -> bool:
+        key = json.dumps(row, sort_keys=True, ensure_ascii=False)
+        if key in self._seen:
+            self.data.counts["duplicate_rows"] += 1
+            return False
+        self._seen.add(key)
+        return True
+
+    def dpo(self, prompt: Messages, chosen: str, rejected: str, source: str) -> bool:
+        if chosen == rejected:
+            self.data.counts["skipped_same_text"] += 1
+            return False
+        row = {"prompt": prompt, "chosen": _assistant(chosen), "rejected": _assistant(rejected)}
+        if not self._new(row):
+            return False
+        self.data.dpo_rows.append(row)
+        self.data.counts[f"dpo_{source}"] += 1
+        return True
+
+    def kto(self, prompt: Messages, completion: str, label: bool) -> bool:
+        row = {"prompt": prompt, "completion": _assistant(completion), "label": label}
+        if not self._new(row):
+            return False
+        self.data.kto_rows.append(row)
+        self.data.counts["kto_desirable" if label else "kto_undesirable"] += 1
+        return True
+
+    def feedback(self, item: FeedbackItem) -> bool:
+        data, completion = item.data, item.completion
+        try:
+            prompt = _messages(completion["messages"])
+        except (KeyError, TypeError):
+            self.data.counts["skipped_bad_record"] += 1
+            return False
+        index = data.get("choice_index")
+        index = 0 if index is None else int(index)
+        answer = _choice_text(completion, index)
+        if answer is None:
+            self.data.counts["skipped_bad_choice"] += 1
+            return False
+        used = False
+        label = kto_label(data)
+        if label is not None:
+            used |= self.kto(prompt, answer, label)
+        correction = data.get("correction")
+        if isinstance(correction, str) and correction.strip():
+            used |= self.dpo(prompt, correction, answer, "correction")
+        preferred = data.get("preferred_choice")
+        if isinstance(preferred, int) and not isinstance(preferred, bool):
+            best = _choice_text(completion, preferred)
+            if best is None:
+                self.data.counts["skipped_bad_choice"] += 1
+            else:
+                for choice in completion.get("choices") or []:
+                    if int(choice.get("index", -1)) != preferred:
+                        used |= self.dpo(prompt, best, str(choice.get("text") or ""), "preferred")
+        if not used:
+            self.data.counts["feedback_without_rows"] += 1
+        return used
+
+
+def build_datasets(batch: FeedbackBatch) -> AlignData:
+    """Rows for every feedback item and policy pair in `batch` (see the module docstring for the rules)."""
+    builder = _Builder()
+    for item in batch.feedback:
+        if builder.feedback(item):
+            builder.data.feedback_ids.append(item.id)
+    for pair in batch.policy_pairs:
+        try:
+            prompt = _messages(pair.prompt)
+        except (KeyError, TypeError):
+            builder.data.counts["skipped_bad_record"] += 1
+            continue
+        if builder.dpo(prompt, pair.chosen, pair.rejected, "policy"):
+            builder.data.policy_pair_ids.append(pair.id)
+    for reason, n in batch.skipped.items():
+        builder.data.counts[f"skipped_{reason}"] += n
+    return builder.data
+
+
+def export_jsonl(data: AlignData, out_dir: Path) -> dict[str, Path]:
+    """Write `dpo.jsonl` and `kto.jsonl` (TRL conversational rows, one JSON object a line) into `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    for name, rows in (("dpo", data.dpo_rows), ("kto", data.kto_rows)):
+        path = out_dir / f"{name}.jsonl"
+        tmp = path.with_suffix(".jsonl.tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        tmp.replace(path)
+        written[name] = path
+    return written

@@ -1,0 +1,304 @@
+"""Read the feedback (and policy pairs) align has not used yet, joined with the completions they judge.
+
+The server appends feedback to `keys.feedback` and output-policy rewrites to `keys.policy_pairs`. Align reads
+both through the consumer group `keys.align_group`:
+
+- a real run reads with the group (first the entries an earlier, failed run left pending, then new ones) and
+  XACKs them only after a version is published, so a run that fails or is gated out retrains on the same data;
+- `all_feedback=True` trains on every entry in the streams (re-training from scratch "when asked"), and still
+  acknowledges what the group had not consumed yet;
+- `consume=False` (dry runs, `feedback export`) only looks: it reads the group's pending entries and those past
+  its last-delivered id with XRANGE and changes nothing in Redis.
+
+Logging is at-least-once, so entries are deduplicated by their `id`. Feedback whose completion record is gone is
+skipped and counted. At most `max_rows_per_user` feedback entries per user are taken in one run; the rest stay
+pending for later runs, so one user cannot dominate a version.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from serve.keys import Keys
+
+_PAGE = 500
+
+
+class FeedbackError(Exception):
+    """The feedback streams cannot be read as expected."""
+
+
+@dataclass(frozen=True)
+class FeedbackItem:
+    """One feedback event with the completion record it refers to."""
+
+    id: str
+    entry_id: str
+    completion_id: str
+    data: dict[str, Any]
+    completion: dict[str, Any]
+    user: str
+
+
+@dataclass(frozen=True)
+class PolicyPairItem:
+    """One preference pair the output policy produced (rejected = model text, chosen = the enforced rewrite)."""
+
+    id: str
+    entry_id: str
+    completion_id: str | None
+    prompt: list[dict[str, Any]]
+    chosen: str
+    rejected: str
+    rule_ids: list[str]
+    ruleset_version: str
+
+
+@dataclass
+class FeedbackBatch:
+    feedback: list[FeedbackItem] = field(default_factory=list)
+    policy_pairs: list[PolicyPairItem] = field(default_factory=list)
+    to_ack: dict[str, list[str]] = field(default_factory=dict)
+    """Stream key → entry ids delivered through the group, to XACK once the run is published."""
+    skipped: Counter[str] = field(default_factory=Counter)
+    """Why entries were left out: duplicate, malformed, missing_completion, user_cap (deferred to a later run)."""
+
+    @property
+    def entries(self) -> int:
+        return len(self.feedback) + len(self.policy_pairs)
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _fields(raw: dict[Any, Any] | None) -> dict[str, str]:
+    return {_s(k): _s(v) for k, v in (raw or {}).items()}
+
+
+def _read_entries(reply: Any) -> list[Any]:
+    """The entries of a one-stream XREAD(GROUP) reply: a list of [stream, entries] (RESP2) or a dict (RESP3)."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return list(next(iter(reply.values()))[0] if reply else [])
+    return list(reply[0][1])
+
+
+def _after(entry_id: str) -> str:
+    """The exclusive XRANGE start just after `entry_id` ("(" prefix, Redis ≥ 6.2)."""
+    return f"({entry_id}"
+
+
+class FeedbackReader:
+    """Reads the align consumer group on the feedback and policy-pair streams."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        *,
+        consumer: str = "align",
+        max_rows_per_user: int = 50,
+        include_policy_pairs: bool = True,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.group = keys.align_group
+        self.consumer = consumer
+        self.max_rows_per_user = max_rows_per_user
+        self.include_policy_pairs = include_policy_pairs
+
+    @property
+    def streams(self) -> list[str]:
+        return [self.keys.feedback, *([self.keys.policy_pairs] if self.include_policy_pairs else [])]
+
+    def ensure_groups(self) -> None:
+        """Create the consumer group at the start of each stream (and the stream itself) if missing."""
+        for stream in self.streams:
+            try:
+                self.client.xgroup_create(stream, self.group, id="0", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+
+    # --- reading -------------------------------------------------------------------------------------------
+
+    def read(self, *, all_feedback: bool = False, consume: bool = True) -> FeedbackBatch:
+        """Collect the entries to train on. See the module docstring for `all_feedback` and `consume`."""
+        batch = FeedbackBatch()
+        raw: dict[str, list[tuple[str, dict[str, str]]]] = {}
+        if consume:
+            self.ensure_groups()
+        for stream in self.streams:
+            if consume:
+                delivered = self._group_read(stream)
+                batch.to_ack[stream] = [entry_id for entry_id, _ in delivered]
+                raw[stream] = self._xrange(stream) if all_feedback else delivered
+            else:
+                raw[stream] = self._xrange(stream) if all_feedback else self._peek_unconsumed(stream)
+        deferred = self._parse_feedback(raw.get(self.keys.feedback, []), batch)
+        if self.include_policy_pairs:
+            self._parse_policy_pairs(raw.get(self.keys.policy_pairs, []), batch)
+        # Entries deferred by the per-user cap stay pending, so a later run takes them.
+        if deferred and self.keys.feedback in batch.to_ack:
+            batch.to_ack[self.keys.feedback] = [i for i in batch.to_ack[self.keys.feedback] if i not in deferred]
+        return batch
+
+    def ack(self, batch: FeedbackBatch) -> int:
+        """Acknowledge what `batch` consumed; call only after its version is published."""
+        done = 0
+        for stream, ids in batch.to_ack.items():
+            for start in range(0, len(ids), _PAGE):
+                done += int(self.client.xack(stream, self.group, *ids[start : start + _PAGE]))
+        return done
+
+    def _group_read(self, stream: str) -> list[tuple[str, dict[str, str]]]:
+        """Entries for this run: everything pending in the group (a failed run's data) and then everything new."""
+        # Pending entries may belong to another consumer name (e.g. a renamed job): claim them. The Redis lock
+        # guarantees no other align run is using them right now.
+        cursor = "0-0"
+        while True:
+            claimed: Any = self.client.xautoclaim(stream, self.group, self.consumer, 0, start_id=cursor, count=_PAGE)
+            cursor = _s(claimed[0])
+            if cursor == "0-0":
+                break
+        out: list[tuple[str, dict[str, str]]] = []
+        for start in ("0", ">"):
+            last = start
+            while True:
+                entries = _read_entries(self.client.xreadgroup(self.group, self.consumer, {stream: last}, count=_PAGE))
+                if not entries:
+                    break
+                for entry_id, fields in entries:
+                    out.append((_s(entry_id), _fields(fields)))
+                if start == "0":
+                    last = _s(entries[-1][0])
+        return out
+
+    def _xrange(self, stream: str, start: str = "-") -> list[tuple[str, dict[str, str]]]:
+        out: list[tuple[str, dict[str, str]]] = []
+        while True:
+            entries = self.client.xrange(stream, min=start, max="+", count=_PAGE)
+            if not entries:
+                return out
+            out.extend((_s(i), _fields(f)) for i, f in entries)
+            start = _after(_s(entries[-1][0]))
+
+    def _peek_unconsumed(self, stream: str) -> list[tuple[str, dict[str, str]]]:
+        """What a consuming read would return, without touching the group: pending + undelivered entries."""
+        last_delivered = "0-0"
+        try:
+            groups = self.client.xinfo_groups(stream)
+        except redis.ResponseError:  # no such stream yet
+            return []
+        for info in groups:
+            if _s(info.get("name")) == self.group:
+                last_delivered = _s(info.get("last-delivered-id"))
+        pending: list[str] = []
+        if last_delivered != "0-0":
+            while True:
+                start = _after(pending[-1]) if pending else "-"
+                rows = self.client.xpending_range(stream, self.group, min=start, max="+", count=_PAGE)
+                if not rows:
+                    break
+                pending.extend(_s(r["message_id"]) for r in rows)
+        out: list[tuple[str, dict[str, str]]] = []
+        for entry_id in pending:
+            found: Any = self.client.xrange(stream, min=entry_id, max=entry_id)
+            out.extend((_s(i), _fields(f)) for i, f in found)
+        start = "-" if last_delivered == "0-0" else _after(last_delivered)
+        return out + self._xrange(stream, start)
+
+    # --- parsing -------------------------------------------------------------------------------------------
+
+    def _parse_feedback(self, entries: Iterable[tuple[str, dict[str, str]]], batch: FeedbackBatch) -> set[str]:
+        """Fill `batch.feedback`; return the entry ids deferred by the per-user cap."""
+        seen: set[str] = set()
+        candidates: list[tuple[str, dict[str, Any]]] = []
+        for entry_id, fields in entries:
+            try:
+                data = json.loads(fields["data"])
+                fb_id = str(data.get("id") or fields["id"])
+                completion_id = str(data.get("completion_id") or fields["completion_id"])
+            except (KeyError, ValueError, TypeError, AttributeError):
+                batch.skipped["malformed"] += 1
+                continue
+            if fb_id in seen:
+                batch.skipped["duplicate"] += 1
+                continue
+            seen.add(fb_id)
+            data["id"], data["completion_id"] = fb_id, completion_id
+            candidates.append((entry_id, data))
+        completions = self._completions([d["completion_id"] for _, d in candidates])
+        per_user: Counter[str] = Counter()
+        deferred: set[str] = set()
+        for entry_id, data in candidates:
+            completion = completions.get(data["completion_id"])
+            if completion is None:
+                batch.skipped["missing_completion"] += 1
+                continue
+            user = str(data.get("user") or completion.get("user") or completion.get("key") or "anonymous")
+            if per_user[user] >= self.max_rows_per_user:
+                batch.skipped["user_cap"] += 1
+                deferred.add(entry_id)
+                continue
+            per_user[user] += 1
+            batch.feedback.append(
+                FeedbackItem(
+                    id=data["id"],
+                    entry_id=entry_id,
+                    completion_id=data["completion_id"],
+                    data=data,
+                    completion=completion,
+                    user=user,
+                )
+            )
+        return deferred
+
+    def _completions(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        unique = list(dict.fromkeys(ids))
+        out: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(unique), _PAGE):
+            chunk = unique[start : start + _PAGE]
+            for cid, raw in zip(chunk, self.client.mget([self.keys.completion(c) for c in chunk]), strict=True):
+                if raw is None:
+                    continue
+                try:
+                    record = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("messages"), list):
+                    out[cid] = record
+        return out
+
+    def _parse_policy_pairs(self, entries: Iterable[tuple[str, dict[str, str]]], batch: FeedbackBatch) -> None:
+        seen: set[str] = set()
+        for entry_id, fields in entries:
+            try:
+                data = json.loads(fields["data"])
+                pair_id = str(data.get("id") or fields["id"])
+                item = PolicyPairItem(
+                    id=pair_id,
+                    entry_id=entry_id,
+                    completion_id=data.get("completion_id") or fields.get("completion_id"),
+                    prompt=list(data["prompt"]),
+                    chosen=str(data["chosen"]),
+                    rejected=str(data["rejected"]),
+                    rule_ids=[str(r) for r in data.get("rule_ids") or []],
+                    ruleset_version=str(data.get("ruleset_version", "")),
+                )
+            except (KeyError, ValueError, TypeError, AttributeError):
+                batch.skipped["malformed"] += 1
+                continue
+            if pair_id in seen:
+                batch.skipped["duplicate"] += 1
+                continue
+            seen.add(pair_id)
+            batch.policy_pairs.append(item)

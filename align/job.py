@@ -1,0 +1,288 @@
+"""The align job: feedback → datasets → LoRA → gate → version → publish, one run at a time.
+
+`run_once` is one run (what `secondstage align run` does); `run_every` repeats it (`--every 30m`).
+Only one run works at a time, across machines: it holds a Redis lock (SET NX EX) for its duration.
+A run publishes a version only when the gate passes; only then does it acknowledge the feedback it used, so
+anything that fails (training, gate, disk, Redis) leaves the feedback to the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import redis
+from rich.console import Console
+
+from align.datasets import AlignData, build_datasets
+from align.feedback import FeedbackReader
+from align.gate import describe_failure, evaluate_gate
+from align.settings import AlignSettings
+from align.train import train_adapter
+from serve.keys import Keys
+from serve.versions import BASE, Manifest, Registry, VersionError, VersionStore
+
+Status = Literal["published", "insufficient", "locked", "dry_run", "gate_failed"]
+
+EXIT_CODES: dict[str, int] = {"published": 0, "insufficient": 0, "dry_run": 0, "gate_failed": 1, "locked": 75}
+"""CLI exit status per outcome; 75 is sysexits' EX_TEMPFAIL ("another run holds the lock, try later")."""
+
+
+class AlignError(Exception):
+    """The run cannot proceed; the message says why and what to do."""
+
+
+@dataclass
+class RunResult:
+    status: Status
+    message: str
+    version: str | None = None
+    parent: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)
+    acked: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.status]
+
+
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+
+
+class RedisLock:
+    """SET NX EX lock with an owner token; released only by its owner (a lock that expired and was retaken stays)."""
+
+    def __init__(self, client: redis.Redis, key: str, ttl_s: int) -> None:
+        self.client = client
+        self.key = key
+        self.ttl_s = ttl_s
+        self.token = f"{uuid.uuid4().hex}"
+
+    def acquire(self) -> bool:
+        return bool(self.client.set(self.key, self.token, nx=True, ex=self.ttl_s))
+
+    def release(self) -> bool:
+        return bool(self.client.eval(_RELEASE, 1, self.key, self.token))
+
+    def holder_ttl(self) -> int:
+        return int(self.client.ttl(self.key))
+
+
+@contextlib.contextmanager
+def open_redis(settings: AlignSettings) -> Iterator[redis.Redis]:
+    """The Redis serve uses (configured URL, or the private server under var/redis — started here if absent)."""
+    from serve.redis_server import resolve_redis
+
+    url, child = resolve_redis(settings)
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+    except redis.ConnectionError as e:
+        raise AlignError(f"cannot reach Redis at {url}: {e}; check SECONDSTAGE_REDIS_URL (or unset it)") from e
+    try:
+        yield client
+    finally:
+        client.close()
+        if child is not None:
+            child.stop()
+
+
+def _parent_adapter(settings: AlignSettings, registry: Registry, store: VersionStore, parent: str) -> Path | None:
+    """The active version's adapter to continue from, or None to start a fresh adapter on the base model."""
+    if parent == BASE:
+        return None
+    manifest = registry.manifests().get(parent)
+    if manifest is not None and manifest.base_model != settings.model_path:
+        # An adapter only fits the base it was trained on; a new base starts a new lineage.
+        return None
+    path = store.adapter_path(parent)
+    if not (path / "adapter_config.json").is_file():
+        raise AlignError(
+            f"the active version {parent!r} has no adapter at {path}; restore that directory, or activate "
+            "another version (`secondstage versions activate base`) and run again"
+        )
+    return path
+
+
+def run_once(
+    settings: AlignSettings,
+    *,
+    all_feedback: bool = False,
+    dry_run: bool = False,
+    console: Console | None = None,
+    client: redis.Redis | None = None,
+) -> RunResult:
+    """One align run; see the module docstring. Pass `client` to reuse a connection (tests, `run_every`)."""
+    console = console or Console(stderr=True)
+    if client is None:
+        with open_redis(settings) as c:
+            return run_once(settings, all_feedback=all_feedback, dry_run=dry_run, console=console, client=c)
+
+    keys = Keys(settings.redis_prefix)
+    lock = RedisLock(client, keys.align_lock, settings.lock_ttl_s)
+    if not lock.acquire():
+        msg = (
+            f"another align run holds the lock {keys.align_lock} (expires in {lock.holder_ttl()}s); "
+            "nothing done. If no run is alive, delete that key or wait for it to expire."
+        )
+        console.print(f"[yellow]{msg}")
+        return RunResult("locked", msg)
+    try:
+        return _run_locked(settings, client, keys, all_feedback=all_feedback, dry_run=dry_run, console=console)
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    settings: AlignSettings,
+    client: redis.Redis,
+    keys: Keys,
+    *,
+    all_feedback: bool,
+    dry_run: bool,
+    console: Console,
+) -> RunResult:
+    reader = FeedbackReader(
+        client,
+        keys,
+        consumer=settings.consumer_name,
+        max_rows_per_user=settings.max_rows_per_user,
+        include_policy_pairs=settings.include_policy_pairs,
+    )
+    with console.status("reading feedback"):
+        batch = reader.read(all_feedback=all_feedback, consume=not dry_run)
+        data = build_datasets(batch)
+    counts = data.summary()
+    console.print(
+        f"feedback: {len(batch.feedback)} entries, {len(batch.policy_pairs)} policy pairs → "
+        f"{len(data.dpo_rows)} DPO pairs, {len(data.kto_rows)} KTO rows"
+        + (f" (skipped: {dict(batch.skipped)})" if batch.skipped else "")
+    )
+    if data.usable < settings.min_feedback:
+        msg = (
+            f"not enough feedback to train: {data.usable} usable rows, need {settings.min_feedback} "
+            "(SECONDSTAGE_MIN_FEEDBACK / --min-feedback); nothing published"
+        )
+        console.print(f"[yellow]{msg}")
+        return RunResult("insufficient", msg, counts=counts)
+    if dry_run:
+        msg = f"dry run: would train on {data.usable} rows; nothing trained, published or acknowledged"
+        console.print(msg)
+        return RunResult("dry_run", msg, counts=counts)
+
+    registry = Registry(client, keys)
+    store = VersionStore(settings.versions_dir)
+    parent = registry.active()
+    parent_adapter = _parent_adapter(settings, registry, store, parent)
+    work_root = settings.var_dir / "align"
+    work_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="run-", dir=work_root) as tmp:
+        trained = train_adapter(settings, data, Path(tmp), parent_adapter=parent_adapter, console=console)
+        if settings.gate_enabled:
+            with console.status("gating the adapter"):
+                gate = evaluate_gate(
+                    settings, data, trained.adapter_dir, trained.metrics, parent_adapter=parent_adapter
+                )
+        else:
+            gate = {"passed": True, "failed": [], "checks": {}, "skipped": "gate_enabled=false"}
+        if not gate["passed"]:
+            msg = f"gate failed, nothing published, feedback left for the next run: {describe_failure(gate)}"
+            console.print(f"[red]{msg}")
+            return RunResult("gate_failed", msg, parent=parent, counts=counts, metrics=trained.metrics, gate=gate)
+        return _publish(settings, registry, store, reader, batch, data, trained, gate, parent, parent_adapter, console)
+
+
+def _publish(
+    settings: AlignSettings,
+    registry: Registry,
+    store: VersionStore,
+    reader: FeedbackReader,
+    batch: Any,
+    data: AlignData,
+    trained: Any,
+    gate: dict[str, Any],
+    parent: str,
+    parent_adapter: Path | None,
+    console: Console,
+) -> RunResult:
+    version = store.next_name()
+    manifest = Manifest(
+        version=version,
+        # Lineage: the parent is the version whose adapter this one continued from (base when started fresh).
+        parent=parent if parent_adapter is not None else BASE,
+        base_model=settings.model_path,
+        feedback_ids=data.feedback_ids,
+        policy_pair_ids=data.policy_pair_ids,
+        datasets=data.summary(),
+        metrics=trained.metrics,
+        gate=gate,
+        lora_rank=trained.lora_rank,
+    )
+    try:
+        path = store.write(manifest, trained.adapter_dir)
+    except VersionError as e:
+        raise AlignError(f"cannot write version {version}: {e}") from e
+    registry.register(manifest)
+    registry.activate(version)
+    acked = reader.ack(batch)
+    msg = f"published {version} (parent {manifest.parent}) at {path}; acknowledged {acked} stream entries"
+    console.print(f"[green]{msg}")
+    return RunResult(
+        "published",
+        msg,
+        version=version,
+        parent=manifest.parent,
+        counts=manifest.datasets,
+        metrics=trained.metrics,
+        gate=gate,
+        acked=acked,
+    )
+
+
+def run_every(
+    settings: AlignSettings,
+    interval_s: float,
+    *,
+    all_feedback: bool = False,
+    dry_run: bool = False,
+    console: Console | None = None,
+    stop: threading.Event | None = None,
+    max_runs: int | None = None,
+) -> list[RunResult]:
+    """Run, then wait `interval_s`, until `stop` is set or `max_runs` runs are done. `all_feedback` applies once.
+
+    A run that raises is reported and the loop goes on: the next run retries the same unacknowledged feedback.
+    """
+    console = console or Console(stderr=True)
+    stop = stop or threading.Event()
+    results: list[RunResult] = []
+    with open_redis(settings) as client:
+        runs = 0
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                results.append(
+                    run_once(
+                        settings,
+                        all_feedback=all_feedback and runs == 0,
+                        dry_run=dry_run,
+                        console=console,
+                        client=client,
+                    )
+                )
+            except (AlignError, redis.RedisError, OSError, RuntimeError, ValueError) as e:
+                console.print(f"[red]align run failed: {type(e).__name__}: {e}; retrying in {interval_s:.0f}s")
+            runs += 1
+            if max_runs is not None and runs >= max_runs:
+                break
+            stop.wait(max(0.0, interval_s - (time.monotonic() - started)))
+    return results

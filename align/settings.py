@@ -1,0 +1,83 @@
+"""Settings of the align job, read from the environment (prefix `SECONDSTAGE_`, like serve).
+
+Extends `CommonSettings`, so align finds the same Redis, var/ directory and base model as the server.
+Defaults are sized for the demo model on a small CPU machine: ~10 feedback rows train in well under two minutes.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from serve.settings import CommonSettings
+
+
+class AlignSettings(CommonSettings):
+    # --- what to train on
+    min_feedback: int = Field(
+        default=4,
+        ge=1,
+        description="Fewest usable training rows (DPO pairs + KTO rows) worth a run; fewer → nothing happens.",
+    )
+    max_rows_per_user: int = Field(
+        default=50,
+        ge=1,
+        description="Most feedback entries one user may contribute to one run (a cap against poisoning).",
+    )
+    include_policy_pairs: bool = Field(
+        default=True, description="Also train on preference pairs derived from enforced output-policy rewrites."
+    )
+    consumer_name: str = Field(
+        default="align", description="Consumer name in the align consumer group (pending entries are re-read under it)."
+    )
+
+    # --- the adapter
+    lora_rank: int = Field(default=8, ge=1, le=16, description="LoRA rank r; at most the server's max_lora_rank (16).")
+    lora_alpha: int = Field(default=16, ge=1, description="LoRA alpha; the adapter's update is scaled by alpha / r.")
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input during training.")
+
+    # --- training
+    learning_rate: float = Field(default=2e-3, gt=0.0, description="AdamW learning rate for the LoRA weights.")
+    epochs: float = Field(default=6.0, gt=0.0, description="Passes over the DPO pairs (ignored when max_steps > 0).")
+    kto_epochs: float = Field(
+        default=2.0, gt=0.0, description="Passes over the KTO rows (thumbs are a coarse signal: fewer passes)."
+    )
+    kto_learning_rate: float | None = Field(
+        default=None, gt=0.0, description="Learning rate of the KTO phase; unset = learning_rate."
+    )
+    max_steps: int = Field(default=0, ge=0, description="Optimizer steps per phase; 0 = derive from epochs.")
+    batch_size: int = Field(default=2, ge=2, description="Rows per step (KTO needs ≥ 2 for its KL estimate).")
+    beta: float = Field(default=0.1, gt=0.0, description="DPO/KTO β: how far the policy may move from the reference.")
+    sft_weight: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="Weight of the NLL-on-chosen term added to the DPO loss (TRL loss_type 'sft'); it makes "
+        "corrections show up in greedy answers, not only in the preference margin.",
+    )
+    max_length: int = Field(
+        default=512, ge=16, description="Longest tokenized prompt + completion; longer rows are cut."
+    )
+    seed: int = Field(default=0, description="Seed for LoRA init and data order (shares SECONDSTAGE_SEED with serve).")
+    threads: int = Field(default=2, ge=1, description="torch CPU threads used for training and the gate.")
+
+    # --- the gate
+    gate_enabled: bool = Field(
+        default=True, description="Evaluate the adapter before publishing; off only for debugging."
+    )
+    gate_min_margin_gain: float = Field(
+        default=0.0,
+        description="The trained adapter's mean log-prob margin (chosen − rejected) on the DPO pairs must exceed "
+        "the parent's by more than this (nats).",
+    )
+    gate_min_improved_fraction: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="Share of DPO pairs whose margin must improve over the parent's."
+    )
+    gate_max_rows: int = Field(
+        default=64, ge=1, description="Most rows the gate evaluates (it runs on CPU, un-batched)."
+    )
+
+    # --- the job
+    lock_ttl_s: int = Field(
+        default=3600,
+        ge=10,
+        description="Expiry of the Redis lock that keeps align runs one at a time (covers a crash).",
+    )

@@ -1,0 +1,268 @@
+"""Train a LoRA adapter on the served base model with TRL: KTO on thumbs, then DPO on preference pairs.
+
+Both phases train the same adapter, KTO first so that the corrections (DPO), the most specific feedback,
+shape the final adapter. It starts from the parent version's adapter when there is one (so
+alignment is iterative: each version refines the last), else from a fresh `peft.LoraConfig` on every
+projection of the Llama block. TRL makes the reference policy a frozen copy of the adapter as it is at the
+start of each phase ("ref"): KTO is anchored to the parent, DPO to the KTO result.
+
+DPO adds an NLL term on the chosen answer (TRL `loss_type=["sigmoid", "sft"]`, weighted by `sft_weight`,
+the RPO recipe): preference margins alone can grow while the chosen answer's probability falls, and users
+expect their corrections to show up in the answers.
+
+Runs on CPU with fp32 (the demo model is tiny); on a CUDA machine TRL/accelerate pick the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from align.datasets import AlignData
+from align.settings import AlignSettings
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+"""Every linear layer of a Llama block; the server's vLLM LoRA supports all of them."""
+
+
+class TrainError(Exception):
+    """Training cannot start or produced nothing usable."""
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    phases: list[str] = field(default_factory=list)
+    lora_rank: int = 8
+
+
+def _use_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def load_tokenizer(model_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if not getattr(tokenizer, "chat_template", None):
+        raise TrainError(
+            f"the tokenizer of {model_path!r} has no chat template; align trains on chat conversations, so use a "
+            "chat model (or add `chat_template` to its tokenizer_config.json)"
+        )
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of every loss; any token will do.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(model_path: str) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if _use_cpu() else torch.bfloat16
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+
+
+def lora_config(settings: AlignSettings) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.lora_rank,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=LORA_TARGETS,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _common_args(settings: AlignSettings, work_dir: Path, epochs: float, learning_rate: float) -> dict[str, Any]:
+    cpu = _use_cpu()
+    return {
+        "output_dir": str(work_dir),
+        "use_cpu": cpu,
+        "bf16": not cpu,
+        "fp16": False,
+        "report_to": [],
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "dataloader_num_workers": 0,
+        "gradient_checkpointing": False,  # tiny models: recomputation costs more than the memory it saves
+        "per_device_train_batch_size": settings.batch_size,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": learning_rate,
+        # Few steps on few rows: a decaying schedule would spend half the run at a fraction of the rate.
+        "lr_scheduler_type": "constant",
+        "num_train_epochs": epochs,
+        "max_steps": settings.max_steps if settings.max_steps > 0 else -1,
+        "logging_steps": 1,
+        "seed": settings.seed,
+        "data_seed": settings.seed,
+        "max_length": settings.max_length,
+        "disable_tqdm": False,
+        "save_only_model": True,
+    }
+
+
+def _phase_metrics(prefix: str, trainer: Any, output: Any, seconds: float) -> dict[str, float]:
+    """Final loss and the last logged value of each TRL metric, prefixed by phase (dpo_*, kto_*)."""
+    metrics: dict[str, float] = {
+        f"{prefix}_steps": float(output.global_step),
+        f"{prefix}_train_loss": float(output.training_loss),
+        f"{prefix}_seconds": round(seconds, 3),
+    }
+    wanted = {
+        "loss": "loss",
+        "rewards/accuracies": "reward_accuracy",
+        "rewards/margins": "reward_margin",
+        "rewards/chosen": "reward_chosen",
+        "rewards/rejected": "reward_rejected",
+        "logps/chosen": "logp_chosen",
+        "logps/rejected": "logp_rejected",
+        "kl": "kl",
+    }
+    for entry in trainer.state.log_history:
+        for key, name in wanted.items():
+            value = entry.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                metrics[f"{prefix}_{name}"] = float(value)
+    if f"{prefix}_loss" in metrics:
+        metrics[f"{prefix}_final_loss"] = metrics.pop(f"{prefix}_loss")
+    return metrics
+
+
+def _drop_ref_adapter(model: Any) -> None:
+    """Remove TRL's frozen reference copy so the next phase (and saving) sees only the trained adapter."""
+    if "ref" in getattr(model, "peft_config", {}):
+        model.set_adapter("default")
+        model.delete_adapter("ref")
+    model.set_adapter("default")
+
+
+def _train_dpo(
+    settings: AlignSettings,
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    work_dir: Path,
+    metrics: dict[str, float],
+    console: Console,
+) -> Any:
+    from trl import DPOConfig, DPOTrainer
+
+    console.print(f"[bold]DPO[/] on {len(dataset)} pairs (β={settings.beta}, sft_weight={settings.sft_weight})")
+    losses, weights = ["sigmoid"], [1.0]
+    if settings.sft_weight > 0:
+        losses, weights = [*losses, "sft"], [*weights, settings.sft_weight]
+    args = DPOConfig(
+        **_common_args(settings, work_dir, settings.epochs, settings.learning_rate),
+        beta=settings.beta,
+        loss_type=losses,
+        loss_weights=weights,
+    )
+    t0 = time.monotonic()
+    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    output = trainer.train()
+    metrics.update(_phase_metrics("dpo", trainer, output, time.monotonic() - t0))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    _drop_ref_adapter(model)
+    return model
+
+
+def _train_kto(
+    settings: AlignSettings,
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    work_dir: Path,
+    metrics: dict[str, float],
+    console: Console,
+) -> Any:
+    from trl import KTOConfig, KTOTrainer
+
+    desirable = sum(bool(x) for x in dataset["label"])
+    undesirable = len(dataset) - desirable
+    # Balance the classes, as the KTO paper recommends (TRL warns outside [1, 4/3] of the ratio).
+    d_weight = undesirable / desirable if desirable and undesirable > desirable else 1.0
+    u_weight = desirable / undesirable if undesirable and desirable > undesirable else 1.0
+    console.print(f"[bold]KTO[/] on {len(dataset)} rows ({desirable} desirable, {undesirable} undesirable)")
+    args = KTOConfig(
+        **_common_args(settings, work_dir, settings.kto_epochs, settings.kto_learning_rate or settings.learning_rate),
+        beta=settings.beta,
+        desirable_weight=d_weight,
+        undesirable_weight=u_weight,
+    )
+    t0 = time.monotonic()
+    trainer = KTOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    output = trainer.train()
+    metrics.update(_phase_metrics("kto", trainer, output, time.monotonic() - t0))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    _drop_ref_adapter(model)
+    return model
+
+
+def train_adapter(
+    settings: AlignSettings,
+    data: AlignData,
+    work_dir: Path,
+    *,
+    parent_adapter: Path | None = None,
+    console: Console | None = None,
+) -> TrainResult:
+    """Train on `data` and save the adapter to `work_dir/adapter`. Raises TrainError when there is nothing to train."""
+    import torch
+    from peft import PeftModel, get_peft_model
+    from transformers import set_seed
+
+    console = console or Console(stderr=True)
+    dpo = data.dpo_dataset()
+    kto = data.kto_dataset()
+    if kto is not None and len(kto) < settings.batch_size:
+        # KTO estimates its KL term from the other rows of a batch; a lone row would compare with itself.
+        console.print(f"[yellow]KTO skipped: {len(kto)} row(s) < batch_size {settings.batch_size}")
+        kto = None
+    if dpo is None and kto is None:
+        raise TrainError(f"nothing to train: {len(data.dpo_rows)} DPO pairs, {len(data.kto_rows)} KTO rows")
+
+    torch.set_num_threads(settings.threads)
+    set_seed(settings.seed)
+    started = time.monotonic()
+    model_path = settings.model_path
+    with console.status(f"loading {model_path}"):
+        tokenizer = load_tokenizer(model_path)
+        base = load_base(model_path)
+    if parent_adapter is not None:
+        console.print(f"continuing from the parent adapter {parent_adapter}")
+        model = PeftModel.from_pretrained(base, str(parent_adapter), is_trainable=True)
+    else:
+        model = get_peft_model(base, lora_config(settings))
+    rank = int(getattr(model.peft_config["default"], "r", settings.lora_rank))
+
+    metrics: dict[str, float] = {}
+    phases: list[str] = []
+    # KTO first, DPO last: the corrections are the most specific signal, so they shape the final adapter, and
+    # DPO's SFT term repairs whatever the coarser thumbs signal disturbed in the corrected answers.
+    if kto is not None:
+        model = _train_kto(settings, model, tokenizer, kto, work_dir / "kto", metrics, console)
+        phases.append("kto")
+    if dpo is not None:
+        model = _train_dpo(settings, model, tokenizer, dpo, work_dir / "dpo", metrics, console)
+        phases.append("dpo")
+
+    adapter_dir = work_dir / "adapter"
+    model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
+    metrics["train_seconds"] = round(time.monotonic() - started, 3)
+    metrics["dpo_rows"] = float(len(dpo) if dpo is not None else 0)
+    metrics["kto_rows"] = float(len(kto) if kto is not None else 0)
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if bad:
+        console.print(f"[red]non-finite training metrics: {bad}")
+    return TrainResult(adapter_dir=adapter_dir, metrics=metrics, phases=phases, lora_rank=rank)

@@ -1,0 +1,83 @@
+"""`secondstage align run` and `secondstage feedback export` through typer, on a real redis-server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+from typer.testing import CliRunner
+
+from align.cli import align_app, feedback_app, parse_duration
+from align.settings import AlignSettings
+from serve.keys import Keys
+
+from .conftest import Server
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30), ("10m", 600), ("2h", 7200), ("1d", 86400), ("1h30m", 5400), ("90", 90), ("1.5m", 90)],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "m", "10x", "10 minutes", "0s", "5m-3s"])
+def test_parse_duration_rejects_with_the_input_named(text: str) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+
+
+@pytest.fixture
+def env(settings: AlignSettings, monkeypatch: pytest.MonkeyPatch) -> AlignSettings:
+    monkeypatch.setenv("SECONDSTAGE_REDIS_URL", settings.redis_url or "")
+    monkeypatch.setenv("SECONDSTAGE_VAR_DIR", str(settings.var_dir))
+    monkeypatch.setenv("SECONDSTAGE_MODEL", settings.model_path)
+    return settings
+
+
+def test_run_with_too_little_feedback_exits_zero(env: AlignSettings, server: Server, client: redis.Redis) -> None:
+    cid = server.completion("Q?", "A.")
+    server.feedback(cid, thumbs="up")
+    result = CliRunner().invoke(align_app, ["run"])
+    assert result.exit_code == 0, result.output
+    assert "not enough feedback" in result.output
+    assert client.get(Keys(env.redis_prefix).active_version) is None
+
+
+def test_run_min_feedback_flag_overrides_settings(env: AlignSettings, server: Server) -> None:
+    cid = server.completion("Q?", "A.")
+    server.feedback(cid, thumbs="up")
+    server.feedback(cid, thumbs="down")
+    result = CliRunner().invoke(align_app, ["run", "--dry-run", "--min-feedback", "2"])
+    assert result.exit_code == 0, result.output
+    assert "dry run: would train on 2 rows" in result.output
+
+
+def test_run_rejects_a_bad_interval(env: AlignSettings) -> None:
+    result = CliRunner().invoke(align_app, ["run", "--every", "soon"])
+    assert result.exit_code == 2
+    assert "--every" in result.output and "soon" in result.output
+
+
+def test_export_writes_trl_jsonl_without_consuming(env: AlignSettings, server: Server, client: redis.Redis) -> None:
+    keys = Keys(env.redis_prefix)
+    cid = server.completion("What colour is the sky?", "Green.")
+    server.feedback(cid, thumbs="down", correction="Blue.")
+    out = env.var_dir / "export"
+    result = CliRunner().invoke(feedback_app, ["export", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    dpo = [json.loads(line) for line in (out / "dpo.jsonl").read_text().splitlines()]
+    kto = [json.loads(line) for line in (out / "kto.jsonl").read_text().splitlines()]
+    assert dpo == [
+        {
+            "prompt": [{"role": "user", "content": "What colour is the sky?"}],
+            "chosen": [{"role": "assistant", "content": "Blue."}],
+            "rejected": [{"role": "assistant", "content": "Green."}],
+        }
+    ]
+    assert kto[0]["label"] is False
+    # Export only looks: the feedback is still there for `align run`.
+    assert not client.exists(keys.policy_pairs)
+    assert client.xinfo_stream(keys.feedback)["groups"] == 0

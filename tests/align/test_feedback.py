@@ -1,0 +1,115 @@
+"""Reading feedback through the align consumer group, on a real redis-server."""
+
+from __future__ import annotations
+
+import redis
+
+from align.feedback import FeedbackReader
+from align.settings import AlignSettings
+from serve.keys import Keys
+
+from .conftest import Server
+
+
+def reader(client: redis.Redis, settings: AlignSettings, **kw: object) -> FeedbackReader:
+    return FeedbackReader(client, Keys(settings.redis_prefix), **kw)  # type: ignore[arg-type]
+
+
+def test_read_joins_completion_and_dedupes_by_id(client: redis.Redis, settings: AlignSettings, server: Server) -> None:
+    cid = server.completion("What colour is the sky?", "Green.", user="alice")
+    server.feedback(cid, fb_id="fb-1", thumbs="down")
+    server.feedback(cid, fb_id="fb-1", thumbs="down")  # at-least-once logging wrote it twice
+    server.feedback("chatcmpl-gone", fb_id="fb-2", thumbs="up")
+    batch = reader(client, settings).read()
+    assert [f.id for f in batch.feedback] == ["fb-1"]
+    assert batch.feedback[0].completion["choices"][0]["text"] == "Green."
+    assert batch.feedback[0].user == "alice"
+    assert batch.skipped == {"duplicate": 1, "missing_completion": 1}
+    # Every delivered entry is acknowledged with the run, duplicates and orphans included.
+    assert len(batch.to_ack[Keys(settings.redis_prefix).feedback]) == 3
+
+
+def test_second_read_after_ack_sees_only_new(client: redis.Redis, settings: AlignSettings, server: Server) -> None:
+    cid = server.completion("Q?", "A.")
+    server.feedback(cid, fb_id="old", thumbs="up")
+    r = reader(client, settings)
+    first = r.read()
+    assert [f.id for f in first.feedback] == ["old"]
+    assert r.ack(first) == 1
+    assert r.read().feedback == []
+    server.feedback(cid, fb_id="new", thumbs="down")
+    assert [f.id for f in r.read().feedback] == ["new"]
+
+
+def test_unacked_read_is_read_again(client: redis.Redis, settings: AlignSettings, server: Server) -> None:
+    cid = server.completion("Q?", "A.")
+    server.feedback(cid, fb_id="a", thumbs="up")
+    r = reader(client, settings)
+    assert [f.id for f in r.read().feedback] == ["a"]  # a run that failed: no ack
+    server.feedback(cid, fb_id="b", thumbs="up")
+    # A different consumer name (a renamed job) still gets the pending entry, then the new one.
+    again = reader(client, settings, consumer="other").read()
+    assert [f.id for f in again.feedback] == ["a", "b"]
+
+
+def test_all_rereads_everything_and_acks_the_unconsumed(
+    client: redis.Redis, settings: AlignSettings, server: Server
+) -> None:
+    cid = server.completion("Q?", "A.")
+    server.feedback(cid, fb_id="a", thumbs="up")
+    r = reader(client, settings)
+    r.ack(r.read())
+    server.feedback(cid, fb_id="b", thumbs="down")
+    everything = r.read(all_feedback=True)
+    assert [f.id for f in everything.feedback] == ["a", "b"]
+    assert len(everything.to_ack[Keys(settings.redis_prefix).feedback]) == 1  # only "b" was new to the group
+    r.ack(everything)
+    assert r.read().feedback == []
+
+
+def test_peek_changes_nothing(client: redis.Redis, settings: AlignSettings, server: Server) -> None:
+    keys = Keys(settings.redis_prefix)
+    cid = server.completion("Q?", "A.")
+    server.feedback(cid, fb_id="a", thumbs="up")
+    r = reader(client, settings)
+    assert [f.id for f in r.read(consume=False).feedback] == ["a"]
+    assert not client.exists(keys.policy_pairs)  # no group or stream was created
+    pending_run = r.read()  # consumes "a" without ack: it is pending
+    server.feedback(cid, fb_id="b", thumbs="up")
+    assert [f.id for f in r.read(consume=False).feedback] == ["a", "b"]
+    assert client.xpending(keys.feedback, keys.align_group)["pending"] == 1
+    r.ack(pending_run)
+    assert [f.id for f in r.read(consume=False).feedback] == ["b"]
+    assert [f.id for f in r.read(consume=False, all_feedback=True).feedback] == ["a", "b"]
+
+
+def test_policy_pairs_are_read_unless_disabled(client: redis.Redis, settings: AlignSettings, server: Server) -> None:
+    server.policy_pair("Say something rude.", "You fool.", "I'd rather not.", pair_id="pp-1")
+    server.policy_pair("Say something rude.", "You fool.", "I'd rather not.", pair_id="pp-1")
+    assert [p.id for p in reader(client, settings).read().policy_pairs] == ["pp-1"]
+    server.policy_pair("Again.", "Fool.", "No.", pair_id="pp-2")
+    assert reader(client, settings, include_policy_pairs=False).read().policy_pairs == []
+
+
+def test_per_user_cap_defers_the_rest(client: redis.Redis, settings: AlignSettings, server: Server) -> None:
+    keys = Keys(settings.redis_prefix)
+    for i in range(5):
+        cid = server.completion(f"Q{i}?", "A.", user="mallory")
+        server.feedback(cid, fb_id=f"m{i}", thumbs="down")
+    cid = server.completion("Q?", "A.", user="alice")
+    server.feedback(cid, fb_id="a0", thumbs="up")
+    r = reader(client, settings, max_rows_per_user=2)
+    batch = r.read()
+    assert [f.id for f in batch.feedback] == ["m0", "m1", "a0"]
+    assert batch.skipped["user_cap"] == 3
+    r.ack(batch)
+    # The capped entries were not acknowledged: the next run takes them (two more per user).
+    assert client.xpending(keys.feedback, keys.align_group)["pending"] == 3
+    assert [f.id for f in r.read().feedback] == ["m2", "m3"]
+
+
+def test_malformed_entries_are_counted(client: redis.Redis, settings: AlignSettings) -> None:
+    keys = Keys(settings.redis_prefix)
+    client.xadd(keys.feedback, {"schema": "1", "id": "x", "completion_id": "c", "data": "{not json"})
+    batch = reader(client, settings).read()
+    assert batch.feedback == [] and batch.skipped == {"malformed": 1}
