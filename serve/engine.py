@@ -83,16 +83,16 @@ class ModelEngine:
             gpu_memory_utilization=settings.kv_cache_memory_fraction,
             max_num_seqs=settings.max_num_seqs,
             enable_lora=True,
-            max_lora_rank=settings.max_lora_rank,
+            max_lora_rank=settings.max_lora_rank,  # type: ignore[arg-type]  # validated by vLLM
             max_loras=settings.max_loras,
             enforce_eager=settings.enforce_eager,
             seed=settings.seed,
-            dtype=settings.engine_dtype,
+            dtype=settings.engine_dtype,  # type: ignore[arg-type]  # validated by vLLM
             disable_log_stats=False,
         )
         llm = AsyncLLM.from_engine_args(args)
         return cls(
-            llm,
+            llm,  # type: ignore[arg-type]  # AsyncLLM satisfies LLM; its generate() is just more specific
             llm.get_tokenizer(),
             model_name=settings.model_name,
             max_model_len=settings.max_model_len,
@@ -206,7 +206,7 @@ class ModelEngine:
             return
         del self._loaded[version.name]
         with contextlib.suppress(Exception):
-            await self.llm.remove_lora(version.lora.lora_int_id)
+            await self.llm.remove_lora(version.lora.lora_int_id)  # type: ignore[union-attr]
         if self.metrics:
             self.metrics.loaded_adapters.set(len(self._loaded))
         logger.info("unloaded version %s", version.name)

@@ -15,15 +15,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SECONDSTAGE_", extra="ignore")
 
-    var_dir: Path = Field(Path("var"), description="Runtime data: models, versions, Redis data, spool.")
+    var_dir: Path = Field(default=Path("var"), description="Runtime data: models, versions, Redis data, spool.")
     model: str | None = Field(
-        None, description="Base model: a Hugging Face model directory or hub id. Default: the demo model."
+        default=None, description="Base model: a Hugging Face model directory or hub id. Default: the demo model."
     )
     redis_url: str | None = Field(
-        None,
+        default=None,
         description="Redis to use (redis://, rediss://, unix://). Unset: a private redis-server under var/redis.",
     )
-    redis_prefix: str = Field("secondstage", description="Prefix of every Redis key this deployment uses.")
+    redis_prefix: str = Field(default="secondstage", description="Prefix of every Redis key this deployment uses.")
 
     @property
     def demo_model_dir(self) -> Path:
@@ -44,28 +44,28 @@ class CommonSettings(BaseSettings):
 
 
 class ServeSettings(CommonSettings):
-    host: str = Field("127.0.0.1", description="Address to bind.")
-    port: int = Field(8000, description="Port to bind.")
+    host: str = Field(default="127.0.0.1", description="Address to bind.")
+    port: int = Field(default=8000, description="Port to bind.")
     served_model_name: str | None = Field(
-        None, description="Model name clients send and /v1/models lists. Default: the model directory's name."
+        default=None, description="Model name clients send and /v1/models lists. Default: the model directory's name."
     )
-    max_model_len: int = Field(1024, description="Context length (prompt + completion tokens).")
+    max_model_len: int = Field(default=1024, description="Context length (prompt + completion tokens).")
     kv_cache_memory_fraction: float = Field(
-        0.2, description="vLLM gpu_memory_utilization; on CPU the share of host RAM reserved for KV cache."
+        default=0.2, description="vLLM gpu_memory_utilization; on CPU the share of host RAM reserved for KV cache."
     )
-    max_num_seqs: int = Field(64, description="Most sequences the engine runs at once.")
-    max_lora_rank: int = Field(16, description="Largest LoRA rank an adapter version may have.")
-    max_loras: int = Field(2, description="LoRA versions resident in one batch (active + the one being drained).")
-    max_body_bytes: int = Field(1_000_000, description="Largest request body accepted (413 above).")
-    policies_dir: Path = Field(Path("policies"), description="Directory of policy rule files.")
-    policies_enabled: bool = Field(True, description="Enforce the rule files in policies_dir.")
-    logging_enabled: bool = Field(True, description="Log completions to Redis.")
-    log_queue_size: int = Field(10_000, description="Records held in memory before spooling to disk.")
-    reconcile_interval_s: float = Field(5.0, description="How often to re-read the active version from Redis.")
-    enforce_eager: bool = Field(True, description="Skip vLLM graph compilation (fast start on CPU).")
-    seed: int = Field(0, description="Engine seed.")
+    max_num_seqs: int = Field(default=64, description="Most sequences the engine runs at once.")
+    max_lora_rank: int = Field(default=16, description="Largest LoRA rank an adapter version may have.")
+    max_loras: int = Field(default=2, description="LoRA versions resident in one batch (active + the one being drained).")
+    max_body_bytes: int = Field(default=1_000_000, description="Largest request body accepted (413 above).")
+    policies_dir: Path = Field(default=Path("policies"), description="Directory of policy rule files.")
+    policies_enabled: bool = Field(default=True, description="Enforce the rule files in policies_dir.")
+    logging_enabled: bool = Field(default=True, description="Log completions to Redis.")
+    log_queue_size: int = Field(default=10_000, description="Records held in memory before spooling to disk.")
+    reconcile_interval_s: float = Field(default=5.0, description="How often to re-read the active version from Redis.")
+    enforce_eager: bool = Field(default=True, description="Skip vLLM graph compilation (fast start on CPU).")
+    seed: int = Field(default=0, description="Engine seed.")
     dtype: str = Field(
-        "auto",
+        default="auto",
         description="Weights dtype for vLLM. `auto` means the model's own, except float32 for the demo model "
         "(vLLM's CPU default, bfloat16, makes LoRA outputs drift from what training measured).",
     )
