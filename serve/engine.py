@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -142,7 +142,7 @@ class ModelEngine:
 
     async def generate(
         self, prompt_ids: list[int], params: Any, request_id: str, version: ServedVersion, priority: int = 0
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """Stream vLLM RequestOutputs; closing the iterator aborts the engine request."""
         stream = self.llm.generate(
             {"prompt_token_ids": prompt_ids}, params, request_id, lora_request=version.lora, priority=priority

@@ -56,7 +56,7 @@ class Unavailable(SecondstageError):
     type = "ServiceUnavailableError"
 
 
-def error_body(status: HTTPStatus, type_: str, message: str, param: str | None = None) -> dict[str, Any]:
+def error_body(status: HTTPStatus | int, type_: str, message: str, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": int(status)}}
 
 
@@ -92,7 +92,9 @@ def _validation_body(exc: RequestValidationError) -> dict[str, Any]:
         param = None
         message = "request body is not valid JSON; send a JSON object with Content-Type: application/json"
     else:
-        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+        # pydantic prefixes our validators' messages with "Value error, "; the client needs only ours.
+        msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        message = f"{param or 'body'}: {msg}"
         if "input" in first and first.get("type") != "missing":
             message += f" (got {first['input']!r:.200})"
     return error_body(HTTPStatus.BAD_REQUEST, "BadRequestError", message, param)
@@ -103,7 +105,9 @@ def install_error_handlers(app: FastAPI) -> None:
         status, body = to_error(exc)
         if status >= 500:
             logger.exception("request %s %s failed", request.method, request.url.path, exc_info=exc)
-        return JSONResponse(body, status_code=int(status))
+        # Keep headers the HTTP error carries, e.g. `Allow` on a 405 (RFC 9110 requires it).
+        headers = getattr(exc, "headers", None) if isinstance(exc, StarletteHTTPException) else None
+        return JSONResponse(body, status_code=int(status), headers=headers)
 
     for exc_type in (SecondstageError, RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, handle)

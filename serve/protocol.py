@@ -8,9 +8,18 @@ Validation here is what turns bad input into a 400 that names the parameter.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 
 class _Base(BaseModel):
@@ -42,6 +51,11 @@ class ResponseFormat(_Base):
     json_schema: dict[str, Any] | None = None
 
 
+# Integers the engine receives must fit its int64 fields; beyond that they are a 400, not an engine error.
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+TokenId = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+
 class SamplingRequest(_Base):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
@@ -51,7 +65,7 @@ class SamplingRequest(_Base):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    seed: Int64 | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -59,13 +73,13 @@ class SamplingRequest(_Base):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM extensions (extra_body).
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=2**63 - 1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
     min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
-    priority: int = 0
+    priority: Int64 = 0
 
     @field_validator("stop")
     @classmethod
@@ -79,11 +93,13 @@ class SamplingRequest(_Base):
             raise ValueError("stop sequences must not be empty")
         return stops
 
-    @model_validator(mode="after")
-    def _stream_options(self) -> SamplingRequest:
-        if self.stream_options is not None and not self.stream:
+    # Field validators (not model validators) so the 400 names the parameter; `stream` is declared first.
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true")
-        return self
+        return v
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -107,11 +123,12 @@ class ChatCompletionRequest(SamplingRequest):
     response_format: ResponseFormat | None = None
     metadata: dict[str, str] | None = None
 
-    @model_validator(mode="after")
-    def _check(self) -> ChatCompletionRequest:
-        if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and v > 0 and not info.data.get("logprobs"):
             raise ValueError("top_logprobs requires logprobs: true")
-        return self
+        return v
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -122,7 +139,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(..., description="Text, texts, or token ids.")
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(..., description="Text, texts, or token ids.")
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
@@ -202,6 +219,14 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_role(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Only the first chunk of a choice names the role; later deltas leave the key out, as OpenAI and vLLM do.
+        data: dict[str, Any] = handler(self)
+        if data.get("role") is None:
+            data.pop("role", None)
+        return data
 
 
 class StreamChoice(BaseModel):
@@ -288,6 +313,19 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str = Field(description="What was wrong, naming the parameter and the value received.")
+    type: str = Field(description="Error class, e.g. BadRequestError, NotFoundError.")
+    param: str | None = Field(None, description="The request parameter at fault, when there is one.")
+    code: int = Field(description="The HTTP status.")
+
+
+class ErrorResponse(BaseModel):
+    """Every error body: OpenAI's `{"error": {...}}` shape."""
+
+    error: ErrorInfo
 
 
 class FeedbackRequest(BaseModel):

@@ -55,7 +55,9 @@ class ServeSettings(CommonSettings):
     )
     max_num_seqs: int = Field(default=64, description="Most sequences the engine runs at once.")
     max_lora_rank: int = Field(default=16, description="Largest LoRA rank an adapter version may have.")
-    max_loras: int = Field(default=2, description="LoRA versions resident in one batch (active + the one being drained).")
+    max_loras: int = Field(
+        default=2, description="LoRA versions resident in one batch (active + the one being drained)."
+    )
     max_body_bytes: int = Field(default=1_000_000, description="Largest request body accepted (413 above).")
     policies_dir: Path = Field(default=Path("policies"), description="Directory of policy rule files.")
     policies_enabled: bool = Field(default=True, description="Enforce the rule files in policies_dir.")

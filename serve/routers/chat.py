@@ -11,17 +11,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from serve.deps import CallerDep, ChatDep
 from serve.errors import error_body
 from serve.protocol import ChatCompletionRequest, ChatCompletionResponse
+from serve.routers import error_responses
 
 router = APIRouter()
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    s: {"description": d, "content": {"application/json": {"example": error_body(s, t, d)}}}
-    for s, t, d in [
-        (400, "BadRequestError", "Invalid request"),
-        (404, "NotFoundError", "Unknown model"),
-        (413, "RequestEntityTooLargeError", "Body too large"),
-    ]
-}
+ERROR_RESPONSES = error_responses(400, 404, 413)
 
 
 @router.post(

@@ -6,10 +6,11 @@ from fastapi import APIRouter
 
 from serve.deps import CallerDep, FeedbackDep
 from serve.protocol import FeedbackRequest, FeedbackResponse
+from serve.routers import error_responses
 
 router = APIRouter()
 
 
-@router.post("/v1/feedback", response_model=FeedbackResponse)
+@router.post("/v1/feedback", response_model=FeedbackResponse, responses=error_responses(400, 404, 413, 503))
 async def create_feedback(body: FeedbackRequest, feedback: FeedbackDep, caller: CallerDep) -> FeedbackResponse:
     return await feedback.submit(body, user=caller.key_id)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from serve.protocol import ModelCard, ModelList
+from serve.routers import error_responses
 
 router = APIRouter()
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, responses=error_responses())
 async def list_models(request: Request) -> ModelList:
     engine = request.app.state.engine
     card = ModelCard(

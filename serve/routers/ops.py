@@ -6,11 +6,12 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from serve.errors import Unavailable
+from serve.routers import error_responses
 
 router = APIRouter()
 
 
-@router.get("/health")
+@router.get("/health", responses=error_responses(503))
 async def health(request: Request) -> dict[str, str]:
     try:
         await request.app.state.engine.check_health()

@@ -6,11 +6,12 @@ from fastapi import APIRouter, Request
 
 from serve.errors import BadRequest
 from serve.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from serve.routers import error_responses
 
 router = APIRouter()
 
 
-@router.post("/tokenize", response_model=TokenizeResponse)
+@router.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(400, 404, 413))
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     chat = request.app.state.chat
     chat.check_model(body.model)
@@ -22,7 +23,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)
 
 
-@router.post("/detokenize", response_model=DetokenizeResponse)
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(400, 404, 413))
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     chat = request.app.state.chat
     chat.check_model(body.model)

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -140,7 +140,7 @@ class ChatService:
         param: str = "messages",
     ) -> Job:
         """Policy, prompt tokens, length check and sampling parameters for one engine request."""
-        max_tokens = req.max_new_tokens
+        requested = max_tokens = req.max_new_tokens
         job = Job(
             id=job_id,
             request=req,
@@ -166,6 +166,10 @@ class ChatService:
         job.prompt_ids = render(messages)
         if job.refusal is not None:
             return job
+        room = self.engine.max_model_len - len(job.prompt_ids)
+        if requested is None and max_tokens is not None and room >= 1:
+            # A policy's output cap bounds "as long as fits"; it must not turn it into a context-length 400.
+            max_tokens = min(max_tokens, room)
         max_tokens = self.engine.check_length(len(job.prompt_ids), max_tokens, param)
         job.params = self._sampling_params(req, max_tokens)
         return job
@@ -246,9 +250,7 @@ class ChatService:
         version = version_cm.__enter__()
         job.version = version.name
         try:
-            outputs = self.engine.generate(
-                job.prompt_ids, job.params, job.id, version, priority=job.request.priority
-            ).__aiter__()
+            outputs = self.engine.generate(job.prompt_ids, job.params, job.id, version, priority=job.request.priority)
             first = await outputs.__anext__()
         except BaseException:
             version_cm.__exit__(None, None, None)
@@ -265,7 +267,7 @@ class ChatService:
         self._finish(job)
 
     async def _deltas(
-        self, job: Job, version: ServedVersion, version_cm: Any, outputs: AsyncIterator[Any], first: Any
+        self, job: Job, version: ServedVersion, version_cm: Any, outputs: AsyncGenerator[Any, None], first: Any
     ) -> AsyncIterator[Delta]:
         try:
             out: Any = first
@@ -457,7 +459,8 @@ class ChatService:
                 usage=usage,
                 system_fingerprint=job.version,
             )
-            return f"data: {body.model_dump_json()}\n\n"
+            # vLLM's server leaves `usage` out of the chunks that carry none.
+            return f"data: {body.model_dump_json(exclude={'usage'} if usage is None else None)}\n\n"
 
         try:
             for i in range(job.request.n):

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from serve.errors import to_error
+from serve.errors import BadRequest, to_error
 from serve.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
 from serve.services.chat import Caller, ChatService, Delta, Job, TokenLogprob
 
@@ -26,10 +26,14 @@ class CompletionService:
     def prepare(self, req: CompletionRequest, caller: Caller) -> list[Job]:
         self.chat.check_model(req.model)
         request_id = f"cmpl-{uuid.uuid4().hex}"
+        vocab = len(self.engine.tokenizer)
         jobs = []
         for i, prompt in enumerate(req.prompts()):
             if isinstance(prompt, list):
                 ids = list(prompt)
+                bad = [t for t in ids if not 0 <= t < vocab]
+                if bad:
+                    raise BadRequest(f"prompt: token ids must be in [0, {vocab}) (got {bad[:5]})", param="prompt")
                 text = self.engine.tokenizer.decode(ids)
                 render = _fixed(ids)
             else:
@@ -109,7 +113,7 @@ class CompletionService:
                 usage=usage,
                 system_fingerprint=first.version,
             )
-            return f"data: {body.model_dump_json()}\n\n"
+            return f"data: {body.model_dump_json(exclude={'usage'} if usage is None else None)}\n\n"
 
         tasks = [asyncio.create_task(pump(j, it)) for j, it in zip(jobs, iterators, strict=True)]
         try:
@@ -167,7 +171,8 @@ def _legacy(logprobs: list[TokenLogprob], offset: int) -> CompletionLogprobs:
     for t in logprobs:
         out.tokens.append(t.token)
         out.token_logprobs.append(t.logprob)
-        out.top_logprobs.append({alt.token: alt.logprob for alt in t.top_logprobs} or None)
+        # OpenAI's legacy layout (and vLLM's) lists the sampled token first, then the top alternatives.
+        out.top_logprobs.append({t.token: t.logprob, **{alt.token: alt.logprob for alt in t.top_logprobs}})
         out.text_offset.append(pos)
         pos += len(t.token)
     return out

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from serve.redis_server import PrivateRedis
+from tests.e2e.reference import reference  # noqa: F401  (vLLM's own server, for the fidelity tests)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "var" / "models" / "demo"

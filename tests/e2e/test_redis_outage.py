@@ -19,7 +19,11 @@ pytestmark = pytest.mark.slow
 def _chat(url: str, i: int) -> str:
     r = httpx.post(
         url + "/v1/chat/completions",
-        json={"messages": [{"role": "user", "content": f"What is {i % 10} plus 1?"}], "max_tokens": 16, "user": "outage"},
+        json={
+            "messages": [{"role": "user", "content": f"What is {i % 10} plus 1?"}],
+            "max_tokens": 16,
+            "user": "outage",
+        },
         timeout=120,
     )
     assert r.status_code == 200, r.text

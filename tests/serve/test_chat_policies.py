@@ -41,6 +41,10 @@ rules:
     stages: [output]
     action: block
     refusal: "[response withheld]"
+  - id: limits
+    description: A cap larger than the context left.
+    kind: limit
+    max_output_tokens: 1000
   - id: out.shadow
     description: Measure the word banana.
     kind: keywords
@@ -124,11 +128,11 @@ def test_decisions_and_pairs_reach_redis_and_metrics(pclient: TestClient, settin
     record = _record(settings, cid)
     assert record["choices"][0]["text"] == "Write to [EMAIL] today."
     assert record["choices"][0]["raw_text"] == REPLIES["mail"]
-    [decision] = record["policy"]["decisions"]
+    [decision] = [d for d in record["policy"]["decisions"] if d["stage"] == "output"]
     assert decision["rule_id"] == "out.email" and decision["action"] == "redact" and decision["mode"] == "enforce"
     assert record["policy"]["ruleset"]
     _, _, shadow_id = _ask(pclient, "fruit", False)
-    [shadow] = _record(settings, shadow_id)["policy"]["decisions"]
+    [shadow] = [d for d in _record(settings, shadow_id)["policy"]["decisions"] if d["stage"] == "output"]
     assert shadow["mode"] == "shadow"
 
     rc = redis.Redis.from_url(settings.redis_url)
@@ -140,6 +144,14 @@ def test_decisions_and_pairs_reach_redis_and_metrics(pclient: TestClient, settin
     assert (
         'secondstage_policy_decisions_total{action="redact",mode="enforce",rule="out.email",stage="output"}' in metrics
     )
+
+
+def test_output_cap_larger_than_context_fits_itself(pclient: TestClient) -> None:
+    """A cap the client did not ask for shrinks to the room left in the context (it used to be a 400)."""
+    r = pclient.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    r = pclient.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 600})
+    assert r.status_code == 400 and r.json()["error"]["param"] in ("messages", "max_tokens")
 
 
 def test_admin_policies_route(pclient: TestClient) -> None:
