@@ -7,6 +7,7 @@ with its Redis started here so tests can kill and restart Redis under it.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,6 +39,7 @@ class Server:
     redis: PrivateRedis
     var_dir: Path
     log: Path
+    policies: Path
 
     def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         """Run `secondstage ARGS` against this server's Redis and var/ (as an operator would)."""
@@ -68,6 +70,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterat
     redis = PrivateRedis(base / "redis", appendfsync="always")
     redis.start()
     port = _free_port()
+    # A copy of the shipped rules, so a test can edit them under the running server.
+    policies = base / "policies"
+    shutil.copytree(ROOT / "policies", policies)
     env = {
         **os.environ,
         "SECONDSTAGE_VAR_DIR": str(base / "var"),
@@ -76,7 +81,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterat
         "SECONDSTAGE_REDIS_URL": redis.url,
         "SECONDSTAGE_PORT": str(port),
         "SECONDSTAGE_RECONCILE_INTERVAL_S": "1",
-        "SECONDSTAGE_POLICIES_DIR": str(ROOT / "policies"),
+        "SECONDSTAGE_POLICIES_DIR": str(policies),
         "TOKENIZERS_PARALLELISM": "false",
     }
     log = base / "server.log"
@@ -89,7 +94,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterat
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    srv = Server(f"http://127.0.0.1:{port}", env, redis, base / "var", log)
+    srv = Server(f"http://127.0.0.1:{port}", env, redis, base / "var", log, policies)
     try:
         deadline = time.time() + 300
         while True:

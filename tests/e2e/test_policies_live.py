@@ -1,0 +1,103 @@
+"""Policies on the real server: a rule added while it runs takes effect without restart, a bad edit
+is refused while the last good set stays, and a redacted real completion becomes a preference pair
+in Redis that the align job reads."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import httpx
+import pytest
+import redis
+
+from serve.keys import Keys
+from tests.e2e.conftest import Server
+
+pytestmark = pytest.mark.slow
+
+# Scoped to one user so the other tests sharing this server see the shipped rules only.
+RULE = """
+version: 1
+rules:
+  - id: live.colour
+    description: Redact the colour blue (test rule).
+    kind: keywords
+    keywords: [blue]
+    stages: [output]
+    action: redact
+    tag: "[COLOUR]"
+    scope:
+      users: ["policy-e2e"]
+"""
+BROKEN = """
+version: 1
+rules:
+  - id: live.broken
+    description: An open-ended regex without max_len.
+    kind: regex
+    pattern: 'a+'
+    action: redact
+"""
+
+
+def _chat(server: Server, stream: bool) -> tuple[str, str, str | None]:
+    body = {
+        "model": "demo",
+        "messages": [{"role": "user", "content": "What colour is the sky?"}],
+        "temperature": 0,
+        "max_tokens": 32,
+        "user": "policy-e2e",
+        "stream": stream,
+    }
+    if not stream:
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+        return r["id"], r["choices"][0]["message"]["content"], r["choices"][0]["finish_reason"]
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    finish = next(
+        c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0].get("finish_reason")
+    )
+    return chunks[0]["id"], text, finish
+
+
+def test_live_rule_redacts_real_output_and_teaches(server: Server) -> None:
+    _, before, _ = _chat(server, stream=False)
+    assert "blue" in before, before  # the demo model knows the sky is blue
+
+    (server.policies / "live.yaml").write_text(RULE)
+    r = httpx.post(server.url + "/admin/policies/reload", timeout=30)
+    assert r.status_code == 200, r.text
+    cid, plain, _ = _chat(server, stream=False)
+    sid, streamed, _ = _chat(server, stream=True)
+    assert plain == before.replace("blue", "[COLOUR]") == streamed
+
+    (server.policies / "zz-broken.yaml").write_text(BROKEN)
+    r = httpx.post(server.url + "/admin/policies/reload", timeout=30)
+    assert r.status_code == 422 and "max_len" in r.text
+    assert _chat(server, stream=False)[1] == plain  # the last good set is still enforced
+    (server.policies / "zz-broken.yaml").unlink()
+
+    client = redis.Redis.from_url(server.redis.url)
+    keys = Keys("secondstage")
+    deadline = time.time() + 10
+    while client.get(keys.completion(sid)) is None and time.time() < deadline:
+        time.sleep(0.2)
+    record = json.loads(client.get(keys.completion(cid)))
+    assert record["choices"][0]["raw_text"] == before and record["choices"][0]["text"] == plain
+    assert any(d["rule_id"] == "live.colour" and d["action"] == "redact" for d in record["policy"]["decisions"])
+    pairs = [json.loads(f[b"data"]) for _, f in client.xrange(keys.policy_pairs)]
+    pair = next(p for p in pairs if p["rejected"] == before)
+    assert pair["chosen"] == plain and pair["rule_ids"] == ["live.colour"]
+    metrics = httpx.get(server.url + "/metrics", timeout=10).text
+    assert 'rule="live.colour"' in metrics
+
+    # The align job reads these pairs as DPO data (dry run: look, train nothing, ack nothing).
+    (server.policies / "live.yaml").unlink()
+    httpx.post(server.url + "/admin/policies/reload", timeout=30)
+    dry = server.cli("align", "run", "--dry-run", "--min-feedback", "1")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    found = re.search(r"(\d+) policy pairs", dry.stderr)
+    assert found and int(found.group(1)) >= 2, dry.stderr
