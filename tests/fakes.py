@@ -125,3 +125,18 @@ class FakeLoRARequest:
     lora_name: str
     lora_int_id: int
     lora_path: str
+
+
+def fake_engine(llm: FakeLLM, settings: Any) -> Any:
+    """The real ModelEngine (versions, pinning, swaps) over a fake LLM and the byte tokenizer."""
+    from serve.engine import ModelEngine
+    from serve.versions import VersionStore
+
+    return ModelEngine(
+        llm,
+        ByteTokenizer(),
+        model_name="demo",
+        max_model_len=settings.max_model_len,
+        store=VersionStore(settings.versions_dir),
+        lora_request_cls=FakeLoRARequest,
+    )

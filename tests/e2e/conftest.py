@@ -8,28 +8,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from serve.redis_server import PrivateRedis
+from tests.e2e.processes import ROOT, free_port, log_tail, running
 from tests.e2e.reference import reference  # noqa: F401  (vLLM's own server, for the fidelity tests)
 
-ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "var" / "models" / "demo"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -53,7 +44,7 @@ class Server:
         )
 
     def log_tail(self, n: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        return log_tail(self.log, n)
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +60,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterat
     # fsync always: the outage test SIGKILLs it and counts on acknowledged writes surviving.
     redis = PrivateRedis(base / "redis", appendfsync="always")
     redis.start()
-    port = _free_port()
+    port = free_port()
     # A copy of the shipped rules, so a test can edit them under the running server.
     policies = base / "policies"
     shutil.copytree(ROOT / "policies", policies)
@@ -85,37 +76,12 @@ def server(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterat
         "TOKENIZERS_PARALLELISM": "false",
     }
     log = base / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "serve.cli", "serve", "--log-level", "info"],
-            env=env,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
     srv = Server(f"http://127.0.0.1:{port}", env, redis, base / "var", log, policies)
+    cmd = [sys.executable, "-m", "serve.cli", "serve", "--log-level", "info"]
     try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{srv.log_tail()}")
-            try:
-                if httpx.get(srv.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"server did not become healthy:\n{srv.log_tail()}")
-            time.sleep(1)
-        yield srv
+        with running(cmd, env, log, srv.url, "secondstage server"):
+            yield srv
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
         redis.stop()
 
 

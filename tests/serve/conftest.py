@@ -12,8 +12,7 @@ from serve.app import build_app
 from serve.engine import ModelEngine
 from serve.redis_server import PrivateRedis
 from serve.settings import ServeSettings
-from serve.versions import VersionStore
-from tests.fakes import ByteTokenizer, FakeLLM, FakeLoRARequest
+from tests.fakes import FakeLLM, fake_engine
 
 
 @pytest.fixture
@@ -35,14 +34,7 @@ def settings(tmp_path: Path, redis_server: PrivateRedis) -> ServeSettings:
 
 @pytest.fixture
 def engine(fake_llm: FakeLLM, settings: ServeSettings) -> ModelEngine:
-    return ModelEngine(
-        fake_llm,
-        ByteTokenizer(),
-        model_name="demo",
-        max_model_len=settings.max_model_len,
-        store=VersionStore(settings.versions_dir),
-        lora_request_cls=FakeLoRARequest,
-    )
+    return fake_engine(fake_llm, settings)
 
 
 @pytest.fixture

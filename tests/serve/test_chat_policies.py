@@ -12,11 +12,9 @@ import redis
 from fastapi.testclient import TestClient
 
 from serve.app import build_app
-from serve.engine import ModelEngine
 from serve.keys import Keys
 from serve.settings import ServeSettings
-from serve.versions import VersionStore
-from tests.fakes import ByteTokenizer, FakeLLM, FakeLoRARequest
+from tests.fakes import FakeLLM, fake_engine
 
 RULES = """
 version: 1
@@ -68,14 +66,7 @@ def pclient(tmp_path: Path, settings: ServeSettings) -> Iterator[TestClient]:
     (rules / "test.yaml").write_text(RULES)
     settings = settings.model_copy(update={"policies_enabled": True, "policies_dir": rules})
     llm = FakeLLM(reply=lambda prompt: next((v for k, v in REPLIES.items() if k in prompt), "fine"))
-    engine = ModelEngine(
-        llm,
-        ByteTokenizer(),
-        model_name="demo",
-        max_model_len=512,
-        store=VersionStore(settings.versions_dir),
-        lora_request_cls=FakeLoRARequest,
-    )
+    engine = fake_engine(llm, settings)
     with TestClient(build_app(settings, engine=engine)) as c:
         c.llm = llm  # type: ignore[attr-defined]
         yield c

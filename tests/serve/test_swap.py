@@ -10,11 +10,10 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from serve.engine import ModelEngine
 from serve.keys import Keys
 from serve.settings import ServeSettings
 from serve.versions import BASE, Manifest, Registry, VersionStore
-from tests.fakes import ByteTokenizer, FakeLLM, FakeLoRARequest
+from tests.fakes import FakeLLM, fake_engine
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -77,14 +76,7 @@ def test_broken_adapter_keeps_serving(
 
 async def test_running_request_keeps_its_version(settings: ServeSettings, tmp_path: Path) -> None:
     llm = FakeLLM(delay=0.01)
-    engine = ModelEngine(
-        llm,
-        ByteTokenizer(),
-        model_name="demo",
-        max_model_len=512,
-        store=VersionStore(settings.versions_dir),
-        lora_request_cls=FakeLoRARequest,
-    )
+    engine = fake_engine(llm, settings)
     for name in ("v1", "v2"):
         adapter = tmp_path / name
         adapter.mkdir()
@@ -117,14 +109,7 @@ async def test_running_request_keeps_its_version(settings: ServeSettings, tmp_pa
 def test_disconnect_aborts_engine_request(settings: ServeSettings, n: int) -> None:
     """Closing a stream early aborts the engine request (checked through the engine's abort calls)."""
     llm = FakeLLM(delay=0.02)
-    engine = ModelEngine(
-        llm,
-        ByteTokenizer(),
-        model_name="demo",
-        max_model_len=512,
-        store=VersionStore(settings.versions_dir),
-        lora_request_cls=FakeLoRARequest,
-    )
+    engine = fake_engine(llm, settings)
     from serve.app import build_app
 
     with TestClient(build_app(settings, engine=engine)) as c:
