@@ -25,7 +25,7 @@ from serve.logwriter import LogWriter, Record
 from serve.metrics import Metrics
 from serve.middleware import RequestMiddleware
 from serve.redis_server import resolve_redis
-from serve.routers import chat, completions, feedback, models, ops, tokenize
+from serve.routers import chat, completions, feedback, models, ops, policies, tokenize
 from serve.services.chat import ChatService
 from serve.services.completions import CompletionService
 from serve.services.feedback import FeedbackService
@@ -63,14 +63,8 @@ def build_app(
     app.state.policy = None
     install_error_handlers(app)
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
-    for module in (chat, completions, feedback, models, tokenize, ops):
+    for module in (chat, completions, feedback, models, tokenize, ops, policies):
         app.include_router(module.router)
-    try:
-        from serve.routers import policies
-    except ImportError:  # policies are an optional package during development
-        pass
-    else:
-        app.include_router(policies.router)
     return app
 
 

@@ -28,7 +28,7 @@ app.add_typer(versions_app, name="versions")
 console = Console()
 
 
-def _mount_optional() -> None:
+def _mount_subapps() -> None:
     # Each sub-app lives with its package; import errors surface when the command runs.
     from align.cli import align_app, feedback_app
     from serve.policy.cli import policy_app
@@ -140,7 +140,7 @@ def versions_activate(version: Annotated[str, typer.Argument(help="A version nam
     console.print(f"[green]active version: {version}[/] (running servers switch within seconds)")
 
 
-_mount_optional()
+_mount_subapps()
 
 if __name__ == "__main__":  # `python -m serve.cli`; vLLM spawns processes, so the guard matters
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
