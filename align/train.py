@@ -168,13 +168,8 @@ def _train_dpo(
         loss_type=losses,
         loss_weights=weights,
     )
-    t0 = time.monotonic()
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    output = trainer.train()
-    metrics.update(_phase_metrics("dpo", trainer, output, time.monotonic() - t0))
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    _drop_ref_adapter(model)
-    return model
+    return _run_phase("dpo", trainer, metrics)
 
 
 def _train_kto(
@@ -200,10 +195,15 @@ def _train_kto(
         desirable_weight=d_weight,
         undesirable_weight=u_weight,
     )
-    t0 = time.monotonic()
     trainer = KTOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    return _run_phase("kto", trainer, metrics)
+
+
+def _run_phase(name: str, trainer: Any, metrics: dict[str, float]) -> Any:
+    """Train one phase; record its metrics; return the model without the trainer's reference copy."""
+    t0 = time.monotonic()
     output = trainer.train()
-    metrics.update(_phase_metrics("kto", trainer, output, time.monotonic() - t0))
+    metrics.update(_phase_metrics(name, trainer, output, time.monotonic() - t0))
     model = trainer.accelerator.unwrap_model(trainer.model)
     _drop_ref_adapter(model)
     return model
