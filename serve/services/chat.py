@@ -362,6 +362,14 @@ class ChatService:
             total_tokens=(len(job.prompt_ids) if job.refusal is None else 0) + completion,
         )
 
+    def running_usage(self, job: Job, index: int) -> UsageInfo | None:
+        """Usage of one choice so far, for `stream_options.continuous_usage_stats` (vLLM counts per choice)."""
+        if not job.request.continuous_usage:
+            return None
+        prompt = len(job.prompt_ids) if job.refusal is None else 0
+        done = job.choices[index].tokens if index < len(job.choices) else 0
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done)
+
     def _finish(self, job: Job) -> None:
         now = time.time()
         usage = self.usage(job)
@@ -464,7 +472,10 @@ class ChatService:
 
         try:
             for i in range(job.request.n):
-                yield chunk([StreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+                yield chunk(
+                    [StreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))],
+                    self.running_usage(job, i),
+                )
             async for d in deltas:
                 yield chunk(
                     [
@@ -476,7 +487,8 @@ class ChatService:
                             else None,
                             finish_reason=d.finish_reason,
                         )
-                    ]
+                    ],
+                    self.running_usage(job, d.index),
                 )
             if job.request.include_usage:
                 yield chunk([], self.usage(job))

@@ -121,7 +121,9 @@ class CompletionService:
                 prefix = self._echo(job)
                 if prefix:
                     for i in range(job.request.n):
-                        yield chunk([CompletionChoice(index=job.index_offset + i, text=prefix)])
+                        yield chunk(
+                            [CompletionChoice(index=job.index_offset + i, text=prefix)], self.chat.running_usage(job, i)
+                        )
             open_ = len(tasks)
             while open_:
                 item = await queue.get()
@@ -138,7 +140,8 @@ class CompletionService:
                             logprobs=logprobs,
                             finish_reason=d.finish_reason,
                         )
-                    ]
+                    ],
+                    self.chat.running_usage(job, d.index),
                 )
             for task in tasks:
                 task.result()  # surface a failure of any prompt

@@ -24,8 +24,10 @@ import httpx
 import jsonschema
 import openai
 import pytest
+import redis
 from openai import OpenAI
 
+from serve.keys import Keys
 from tests.e2e.conftest import Server
 from tests.e2e.reference import Reference
 
@@ -158,8 +160,14 @@ def sse(url: str, body: dict[str, Any]) -> list[str]:
         return [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
 
 
-def assert_chunk_sequence(events: list[str], n: int, include_usage: bool, obj: str) -> list[dict[str, Any]]:
-    """OpenAI's stream grammar: per choice one opening chunk, deltas, one finishing chunk; usage last; [DONE]."""
+def assert_chunk_sequence(
+    events: list[str], n: int, include_usage: bool, obj: str, *, continuous: bool = False
+) -> list[dict[str, Any]]:
+    """OpenAI's stream grammar: per choice one opening chunk, deltas, one finishing chunk; usage last; [DONE].
+
+    With `continuous` (vLLM's `continuous_usage_stats`) every chunk carries its choice's usage so far,
+    completion tokens never falling, and the last chunk the total.
+    """
     assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1], events[-3:]
     chunks = [json.loads(e) for e in events[:-1]]
     assert len({c["id"] for c in chunks}) == 1 and all(c["object"] == obj for c in chunks)
@@ -169,7 +177,17 @@ def assert_chunk_sequence(events: list[str], n: int, include_usage: bool, obj: s
         *body, last = chunks
         assert last["choices"] == [] and last["usage"] is not None, last
         assert_usage(last["usage"])
-    assert all(c.get("usage") is None for c in body), "usage before the final chunk"
+    if continuous:
+        so_far: dict[int, int] = {}
+        for c in body:
+            usage, i = c.get("usage"), c["choices"][0]["index"]
+            assert usage is not None, f"continuous_usage_stats: a chunk without usage: {c}"
+            assert_usage(usage)
+            assert usage["completion_tokens"] >= so_far.get(i, 0), f"completion tokens fell: {c}"
+            so_far[i] = usage["completion_tokens"]
+        assert max(so_far.values()) > 0, "completion tokens never rose"
+    else:
+        assert all(c.get("usage") is None for c in body), "usage before the final chunk"
     finished: set[int] = set()
     seen: set[int] = set()
     for c in body:
@@ -332,19 +350,22 @@ def test_seed_repeats_and_temperature_0_is_greedy(ours: OpenAI) -> None:
     assert text(temperature=0) == text(temperature=0)
 
 
-@pytest.mark.parametrize(("n", "include_usage", "logprobs"), [(1, True, False), (2, True, True), (1, False, False)])
+@pytest.mark.parametrize(
+    ("n", "include_usage", "logprobs", "continuous"),
+    [(1, True, False, False), (2, True, True, False), (1, False, False, False), (2, True, False, True)],
+)
 def test_chat_stream_matches_vllm(
-    n: int, include_usage: bool, logprobs: bool, server: Server, reference: Reference, overhead: int
+    n: int, include_usage: bool, logprobs: bool, continuous: bool, server: Server, reference: Reference, overhead: int
 ) -> None:
     body: dict[str, Any] = {"model": MODEL, "messages": HI, "max_tokens": 5, "n": n, "stream": True}
     if include_usage:
-        body["stream_options"] = {"include_usage": True}
+        body["stream_options"] = {"include_usage": True, "continuous_usage_stats": continuous}
     if logprobs:
         body |= {"logprobs": True, "top_logprobs": 1}
     got = {}
     for name, url in (("ours", server.url), ("ref", reference.url)):
         chunks = assert_chunk_sequence(
-            sse(url + "/v1/chat/completions", body), n, include_usage, "chat.completion.chunk"
+            sse(url + "/v1/chat/completions", body), n, include_usage, "chat.completion.chunk", continuous=continuous
         )
         got[name] = chunks
         if logprobs:
@@ -459,11 +480,12 @@ def test_completions_match_vllm(kw: dict[str, Any], ours: OpenAI, ref: OpenAI) -
     assert got[0]["usage"]["prompt_tokens"] == got[1]["usage"]["prompt_tokens"]
 
 
-def test_completions_stream_matches_vllm(server: Server, reference: Reference) -> None:
+@pytest.mark.parametrize("continuous", [False, True])
+def test_completions_stream_matches_vllm(continuous: bool, server: Server, reference: Reference) -> None:
     body = {"model": MODEL, "prompt": ["The sky is", "Hi"], "max_tokens": 4, "stream": True}
-    body["stream_options"] = {"include_usage": True}
+    body["stream_options"] = {"include_usage": True, "continuous_usage_stats": continuous}
     got = [
-        assert_chunk_sequence(sse(url + "/v1/completions", body), 2, True, "text_completion")
+        assert_chunk_sequence(sse(url + "/v1/completions", body), 2, True, "text_completion", continuous=continuous)
         for url in (server.url, reference.url)
     ]
     assert_same_structure("completion", got[0], got[1])
@@ -620,34 +642,56 @@ def test_request_id_is_echoed(server: Server) -> None:
     assert r.status_code == 404 and r.headers["x-request-id"], "errors carry one too; generated when not sent"
 
 
-def _wait(cond: Any, timeout: float = 20.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return True
+def _wait(cond: Any, timeout: float = 30.0) -> Any:
+    """Poll `cond` until it returns something truthy (returned) or `timeout` passes (None)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
         time.sleep(0.1)
-    return False
+    return None
 
 
 def test_disconnect_mid_stream_aborts_generation(server: Server) -> None:
-    running, generated = "vllm:num_requests_running", "vllm:generation_tokens_total"
-    assert _wait(lambda: metric(server.url, running) == 0), "another request is still running"
+    """A client that leaves mid-stream stops its engine request.
+
+    The evidence does not depend on when /metrics is read: the request's own record in Redis says
+    `aborted` with how many tokens it generated (far below max_tokens), and the engine's token counter
+    stops growing short of max_tokens once that record exists.
+    """
+    max_tokens = 800  # seconds of work on CPU; the client leaves after a handful of chunks
+    generated = "vllm:generation_tokens_total"
     before = metric(server.url, generated)
-    # 800 tokens take seconds on CPU; the client leaves after a handful.
-    body = {"model": MODEL, "messages": HI, "max_tokens": 800, "ignore_eos": True, "stream": True}
+    body = {"model": MODEL, "messages": HI, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
     rid = f"disconnect-{uuid.uuid4().hex[:8]}"
     with httpx.stream(
         "POST", server.url + "/v1/chat/completions", json=body, headers={"x-request-id": rid}, timeout=60
     ) as r:
         assert r.status_code == 200 and r.headers["x-request-id"] == rid
-        lines: Iterator[str] = r.iter_lines()
-        assert len([line for line in _take(lines, 12) if line.startswith("data: ")]) >= 3
-        assert metric(server.url, running) >= 1, "the request should still be generating"
-    # Leaving the block closed the connection. (vLLM counts no `abort` for a request its
-    # frontend aborts, so the evidence is the running count and the tokens generated.)
-    assert _wait(lambda: metric(server.url, running) == 0), "the engine kept generating for a gone client"
-    time.sleep(1.0)
-    assert metric(server.url, generated) - before < 800, "the request ran to max_tokens: it was not aborted"
+        data = [line for line in _take(r.iter_lines(), 12) if line.startswith("data: ")]
+        assert len(data) >= 3
+        completion_id = json.loads(data[0][len("data: ") :])["id"]
+    # Leaving the block closed the connection.
+    client = redis.Redis.from_url(server.redis.url)
+    key = Keys().completion(completion_id)
+    raw = _wait(lambda: client.get(key))
+    assert raw is not None, f"no record for {completion_id} reached Redis:\n{server.log_tail()}"
+    record = json.loads(raw)
+    tokens = record["choices"][0]["completion_tokens"]
+    assert record["status"] == "aborted", record["status"]
+    assert record["choices"][0]["finish_reason"] is None, "an aborted choice has no finish reason"
+    assert 1 <= tokens < max_tokens, f"{tokens} tokens recorded: the request was not cut short"
+    # The record is written after the engine request was aborted: the counter settles below max_tokens.
+    settled = _wait(lambda: _steady(lambda: metric(server.url, generated)))
+    assert settled is not None and settled - before < max_tokens, "the engine kept generating for a gone client"
+
+
+def _steady(read: Any, interval: float = 0.5) -> float | None:
+    """The value `read()` returns twice in a row `interval` apart, else None."""
+    a = read()
+    time.sleep(interval)
+    return a if read() == a else None
 
 
 def _take(lines: Iterator[str], k: int) -> list[str]:

@@ -12,7 +12,9 @@ import time
 
 import httpx
 import pytest
+import redis
 
+from serve.keys import Keys
 from tests.e2e.conftest import Server
 
 pytestmark = pytest.mark.slow
@@ -46,6 +48,7 @@ def test_feedback_trains_a_version_that_is_hot_swapped(server: Server, openai_cl
     before = {p: _ask(openai_client, p) for p in CORRECTED}
     assert {r.system_fingerprint for r in before.values()} == {"base"}
     wanted = {p: "Arr, matey! " + r.choices[0].message.content for p, r in before.items()}
+    sent: list[str] = []
 
     for prompt, response in before.items():
         fb = httpx.post(
@@ -54,13 +57,23 @@ def test_feedback_trains_a_version_that_is_hot_swapped(server: Server, openai_cl
             timeout=10,
         )
         assert fb.status_code == 200, fb.text
+        sent.append(fb.json()["id"])
     for i, prompt in enumerate(THUMBED):
         response = _ask(openai_client, prompt)
         thumbs = "up" if i % 2 else "down"
         r = httpx.post(server.url + "/v1/feedback", json={"completion_id": response.id, "thumbs": thumbs}, timeout=10)
         assert r.status_code == 200, r.text
+        sent.append(r.json()["id"])
 
-    time.sleep(1.0)  # the log writer is asynchronous; align reads what reached Redis
+    # The log writer is asynchronous and align reads what reached Redis: wait for every event there.
+    client = redis.Redis.from_url(server.redis.url)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        stored = {f[b"id"].decode() for _, f in client.xrange(Keys().feedback)}
+        if set(sent) <= stored:
+            break
+        time.sleep(0.2)
+    assert set(sent) <= stored, f"{len(set(sent) - stored)} feedback events never reached Redis"
     run = server.cli("align", "run")
     assert run.returncode == 0, run.stdout + run.stderr
 

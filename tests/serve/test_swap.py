@@ -68,7 +68,10 @@ def test_broken_adapter_keeps_serving(
 ) -> None:
     fake_llm.fail_lora = True
     _publish(settings, "v1", tmp_path)
-    time.sleep(0.6)
+    deadline = time.monotonic() + 10
+    while 'secondstage_swaps_total{result="error"}' not in client.get("/metrics").text:
+        assert time.monotonic() < deadline, "the failed swap was never counted"
+        time.sleep(0.05)
     r = client.post("/v1/chat/completions", json={"messages": MSG})
     assert r.status_code == 200 and r.json()["system_fingerprint"] == BASE
     assert 'secondstage_swaps_total{result="error"}' in client.get("/metrics").text
@@ -87,15 +90,18 @@ async def test_running_request_keeps_its_version(settings: ServeSettings, tmp_pa
     params = SamplingParams(max_tokens=40, output_kind=RequestOutputKind.DELTA)
     texts: list[str] = []
 
+    started = asyncio.Event()
+
     async def run() -> str:
         with engine.pin() as version:
             out = []
             async for o in engine.generate(list(b"<user>hello there friend<assistant>"), params, "r1", version):
                 out.append(o.outputs[0].text)
+                started.set()
             return "".join(out)
 
     task = asyncio.create_task(run())
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(started.wait(), 10)  # the request is generating on v1, however slow the machine
     await engine.activate("v2")  # mid-request swap
     assert engine.loaded_versions() == ["v1", "v2"]  # v1 still has a request on it
     texts.append(await task)
