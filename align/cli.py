@@ -1,4 +1,4 @@
-"""Command line of the align package, mounted by serve/cli.py as `secondstage align` and `secondstage feedback`.
+"""align's commands, mounted into the root `secondstage` CLI (core/cli.py) by `register`.
 
 secondstage align run                  # one run: new feedback → LoRA version → publish
 secondstage align run --every 30m      # repeat every 30 minutes (s, m, h, d; combinable: 1h30m)
@@ -20,6 +20,12 @@ from align.settings import AlignSettings
 
 align_app = typer.Typer(help="Turn feedback into new model versions (TRL + LoRA).", no_args_is_help=True)
 feedback_app = typer.Typer(help="Logged user feedback.", no_args_is_help=True)
+
+
+def register(root: typer.Typer) -> None:
+    """Entry point (`secondstage.commands`): add `align` and `feedback` to the root CLI."""
+    root.add_typer(align_app, name="align")
+    root.add_typer(feedback_app, name="feedback")
 
 
 @align_app.callback()
@@ -109,7 +115,7 @@ def export(
     from align.datasets import build_datasets, export_jsonl
     from align.feedback import FeedbackReader
     from align.job import open_redis
-    from serve.keys import Keys
+    from core.keys import Keys
 
     console = Console(stderr=True)
     settings = AlignSettings()  # type: ignore[call-arg]  # every field has a default; mypy can't see pydantic's

@@ -25,7 +25,7 @@ from typing import Any
 
 import redis
 
-from serve.keys import Keys
+from core.keys import Keys
 
 _PAGE = 500
 

@@ -26,8 +26,8 @@ from align.feedback import FeedbackReader
 from align.gate import describe_failure, evaluate_gate
 from align.settings import AlignSettings
 from align.train import train_adapter
-from serve.keys import Keys
-from serve.versions import BASE, Manifest, Registry, VersionError, VersionStore
+from core.keys import Keys
+from core.versions import BASE, Manifest, Registry, VersionError, VersionStore
 
 Status = Literal["published", "insufficient", "locked", "dry_run", "gate_failed"]
 
@@ -80,7 +80,7 @@ class RedisLock:
 @contextlib.contextmanager
 def open_redis(settings: AlignSettings) -> Iterator[redis.Redis]:
     """The Redis serve uses (configured URL, or the private server under var/redis — started here if absent)."""
-    from serve.redis_server import resolve_redis
+    from core.redis_server import resolve_redis
 
     url, child = resolve_redis(settings)
     client = redis.Redis.from_url(url)

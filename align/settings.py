@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from serve.settings import CommonSettings
+from core.settings import CommonSettings
 
 
 class AlignSettings(CommonSettings):

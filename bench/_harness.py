@@ -1,7 +1,7 @@
 """Shared plumbing of the benchmarks in bench/: servers as subprocesses, percentiles, result files.
 
 Not runnable on its own. Each bench script puts the repository root and bench/ on sys.path and imports this.
-Servers are started exactly as users start them (`python -m serve.cli serve`, `python -m
+Servers are started exactly as users start them (`python -m core.cli serve`, `python -m
 vllm.entrypoints.openai.api_server`), one process group each, so stopping one stops its engine workers too.
 """
 
@@ -183,7 +183,7 @@ def secondstage_server(
         "TOKENIZERS_PARALLELISM": "false",
         **(extra_env or {}),
     }
-    argv = [PYTHON, "-m", "serve.cli", "serve", "--log-level", "warning"]
+    argv = [PYTHON, "-m", "core.cli", "serve", "--log-level", "warning"]
     return ServerProcess("secondstage", argv, env, port, log)
 
 

@@ -43,8 +43,8 @@ from _harness import PYTHON, ROOT, ensure_demo_model, running, secondstage_serve
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from serve.keys import Keys  # noqa: E402
-from serve.redis_server import PrivateRedis  # noqa: E402
+from core.keys import Keys  # noqa: E402
+from core.redis_server import PrivateRedis  # noqa: E402
 
 console = Console(width=130)
 
@@ -269,7 +269,7 @@ def main() -> None:
                     time.sleep(1.0)  # the log writer is asynchronous; align reads what reached Redis
                     ta = time.monotonic()
                     run = subprocess.run(
-                        [PYTHON, "-m", "serve.cli", "align", "run"],
+                        [PYTHON, "-m", "core.cli", "align", "run"],
                         env=server.env,
                         cwd=ROOT,
                         capture_output=True,

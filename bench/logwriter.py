@@ -38,9 +38,9 @@ from _harness import fmt, short_tmpdir, write_result  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from serve.keys import Keys  # noqa: E402
+from core.keys import Keys  # noqa: E402
+from core.redis_server import PrivateRedis  # noqa: E402
 from serve.logwriter import LogWriter, Record  # noqa: E402
-from serve.redis_server import PrivateRedis  # noqa: E402
 from serve.services.records import Recorder  # noqa: E402
 
 console = Console(width=130)

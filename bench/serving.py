@@ -50,7 +50,7 @@ from _harness import (  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from serve.redis_server import PrivateRedis  # noqa: E402
+from core.redis_server import PrivateRedis  # noqa: E402
 
 console = Console(width=130)
 WORDS = [

@@ -38,9 +38,9 @@ from _harness import DEMO, ensure_demo_model, fmt, percentile, running, secondst
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from serve.keys import Keys  # noqa: E402
-from serve.redis_server import PrivateRedis  # noqa: E402
-from serve.versions import BASE, Manifest, Registry, VersionStore  # noqa: E402
+from core.keys import Keys  # noqa: E402
+from core.redis_server import PrivateRedis  # noqa: E402
+from core.versions import BASE, Manifest, Registry, VersionStore  # noqa: E402
 
 console = Console(width=130)
 PROMPT = [{"role": "user", "content": "What colour is the sky?"}]

@@ -18,13 +18,13 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from core.keys import Keys
+from core.redis_server import resolve_redis
 from serve.engine import ModelEngine
 from serve.errors import install_error_handlers
-from serve.keys import Keys
 from serve.logwriter import LogWriter, Record
 from serve.metrics import Metrics
 from serve.middleware import RequestMiddleware
-from serve.redis_server import resolve_redis
 from serve.routers import chat, completions, feedback, models, ops, policies, tokenize
 from serve.services.chat import ChatService
 from serve.services.completions import CompletionService

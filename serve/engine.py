@@ -16,8 +16,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from core.versions import BASE, VersionError, VersionStore, version_number
 from serve.errors import BadRequest, NotFound
-from serve.versions import BASE, VersionError, VersionStore, version_number
 
 if TYPE_CHECKING:
     from serve.metrics import Metrics

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 
-from serve.keys import Keys
-from serve.versions import BASE
+from core.keys import Keys
+from core.versions import BASE
 
 if TYPE_CHECKING:
     from serve.engine import ModelEngine

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.redis_server import PrivateRedis
+from core.redis_server import PrivateRedis
 
 
 @pytest.fixture

@@ -129,8 +129,8 @@ class FakeLoRARequest:
 
 def fake_engine(llm: FakeLLM, settings: Any) -> Any:
     """The real ModelEngine (versions, pinning, swaps) over a fake LLM and the byte tokenizer."""
+    from core.versions import VersionStore
     from serve.engine import ModelEngine
-    from serve.versions import VersionStore
 
     return ModelEngine(
         llm,

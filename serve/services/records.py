@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
-from serve.keys import SCHEMA_VERSION, Keys
+from core.keys import SCHEMA_VERSION, Keys
 
 logger = logging.getLogger("secondstage.records")
 

@@ -17,8 +17,8 @@ import pytest
 import redis
 
 from align.settings import AlignSettings
-from serve.keys import SCHEMA_VERSION, Keys
-from serve.redis_server import PrivateRedis
+from core.keys import SCHEMA_VERSION, Keys
+from core.redis_server import PrivateRedis
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from align.cli import align_app, feedback_app, parse_duration
 from align.settings import AlignSettings
-from serve.keys import Keys
+from core.keys import Keys
 
 from .conftest import Server
 

@@ -6,7 +6,7 @@ import redis
 
 from align.feedback import FeedbackReader
 from align.settings import AlignSettings
-from serve.keys import Keys
+from core.keys import Keys
 
 from .conftest import Server
 

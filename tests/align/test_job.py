@@ -16,8 +16,8 @@ import align.job
 from align.job import RedisLock, run_every, run_once
 from align.settings import AlignSettings
 from align.train import LORA_TARGETS
-from serve.keys import Keys
-from serve.versions import Registry, VersionStore
+from core.keys import Keys
+from core.versions import Registry, VersionStore
 
 from .conftest import Server
 

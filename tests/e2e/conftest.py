@@ -1,6 +1,6 @@
 """One real secondstage server for the whole session: real vLLM on the demo model, real redis-server.
 
-The server runs as a subprocess (`python -m serve.cli serve`) exactly as users run it,
+The server runs as a subprocess (`python -m core.cli serve`) exactly as users run it,
 with its Redis started here so tests can kill and restart Redis under it.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.redis_server import PrivateRedis
+from core.redis_server import PrivateRedis
 from tests.e2e.processes import ROOT, free_port, log_tail, running
 from tests.e2e.reference import reference  # noqa: F401  (vLLM's own server, for the fidelity tests)
 
@@ -35,7 +35,7 @@ class Server:
     def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         """Run `secondstage ARGS` against this server's Redis and var/ (as an operator would)."""
         return subprocess.run(
-            [sys.executable, "-m", "serve.cli", *args],
+            [sys.executable, "-m", "core.cli", *args],
             env=self.env,
             cwd=ROOT,
             capture_output=True,
@@ -77,7 +77,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterat
     }
     log = base / "server.log"
     srv = Server(f"http://127.0.0.1:{port}", env, redis, base / "var", log, policies)
-    cmd = [sys.executable, "-m", "serve.cli", "serve", "--log-level", "info"]
+    cmd = [sys.executable, "-m", "core.cli", "serve", "--log-level", "info"]
     try:
         with running(cmd, env, log, srv.url, "secondstage server"):
             yield srv

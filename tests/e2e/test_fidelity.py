@@ -27,7 +27,7 @@ import pytest
 import redis
 from openai import OpenAI
 
-from serve.keys import Keys
+from core.keys import Keys
 from tests.e2e.conftest import Server
 from tests.e2e.reference import Reference
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import redis
 
-from serve.keys import Keys
+from core.keys import Keys
 from tests.e2e.conftest import Server
 
 pytestmark = pytest.mark.slow

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from core.redis_server import PrivateRedis
 from serve.app import build_app
 from serve.engine import ModelEngine
-from serve.redis_server import PrivateRedis
 from serve.settings import ServeSettings
 from tests.fakes import FakeLLM, fake_engine
 

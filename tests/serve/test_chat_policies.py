@@ -11,8 +11,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from core.keys import Keys
 from serve.app import build_app
-from serve.keys import Keys
 from serve.settings import ServeSettings
 from tests.fakes import FakeLLM, fake_engine
 

@@ -8,7 +8,7 @@ import time
 import redis
 from fastapi.testclient import TestClient
 
-from serve.keys import Keys
+from core.keys import Keys
 from serve.settings import ServeSettings
 
 MSG = [{"role": "user", "content": "hi"}]

@@ -16,9 +16,9 @@ import prometheus_client
 import pytest
 import redis.asyncio
 
-from serve.keys import SCHEMA_VERSION, Keys
+from core.keys import SCHEMA_VERSION, Keys
+from core.redis_server import PrivateRedis
 from serve.logwriter import LogWriter, Record
-from serve.redis_server import PrivateRedis
 
 KEYS = Keys("t")
 

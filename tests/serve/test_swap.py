@@ -10,9 +10,9 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from serve.keys import Keys
+from core.keys import Keys
+from core.versions import BASE, Manifest, Registry, VersionStore
 from serve.settings import ServeSettings
-from serve.versions import BASE, Manifest, Registry, VersionStore
 from tests.fakes import FakeLLM, fake_engine
 
 MSG = [{"role": "user", "content": "hi"}]

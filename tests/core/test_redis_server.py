@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from serve.redis_server import PrivateRedis, RedisServerError, resolve_redis
-from serve.settings import CommonSettings
+from core.redis_server import PrivateRedis, RedisServerError, resolve_redis
+from core.settings import CommonSettings
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from serve.settings import CommonSettings
+from core.settings import CommonSettings
 
 log = logging.getLogger("secondstage.redis")
 

@@ -21,7 +21,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel, Field
 
-from serve.keys import Keys
+from core.keys import Keys
 
 BASE = "base"
 _NAME = re.compile(r"^v(\d+)$")
