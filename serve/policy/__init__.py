@@ -5,13 +5,16 @@ Public API (what the chat service uses):
     engine = PolicyEngine(Path("policies"), registry=registry, tokenizer_count=count)
     engine.load()                                   # PolicyError: refuse to start
     res = engine.check_input(messages, RequestContext(api_key, user, model), max_tokens)
-    f = engine.output_filter(ctx)                   # per choice: f.feed(delta) / f.finish()
+    f = engine.output_filter(ctx)                   # per choice: f.feed(delta) / f.finish(), send step.text
     engine.policy_pair(messages, f.original_text, f.final_text, f.decisions)
 """
 
-from serve.policy.engine import InputResult, PolicyEngine, PolicySet, ReloadResult, RequestContext, load_policy_set
+from serve.policy.engine import PolicyEngine
 from serve.policy.errors import PolicyError
-from serve.policy.stream import Decision, FilterStep, OutputFilter
+from serve.policy.loading import PolicySet, load_policy_set
+from serve.policy.results import Decision, InputResult, ReloadResult
+from serve.policy.scope import RequestContext
+from serve.policy.stream import FilterStep, OutputFilter
 
 __all__ = [
     "Decision",

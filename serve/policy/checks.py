@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from serve.policy.engine import PolicySet, bad_chars, limit_violations
-from serve.policy.schema import DEFAULT_REFUSAL, MATCH_KINDS, LimitRule, UnicodeRule
+from serve.policy.input import bad_chars, limit_violations
+from serve.policy.loading import PolicySet
+from serve.policy.schema import MATCH_KINDS, LimitRule, UnicodeRule, refusal_for
 from serve.policy.stream import Matcher
 
 
@@ -34,11 +35,10 @@ def _apply_match(ps: PolicySet, rule: Any, stage: str, text: str, *, chunked: bo
     compiled = ps.stages[stage]
     index = next(r.index for r in compiled.rules if r.rule.id == rule.id)
     m = Matcher(compiled, [index], stage_name=stage, version=ps.version)
-    out = "".join(m.feed(ch) for ch in text) if chunked else m.feed(text)
-    out += m.finish()
-    if m.stopped:
-        out = m.refusal or DEFAULT_REFUSAL
-    return Applied(bool(m.decisions), out)
+    for piece in text if chunked else [text]:
+        m.feed(piece)
+    m.finish()
+    return Applied(bool(m.decisions), m.result_text)
 
 
 def apply_rule(ps: PolicySet, rule: Any, stage: str, text: str) -> Applied:
@@ -47,11 +47,11 @@ def apply_rule(ps: PolicySet, rule: Any, stage: str, text: str) -> Applied:
         return _apply_match(ps, rule, stage, text)
     if isinstance(rule, LimitRule):
         fired = bool(limit_violations(rule, [{"role": "user", "content": text}]))
-        return Applied(fired, (rule.refusal or DEFAULT_REFUSAL) if fired and rule.action == "block" else text)
+        return Applied(fired, refusal_for(rule) if fired and rule.action == "block" else text)
     if isinstance(rule, UnicodeRule):
         bad = set(bad_chars(text, rule))
         if bad and rule.action == "block":
-            return Applied(True, rule.refusal or DEFAULT_REFUSAL)
+            return Applied(True, refusal_for(rule))
         if bad and rule.action == "strip":
             return Applied(True, "".join(ch for i, ch in enumerate(text) if i not in bad))
         return Applied(bool(bad), text)

@@ -16,8 +16,9 @@ import typer
 from rich.console import Console
 
 from serve.policy.checks import run_examples
-from serve.policy.engine import PolicyEngine, RequestContext
+from serve.policy.engine import PolicyEngine
 from serve.policy.errors import PolicyError
+from serve.policy.scope import RequestContext
 
 policy_app = typer.Typer(help="Check and try the operator rule policies.", no_args_is_help=True)
 
@@ -80,10 +81,9 @@ def test_text(
         result = "\n---\n".join(f"{m['role']}: {m.get('content')}" for m in res.messages)
     else:
         f = engine.output_filter(ctx)
-        step = f.feed(text)
-        end = f.finish()
-        decisions, blocked, refusal = f.decisions, step.stopped or end.stopped, f.refusal
-        result = f.final_text
+        steps = [f.feed(text), f.finish()]
+        decisions, blocked, refusal = f.decisions, f.stopped, f.refusal
+        result = "".join(step.text for step in steps)  # what the client receives, refusal included
     console.print(f"{len(decisions)} decision(s), rule set {engine.active.version}", highlight=False)
     for d in decisions:
         span = f" span={d.span[0]}-{d.span[1]}" if d.span else ""
@@ -92,7 +92,7 @@ def test_text(
     if blocked:
         console.print(f"[bold red]blocked[/] (finish_reason content_filter); refusal: {refusal}", highlight=False)
         if stage == "output":
-            console.print(f"emitted before the stop: {result!r}", highlight=False)
+            console.print(f"the client receives: {result!r}", highlight=False)
     else:
         console.print("[bold]result:[/]", highlight=False)
         console.print(result, highlight=False, markup=False)

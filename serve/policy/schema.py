@@ -8,7 +8,7 @@ typo in a rule file is an error, not a silently ignored setting.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -18,6 +18,11 @@ Action = Literal["block", "redact", "flag", "rewrite", "instruct", "limit", "str
 MatchAction = Literal["block", "redact", "flag", "rewrite"]
 
 DEFAULT_REFUSAL = "I can't help with that request."
+
+
+def refusal_for(rule: Any) -> str:
+    """What a blocking rule answers with: its `refusal` (file defaults applied at load), else DEFAULT_REFUSAL."""
+    return getattr(rule, "refusal", None) or DEFAULT_REFUSAL
 
 
 def _stages(*names: Stage) -> list[Stage]:

@@ -24,42 +24,36 @@ import contextlib
 import heapq
 import weakref
 from collections.abc import Callable, Collection
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import hyperscan
 
 from serve.policy.compiler import CompiledStage
-from serve.policy.schema import DEFAULT_REFUSAL
+from serve.policy.results import Decision
+from serve.policy.schema import refusal_for
 
 # Drop consumed text from the working buffer once this many characters could go.
 _TRIM_AT = 4096
 
 
 @dataclass
-class Decision:
-    """One rule firing on one request: what the audit log and the metrics record."""
-
-    rule_id: str
-    kind: str
-    action: str
-    mode: str
-    stage: str
-    ruleset_version: str
-    span: tuple[int, int] | None = None  # character offsets in the stage's text (a message, or the output)
-    message_index: int | None = None  # input stage: which message the span is in
-    detail: str | None = None
-
-    def to_dict(self) -> dict[str, object]:
-        d = asdict(self)
-        d["span"] = list(self.span) if self.span is not None else None
-        return d
-
-
-@dataclass
 class FilterStep:
-    emit: str  # text that is safe to send now
-    stopped: bool = False  # a block rule fired: send nothing more, finish with "content_filter"
+    """What one `OutputFilter.feed()` or `finish()` gives the caller. Send `text`."""
+
+    emit: str  # filtered model text that is safe to send now (the refusal not included)
+    stopped: bool = False  # a block rule fired (now or before): send nothing more, finish with "content_filter"
     refusal: str | None = None  # the operator's refusal text for that block
+    blocked_here: bool = False  # the block fired in this step: its refusal goes out with this step's text
+
+    @property
+    def text(self) -> str:
+        """The text to send now, refusal included: `emit`, then the refusal in the step where a block fired.
+
+        A blocked response is what was sent before the match followed by the refusal, once.
+        """
+        if self.blocked_here and self.refusal:
+            return self.emit + self.refusal
+        return self.emit
 
 
 def _ignore_match(_rule: int, _from: int, _to: int, _flags: int, _ctx: object) -> None:
@@ -133,6 +127,13 @@ class Matcher:
     @property
     def final_text(self) -> str:
         return "".join(self._out)
+
+    @property
+    def result_text(self) -> str:
+        """What the stage turns the whole text into: the refusal if a block fired, else the filtered text."""
+        if self.stopped and self.refusal is not None:
+            return self.refusal
+        return self.final_text
 
     def feed(self, text: str) -> str:
         """Add text; return what can be emitted now."""
@@ -284,7 +285,7 @@ class Matcher:
             self._done = start
         if model.action == "block":
             self.stopped = True
-            self.refusal = model.refusal or DEFAULT_REFUSAL
+            self.refusal = refusal_for(model)
             return
         if end <= self._done:  # inside text an earlier rule already replaced
             return
@@ -313,18 +314,28 @@ class Matcher:
 
 
 class OutputFilter:
-    """The output stage for one choice of one response: feed deltas, send what comes back."""
+    """The output stage for one choice of one response: feed deltas, send each step's `text`.
+
+    The filter owns the block → refusal rule: the step in which a block fires carries the refusal in
+    its `text`, once; the steps after it are empty.
+    """
 
     def __init__(self, matcher: Matcher) -> None:
         self._m = matcher
 
     def feed(self, text_delta: str) -> FilterStep:
+        was_stopped = self._m.stopped
         emit = self._m.feed(text_delta)
-        return FilterStep(emit=emit, stopped=self._m.stopped, refusal=self._m.refusal)
+        return self._step(emit, was_stopped)
 
     def finish(self) -> FilterStep:
+        was_stopped = self._m.stopped
         emit = self._m.finish()
-        return FilterStep(emit=emit, stopped=self._m.stopped, refusal=self._m.refusal)
+        return self._step(emit, was_stopped)
+
+    def _step(self, emit: str, was_stopped: bool) -> FilterStep:
+        stopped = self._m.stopped
+        return FilterStep(emit=emit, stopped=stopped, refusal=self._m.refusal, blocked_here=stopped and not was_stopped)
 
     def close(self) -> None:
         self._m.close()

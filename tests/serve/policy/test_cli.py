@@ -62,3 +62,27 @@ def test_test_command_shows_decisions_and_result() -> None:
     result = runner.invoke(policy_app, args, terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "behaviour.invisible-unicode" in result.output and "user: hi there" in result.output
+
+
+def test_test_command_shows_what_the_client_receives_on_a_block(tmp_path: Path) -> None:
+    write_rules(
+        tmp_path,
+        """
+        rules:
+          - id: stop
+            description: stop
+            kind: keywords
+            keywords: [frobnicate]
+            action: block
+            refusal: "No."
+            examples:
+              match: [{text: "Sure. To frobnicate it", result: "No."}]  # an example's result is the rule's answer
+        """,
+    )
+    result = runner.invoke(policy_app, ["check", str(tmp_path)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    args = ["test", "Sure. To frobnicate it", "--dir", str(tmp_path)]
+    result = runner.invoke(policy_app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "blocked (finish_reason content_filter); refusal: No." in result.output
+    assert "the client receives: 'Sure. To No.'" in result.output

@@ -220,6 +220,28 @@ def test_block_stops_before_the_match(engine: PolicyEngine) -> None:
     assert f.finish().stopped
 
 
+def test_step_text_carries_the_refusal_once(engine: PolicyEngine) -> None:
+    # What a caller sends is the steps' `text`: the filter, not each caller, appends the refusal.
+    text = "Sure. To frobnicate the widget, first"
+    for chunks in ([text], list(text)):
+        f = engine.output_filter(CTX)
+        steps = [f.feed(c) for c in chunks] + [f.feed(" more"), f.finish()]
+        assert "".join(s.text for s in steps) == "Sure. To I can't continue."
+        assert sum(s.blocked_here for s in steps) == 1
+    # A block found only at the end of the text comes with finish().
+    f = engine.output_filter(CTX)
+    first, end = f.feed("ok frobnicat"), f.finish()
+    assert (first.text, first.stopped) == ("ok ", False)
+    assert f.stopped is False and end.text == "frobnicat"
+    f = engine.output_filter(CTX)
+    first, end = f.feed("ok frobnicate"), f.finish()
+    assert (first.text, end.text, end.blocked_here) == ("ok ", "I can't continue.", True)
+    # Without a block, text is what the filter emits.
+    f = engine.output_filter(CTX)
+    steps = [f.feed("mail bob@example.com"), f.finish()]
+    assert "".join(s.text for s in steps) == f.final_text == "mail [EMAIL]"
+
+
 def test_whole_word_keywords(engine: PolicyEngine) -> None:
     assert stream(engine, ["frobnicated is fine"])[0] == "frobnicated is fine"
     assert stream(engine, list("x frobnicate"))[0] == "x "

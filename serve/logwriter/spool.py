@@ -1,0 +1,181 @@
+"""The log writer's spool: records kept on local disk while Redis is away, replayed in order.
+
+Spool directory layout (one writer process per directory; a lock file enforces it):
+    spool.jsonl                  records spooled since the last rotation (appended)
+    replay-<ns>.jsonl[.offset]   rotated spool files awaiting replay, and how far replay got
+    rejected.jsonl               records Redis refused, with the error
+
+Each line is a `Record.to_json()`. Appends reach the OS at once; `fsync` (run off the event loop)
+makes them durable. A missing or torn offset file replays its file from the start: duplicates,
+never loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import itertools
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from serve.logwriter.record import Record
+
+
+class Spool:
+    """The spool directory: an append-only active file, rotated into replay files that are consumed in order."""
+
+    ACTIVE = "spool.jsonl"
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+        self.records = 0
+        """Records on disk not yet replayed (active file + replay files past their offsets)."""
+        self._fd: int | None = None
+        # Generations, not a flag: appends go on while an fsync runs in a thread.
+        self._appended = 0
+        self._synced = 0
+        self._active_records = 0
+        self._lock_fd: int | None = None
+
+    @property
+    def active(self) -> Path:
+        return self.dir / self.ACTIVE
+
+    def lock(self) -> None:
+        if self._lock_fd is not None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(
+                f"log spool directory {self.dir} is in use by another LogWriter (lock {self.dir / 'lock'}); "
+                "give each process its own spool_dir"
+            ) from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def append(self, records: list[Record]) -> None:
+        """Write records to the active file (reaches the OS now; `fsync` makes it durable)."""
+        if self._fd is None:
+            self.lock()
+            self._fd = os.open(self.active, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        data = "".join([r.to_json() + "\n" for r in records]).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        self.records += len(records)
+        self._active_records += len(records)
+        self._appended += 1
+
+    @property
+    def dirty(self) -> bool:
+        return self._appended != self._synced
+
+    async def fsync(self) -> None:
+        # Off the loop: an fsync can take tens of ms and the loop is serving requests.
+        if self.dirty and self._fd is not None:
+            generation = self._appended
+            await asyncio.to_thread(os.fsync, self._fd)
+            self._synced = max(self._synced, generation)
+
+    def fsync_now(self) -> None:
+        if self.dirty and self._fd is not None:
+            generation = self._appended
+            os.fsync(self._fd)
+            self._synced = generation
+
+    def close(self) -> None:
+        self.fsync_now()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.unlock()
+
+    def rotate(self) -> None:
+        """Turn the active file into a replay file (new spooled records start a fresh active file).
+
+        Call after `fsync`; synchronous so no append can interleave.
+        """
+        self.fsync_now()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self.active.exists() and self.active.stat().st_size > 0:
+            os.rename(self.active, self.dir / f"replay-{time.time_ns():020d}.jsonl")
+            _fsync_dir(self.dir)
+        self._active_records = 0
+
+    def replay_files(self) -> list[Path]:
+        return sorted(self.dir.glob("replay-*.jsonl"))
+
+    @property
+    def active_records(self) -> int:
+        return self._active_records
+
+    @staticmethod
+    def offset(path: Path) -> int:
+        try:
+            return int(path.with_suffix(".offset").read_text())
+        except (OSError, ValueError):
+            return 0  # missing or torn: replay from the start (duplicates, never loss)
+
+    @staticmethod
+    def save_offset(path: Path, offset: int) -> None:
+        tmp = path.with_suffix(".offset.tmp")
+        tmp.write_text(str(offset))
+        os.replace(tmp, path.with_suffix(".offset"))
+
+    def finish(self, path: Path) -> None:
+        path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            path.with_suffix(".offset").unlink()
+
+    def batches(self, path: Path, batch_size: int) -> Iterator[tuple[list[bytes], int]]:
+        """Raw lines of a replay file from its saved offset, `batch_size` at a time, with the offset after each."""
+        with open(path, "rb") as f:
+            f.seek(self.offset(path))
+            while lines := list(itertools.islice(f, batch_size)):
+                yield lines, f.tell()
+
+    def scan(self) -> tuple[int, list[str]]:
+        """Count the records awaiting replay and collect their index keys (run at start, off the loop)."""
+        count, keys = 0, []
+        for path in self.replay_files():
+            for lines, _ in self.batches(path, 4096):
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    count += 1
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        key = json.loads(line).get("k")
+                        if key:
+                            keys.append(key)
+        return count, keys
+
+    def reject(self, items: list[tuple[str, str]]) -> None:
+        """Keep refused records (raw JSON line, error) for an operator; they are not replayed."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "rejected.jsonl", "a", encoding="utf-8") as f:
+            for raw, error in items:
+                f.write(json.dumps({"error": error, "record": raw}, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

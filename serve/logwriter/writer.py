@@ -1,0 +1,364 @@
+"""`LogWriter`: the queue, the drain task that empties it into Redis, outages and replay.
+
+`submit` puts a record on a bounded in-memory queue (or, when it is full, straight into the spool)
+and wakes the drain task, which writes `batch_size` records per round trip through the transport.
+On a transient Redis failure the batch and everything queued after it go to the spool and the task
+pings Redis every `retry_interval`; when Redis answers, the spool is replayed first, then the queue.
+Records Redis refuses for good are moved to the spool's `rejected.jsonl` and count as done.
+See the package docstring for the whole design.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import prometheus_client
+import redis.asyncio
+
+from serve.logwriter.record import Record
+from serve.logwriter.spool import Spool
+from serve.logwriter.transport import BatchTransport, describe, is_transient
+
+log = logging.getLogger("secondstage.logwriter")
+
+
+class LogWriter:
+    """Queue → Redis in batches, with a disk spool for when Redis is away. See the module docstring.
+
+    The writer owns the client `client_factory` returns: it turns off the client's own retries
+    (the writer retries, and a retrying client would hide an outage for seconds) and closes it on stop.
+    `op_timeout` bounds each Redis call; `pending_cap` bounds is_pending's memory (default 10 × max_queue,
+    oldest forgotten first); `batch_script=False` writes with plain pipelines instead of the Lua script.
+    """
+
+    def __init__(
+        self,
+        client_factory: Callable[[], redis.asyncio.Redis],
+        spool_dir: Path,
+        *,
+        max_queue: int = 10_000,
+        batch_size: int = 256,
+        retry_interval: float = 0.5,
+        op_timeout: float = 5.0,
+        pending_cap: int | None = None,
+        batch_script: bool = True,
+        registry: prometheus_client.CollectorRegistry | None = None,
+    ) -> None:
+        for name, value in (("max_queue", max_queue), ("batch_size", batch_size)):
+            if value < 1:
+                raise ValueError(f"LogWriter {name}={value} must be at least 1")
+        for name, fvalue in (("retry_interval", retry_interval), ("op_timeout", op_timeout)):
+            if fvalue <= 0:
+                raise ValueError(f"LogWriter {name}={fvalue} must be positive (seconds)")
+        self._client_factory = client_factory
+        self._spool = Spool(Path(spool_dir))
+        self._max_queue = max_queue
+        self._batch_size = batch_size
+        self._retry_interval = retry_interval
+        self._op_timeout = op_timeout
+        # is_pending memory: the queue, plus room for a long outage's worth of spooled keys.
+        self._pending_cap = pending_cap if pending_cap is not None else max_queue * 10
+
+        self._queue: deque[Record] = deque()
+        self._pending: dict[str, int] = {}
+        self._inflight: list[Record] | None = None
+        self._wake = asyncio.Event()
+        self._stop_requested = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._transport: BatchTransport | None = None  # from start() to stop()
+        self._batch_script = batch_script
+        self._down = False
+        self._down_since = 0.0
+        self._closed = False
+        self.written_total = 0
+        self.spooled_total = 0
+        self.write_errors_total = 0
+
+        reg = prometheus_client.REGISTRY if registry is None else registry
+        depth = prometheus_client.Gauge(
+            "secondstage_log_queue_depth", "Log records waiting in memory for Redis.", registry=reg
+        )
+        depth.set_function(lambda: len(self._queue))
+        spool = prometheus_client.Gauge(
+            "secondstage_log_spool_records", "Log records on disk waiting for Redis to come back.", registry=reg
+        )
+        spool.set_function(lambda: self._spool.records)
+        self._m_written = prometheus_client.Counter(
+            "secondstage_log_records_written", "Log records written to Redis.", registry=reg
+        )
+        self._m_spooled = prometheus_client.Counter(
+            "secondstage_log_records_spooled", "Log records written to the disk spool.", registry=reg
+        )
+        self._m_errors = prometheus_client.Counter(
+            "secondstage_log_write_errors",
+            "Failed Redis writes (whole batches) and records Redis refused.",
+            registry=reg,
+        )
+
+    # --- request path -------------------------------------------------------------------------
+
+    def submit(self, record: Record) -> None:
+        """Hand a record over; returns at once and never raises (failures are logged and counted)."""
+        try:
+            if record.index_key is not None:
+                self._add_pending(record.index_key)
+            if len(self._queue) < self._max_queue and not self._closed:
+                self._queue.append(record)
+                if not self._wake.is_set():
+                    self._wake.set()
+                return
+            self._spool_append([record])
+            if self._closed:
+                self._spool.close()  # no drain task left to fsync it
+        except Exception:
+            # Only a failing disk (full, read-only) with a full queue gets here.
+            self.write_errors_total += 1
+            self._m_errors.inc()
+            log.exception(
+                "log record for stream %s lost: queue full and spool %s unwritable", record.stream, self._spool.dir
+            )
+
+    def is_pending(self, index_key: str) -> bool:
+        """True while a record with this index key is queued, being written, or spooled (not yet in Redis)."""
+        return index_key in self._pending
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def spool_records(self) -> int:
+        return self._spool.records
+
+    @property
+    def redis_down(self) -> bool:
+        return self._down
+
+    def _add_pending(self, key: str) -> None:
+        pending = self._pending
+        if key in pending:
+            pending[key] += 1
+            return
+        pending[key] = 1
+        if len(pending) > self._pending_cap:
+            del pending[next(iter(pending))]  # forget the oldest; is_pending says False for it from now on
+
+    def _done_pending(self, records: list[Record]) -> None:
+        pending = self._pending
+        for r in records:
+            key = r.index_key
+            if key is not None and key in pending:
+                if pending[key] <= 1:
+                    del pending[key]
+                else:
+                    pending[key] -= 1
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start draining; replay any spool a previous run left behind."""
+        if self._task is not None:
+            return
+        self._spool.lock()
+        # Whatever the previous run appended becomes a replay file; this run appends to a fresh one.
+        self._spool.rotate()
+        count, keys = await asyncio.to_thread(self._spool.scan)
+        self._spool.records = count + self._spool.active_records
+        for key in keys:
+            if key not in self._pending:  # records this process spooled before start() are tracked already
+                self._add_pending(key)
+        if count:
+            log.info("replaying %d log records spooled by a previous run from %s", count, self._spool.dir)
+        self._transport = BatchTransport(
+            self._client_factory(), op_timeout=self._op_timeout, use_script=self._batch_script
+        )
+        self._closed = False
+        self._stop_requested.clear()
+        self._task = asyncio.create_task(self._run(), name="secondstage-logwriter")
+        self._task.add_done_callback(self._task_done)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Write what can be written within `timeout`, spool the rest, fsync. Nothing stays only in memory."""
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            self._stop_requested.set()
+            self._wake.set()
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+            if not done:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        leftover: list[Record] = list(self._inflight or [])
+        self._inflight = None
+        leftover.extend(self._queue)
+        self._queue.clear()
+        if leftover:
+            self._spool_append(leftover)
+            log.warning("spooled %d log records at shutdown to %s", len(leftover), self._spool.dir)
+        self._spool.close()
+        if self._transport is not None:
+            with contextlib.suppress(Exception):
+                await self._transport.aclose()
+            self._transport = None
+
+    async def __aenter__(self) -> LogWriter:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- drain task ----------------------------------------------------------------------------
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # Only a bug or a failing spool disk gets here; records keep queueing and stop() spools them.
+            log.error("log writer drain task died; records now wait for stop()", exc_info=task.exception())
+
+    async def _run(self) -> None:
+        while True:
+            await self._spool.fsync()  # records the request path spooled on overflow
+            if self._down:
+                # Move the queue to disk while waiting: a crash during an outage then loses nothing.
+                while self._queue:
+                    self._spool_append(self._take())
+                    await self._spool.fsync()
+                if self._stop_requested.is_set():
+                    return
+                if await self._started_transport().ping():
+                    self._set_up()
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._retry_interval):
+                            await self._stop_requested.wait()
+                    continue
+            # At shutdown only the queue is flushed; the spool is safe on disk for the next start.
+            if self._spool.records and not self._stop_requested.is_set() and not await self._replay():
+                continue
+            batch = self._take()
+            if not batch:
+                if self._stop_requested.is_set():
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            # Held here until written or spooled, so that stop() cancelling the write can spool it.
+            self._inflight = batch
+            try:
+                await self._write(batch)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self._spool_append(batch)
+                self._inflight = None
+                self._set_down(exc)
+                continue
+            self._inflight = None
+            self._done_pending(batch)
+
+    def _take(self) -> list[Record]:
+        q = self._queue
+        n = min(self._batch_size, len(q))
+        return [q.popleft() for _ in range(n)]
+
+    def _spool_append(self, records: list[Record]) -> None:
+        self._spool.append(records)
+        self.spooled_total += len(records)
+        self._m_spooled.inc(len(records))
+
+    def _set_down(self, exc: BaseException) -> None:
+        self.write_errors_total += 1
+        self._m_errors.inc()
+        if not self._down:
+            self._down, self._down_since = True, time.monotonic()
+            log.warning(
+                "Redis unavailable (%s: %s); spooling log records to %s and retrying every %ss",
+                type(exc).__name__, exc, self._spool.dir, self._retry_interval,
+            )  # fmt: skip
+
+    def _set_up(self) -> None:
+        self._down = False
+        log.info(
+            "Redis is back after %.1fs; replaying %d spooled log records",
+            time.monotonic() - self._down_since,
+            self._spool.records,
+        )
+
+    async def _replay(self) -> bool:
+        """Write every spooled record to Redis, oldest first. False if Redis failed on the way."""
+        self._spool.rotate()
+        for path in self._spool.replay_files():
+            for lines, end in self._spool.batches(path, self._batch_size):
+                batch: list[Record] = []
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    try:
+                        batch.append(Record.from_json(line))
+                    except (ValueError, KeyError, TypeError) as exc:
+                        # A torn last line from a crash mid-append; keep it for inspection.
+                        self._reject([(line.decode(errors="replace"), f"unreadable spool line: {exc}")])
+                        self._spool.records -= 1
+                try:
+                    await self._write(batch)
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    self._set_down(exc)
+                    return False
+                self._spool.save_offset(path, end)
+                self._spool.records -= len(batch)
+                self._done_pending(batch)
+                if self._stop_requested.is_set():
+                    return True  # the rest stays on disk for the next start
+            self._spool.finish(path)
+        # Everything older is in Redis; only what the request path spooled meanwhile is left.
+        self._spool.records = self._spool.active_records
+        return True
+
+    async def _write(self, batch: list[Record]) -> None:
+        """Write a batch. Raises on a transient failure (the caller keeps the whole batch for a retry);
+        records Redis refuses for good are moved to rejected.jsonl and count as done."""
+        if not batch:
+            return
+        try:
+            refusals = await self._started_transport().send(batch)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            if len(batch) == 1:
+                self._reject([(batch[0].to_json(), describe(exc))])
+                return
+            # The batch could not even be sent (e.g. a field value that is not a str): find the culprits one by one.
+            for record in batch:
+                await self._write([record])
+            return
+        if refusals:
+            self._reject([(batch[i].to_json(), error) for i, error in refusals])
+        self._count_written(len(batch) - len({i for i, _ in refusals}))
+
+    def _started_transport(self) -> BatchTransport:
+        assert self._transport is not None  # the drain task runs between start() and stop()
+        return self._transport
+
+    def _count_written(self, n: int) -> None:
+        self.written_total += n
+        self._m_written.inc(n)
+
+    def _reject(self, items: list[tuple[str, str]]) -> None:
+        self.write_errors_total += len(items)
+        self._m_errors.inc(len(items))
+        log.error(
+            "Redis refused %d log records (first: %s); kept in %s",
+            len(items),
+            items[0][1],
+            self._spool.dir / "rejected.jsonl",
+        )
+        self._spool.reject(items)

@@ -1,0 +1,173 @@
+"""The input stage: what the rules do to a request's messages before the model sees them.
+
+In order: limits (on what the client sent), invisible and control characters, keyword/regex/preset
+rules message by message, then the operators' instructions as one system message at the front.
+An enforced block stops the pipeline and answers with the rule's refusal.
+"""
+
+from __future__ import annotations
+
+import copy
+import unicodedata
+from collections.abc import Callable
+from typing import Any
+
+from serve.policy.loading import PolicySet
+from serve.policy.results import Decision, InputResult
+from serve.policy.schema import InstructionsRule, LimitRule, UnicodeRule, refusal_for
+from serve.policy.scope import RequestContext, active_indices, in_scope
+from serve.policy.stream import Matcher
+
+_KEEP_CONTROLS = frozenset("\t\n\r")
+
+
+def _text_parts(message: dict[str, Any]) -> list[tuple[Any, str]]:
+    """(key, text) for each text piece of a message: key "content" or an index into a parts list."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return [("content", content)]
+    if isinstance(content, list):
+        return [
+            (i, p["text"])
+            for i, p in enumerate(content)
+            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        ]
+    return []
+
+
+def _set_text(message: dict[str, Any], key: Any, text: str) -> None:
+    if key == "content":
+        message["content"] = text
+    else:
+        message["content"][key]["text"] = text
+
+
+def bad_chars(text: str, rule: UnicodeRule) -> list[int]:
+    """Indices of characters the unicode rule catches."""
+    if text.isascii() and "Cc" not in rule.categories:
+        return []
+    cats = set(rule.categories)
+    allow = set(rule.allow)
+    out = []
+    for i, ch in enumerate(text):
+        if ch in allow or ch in _KEEP_CONTROLS or (ch.isascii() and ch.isprintable()):
+            continue
+        if unicodedata.category(ch) in cats:
+            out.append(i)
+    return out
+
+
+def limit_violations(
+    rule: LimitRule, msgs: list[dict[str, Any]], tokenizer_count: Callable[[str], int] | None = None
+) -> list[str]:
+    """One line per input limit of `rule` that `msgs` exceed, e.g. "max_messages: 120 > 100"."""
+    out = []
+    if rule.max_messages is not None and len(msgs) > rule.max_messages:
+        out.append(f"max_messages: {len(msgs)} > {rule.max_messages}")
+    texts = [t for m in msgs for _k, t in _text_parts(m)]
+    if rule.max_input_chars is not None:
+        chars = sum(len(t) for t in texts)
+        if chars > rule.max_input_chars:
+            out.append(f"max_input_chars: {chars} > {rule.max_input_chars}")
+    if rule.max_input_tokens is not None:
+        # Without a tokenizer, ~4 characters per token is the usual estimate for English text.
+        count = tokenizer_count or (lambda t: (len(t) + 3) // 4)
+        tokens = sum(count(t) for t in texts)
+        if tokens > rule.max_input_tokens:
+            out.append(f"max_input_tokens: {tokens} > {rule.max_input_tokens}")
+    return out
+
+
+def check_input(
+    ps: PolicySet,
+    messages: list[dict[str, Any]],
+    ctx: RequestContext,
+    max_tokens: int | None = None,
+    *,
+    on_decision: Callable[[Decision], None] | None = None,
+    tokenizer_count: Callable[[str], int] | None = None,
+) -> InputResult:
+    """Apply the set's limits, unicode, match and instruction rules to a request's messages (a copy).
+
+    `on_decision` sees every decision as it is made (the engine counts them); the result lists them.
+    """
+    decisions: list[Decision] = []
+
+    def record(d: Decision) -> None:
+        decisions.append(d)
+        if on_decision is not None:
+            on_decision(d)
+
+    msgs = copy.deepcopy(messages)
+
+    def decide(rule: Any, action: str, **kw: Any) -> Decision:
+        d = Decision(
+            rule_id=rule.id, kind=rule.kind, action=action, mode=rule.mode, stage="input",
+            ruleset_version=ps.version, **kw,
+        )  # fmt: skip
+        record(d)
+        return d
+
+    def blocked(rule: Any) -> InputResult:
+        return InputResult(msgs, True, refusal_for(rule), max_tokens, decisions, ps.version)
+
+    in_scope_rules = [r for r in ps.rules if in_scope(r, ctx)]
+
+    # 1. Limits, on what the client sent.
+    for rule in (r for r in in_scope_rules if isinstance(r, LimitRule)):
+        violations = limit_violations(rule, msgs, tokenizer_count)
+        for detail in violations:
+            decide(rule, rule.action, detail=detail)
+        if violations and rule.mode == "enforce" and rule.action == "block":
+            return blocked(rule)
+        if rule.max_output_tokens is not None and (max_tokens is None or max_tokens > rule.max_output_tokens):
+            decide(rule, "limit", detail=f"max_tokens {max_tokens} -> {rule.max_output_tokens}")
+            if rule.mode == "enforce":
+                max_tokens = rule.max_output_tokens
+
+    # 2. Invisible and control characters.
+    for urule in (r for r in in_scope_rules if isinstance(r, UnicodeRule)):
+        for mi, message in enumerate(msgs):
+            for key, text in _text_parts(message):
+                bad = bad_chars(text, urule)
+                if not bad:
+                    continue
+                shown = ", ".join(sorted({f"U+{ord(text[i]):04X}" for i in bad})[:8])
+                decide(urule, urule.action, message_index=mi, span=(bad[0], bad[-1] + 1), detail=f"{len(bad)}: {shown}")
+                if urule.mode != "enforce":
+                    continue
+                if urule.action == "block":
+                    return blocked(urule)
+                if urule.action == "strip":
+                    drop = set(bad)
+                    _set_text(message, key, "".join(ch for i, ch in enumerate(text) if i not in drop))
+
+    # 3. Keyword, regex and preset rules, message by message.
+    stage = ps.stages["input"]
+    if stage.rules:
+        for mi, message in enumerate(msgs):
+            active = active_indices(stage, ctx, role=str(message.get("role", "")))
+            if not active:
+                continue
+            for key, text in _text_parts(message):
+                m = Matcher(stage, active, stage_name="input", version=ps.version, on_decision=record, message_index=mi)
+                m.feed(text)
+                m.finish()
+                if m.stopped:
+                    return InputResult(msgs, True, m.refusal, max_tokens, decisions, ps.version)
+                if m.final_text != text:
+                    _set_text(message, key, m.final_text)
+
+    # 4. Operator instructions: one system message at the front (chat templates want at most one).
+    texts = []
+    for irule in (r for r in in_scope_rules if isinstance(r, InstructionsRule)):
+        decide(irule, "instruct")
+        if irule.mode == "enforce":
+            texts.append(irule.text.strip())
+    if texts:
+        text = "\n\n".join(texts)
+        if msgs and msgs[0].get("role") == "system" and isinstance(msgs[0].get("content"), str):
+            msgs[0]["content"] = text + "\n\n" + msgs[0]["content"]
+        else:
+            msgs.insert(0, {"role": "system", "content": text})
+    return InputResult(msgs, False, None, max_tokens, decisions, ps.version)

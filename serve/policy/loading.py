@@ -1,0 +1,202 @@
+"""Reading rule files into a compiled `PolicySet`, and keeping the last good set when a reload fails.
+
+`load_policy_set` parses, validates and compiles every file of a directory completely, or raises a
+`PolicyError` located by file, rule id and field. `RuleSetLoader` holds the active set: the initial
+load must succeed (the server refuses to start otherwise); a reload that fails keeps the active set
+and reports why; `watch` reloads whenever a rule file changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from serve.policy.compiler import CompiledStage, MatchRuleModel, compile_stage
+from serve.policy.errors import PolicyError
+from serve.policy.metrics import PolicyMetrics
+from serve.policy.results import ReloadResult
+from serve.policy.schema import MATCH_KINDS, RuleFile
+
+log = logging.getLogger("secondstage.policy")
+
+
+@dataclass
+class PolicySet:
+    """One loaded, compiled rule set. Immutable once built; a reload builds a new one."""
+
+    version: str  # content hash of every rule file (name and bytes)
+    rules: list[Any]  # rule models, in order: files by name, rules in file order
+    rule_files: dict[str, str]  # rule id -> file it came from
+    stages: dict[str, CompiledStage]
+    files: list[str]
+
+    @property
+    def hold_back(self) -> int:
+        """Most characters the output filter can hold back (the widest output pattern)."""
+        return self.stages["output"].hold_back
+
+    def rule(self, rule_id: str) -> Any | None:
+        return next((r for r in self.rules if r.id == rule_id), None)
+
+    def summary(self) -> list[dict[str, Any]]:
+        out = []
+        for r in self.rules:
+            item: dict[str, Any] = {
+                "id": r.id,
+                "kind": r.kind,
+                "action": r.action,
+                "mode": r.mode,
+                "stages": list(r.stages),
+                "description": r.description,
+                "file": self.rule_files[r.id],
+            }
+            if r.scope is not None:
+                item["scope"] = r.scope.model_dump(exclude_none=True)
+            out.append(item)
+        return out
+
+
+def _rule_files(policies_dir: Path) -> list[Path]:
+    if not policies_dir.is_dir():
+        raise PolicyError(f"policies directory {str(policies_dir)!r} does not exist; create it or set policies_dir")
+    return sorted(
+        p
+        for p in policies_dir.iterdir()
+        if p.is_file() and p.suffix in (".yaml", ".yml") and not p.name.startswith((".", "#"))
+    )
+
+
+def _validation_error(exc: ValidationError, data: Any, file: str) -> PolicyError:
+    err = exc.errors()[0]
+    loc = list(err["loc"])
+    rule_id = None
+    fld: str | None = None
+    if len(loc) >= 2 and loc[0] == "rules" and isinstance(loc[1], int):
+        raw = data.get("rules", [])[loc[1]] if isinstance(data, dict) else None
+        rule_id = str(raw.get("id")) if isinstance(raw, dict) and raw.get("id") is not None else f"#{loc[1] + 1}"
+        rest = loc[2:]
+        if rest and rest[0] in (*MATCH_KINDS, "limit", "instructions", "unicode"):
+            rest = rest[1:]  # the union's tag, not a field
+        if err["type"].startswith("union_tag"):
+            rest = ["kind"]
+        fld = ".".join(str(p) for p in rest) or None
+    else:
+        fld = ".".join(str(p) for p in loc) or None
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field (check the spelling; see docs/policies.md)"
+    more = len(exc.errors()) - 1
+    if more:
+        msg += f" (and {more} more error{'s' if more > 1 else ''} in this file)"
+    return PolicyError(msg, file=file, rule_id=rule_id, field=fld)
+
+
+def load_policy_set(policies_dir: Path) -> PolicySet:
+    """Parse, validate and compile every rule file in `policies_dir`; PolicyError on the first problem."""
+    paths = _rule_files(policies_dir)
+    digest = hashlib.sha256()
+    rules: list[Any] = []
+    rule_files: dict[str, str] = {}
+    for path in paths:
+        file = str(path)
+        raw = path.read_bytes()
+        digest.update(path.name.encode() + b"\0" + raw + b"\0")
+        try:
+            data = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise PolicyError(f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", file=file) from None
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            raise PolicyError("a rule file must be a mapping with a `rules:` list", file=file)
+        try:
+            parsed = RuleFile.model_validate(data)
+        except ValidationError as exc:
+            raise _validation_error(exc, data, file) from None
+        defaults = parsed.defaults
+        for rule in parsed.rules:
+            update: dict[str, Any] = {}
+            if defaults is not None and defaults.mode is not None and "mode" not in rule.model_fields_set:
+                update["mode"] = defaults.mode
+            if defaults is not None and defaults.refusal is not None and getattr(rule, "refusal", "") is None:
+                update["refusal"] = defaults.refusal
+            if update:
+                rule = rule.model_copy(update=update)
+            if rule.id in rule_files:
+                raise PolicyError(
+                    f"duplicate rule id (also defined in {rule_files[rule.id]})", file=file, rule_id=rule.id, field="id"
+                )
+            rule_files[rule.id] = file
+            rules.append(rule)
+    stages = {}
+    for stage in ("input", "output"):
+        entries: list[tuple[MatchRuleModel, str]] = [
+            (r, rule_files[r.id]) for r in rules if r.kind in MATCH_KINDS and stage in r.stages
+        ]
+        stages[stage] = compile_stage(entries)
+    return PolicySet(
+        version=digest.hexdigest()[:16],
+        rules=rules,
+        rule_files=rule_files,
+        stages=stages,
+        files=[str(p) for p in paths],
+    )
+
+
+class RuleSetLoader:
+    """The active rule set of one directory: loaded once, reloaded safely, optionally watched."""
+
+    def __init__(self, policies_dir: Path, metrics: PolicyMetrics) -> None:
+        self.policies_dir = Path(policies_dir)
+        self._metrics = metrics
+        self.current: PolicySet | None = None
+
+    def load(self) -> PolicySet:
+        """Initial load: raises PolicyError on any invalid file (the server should refuse to start)."""
+        self.current = load_policy_set(self.policies_dir)
+        self._metrics.set_version(self.current.version)
+        log.info(
+            "policy rule set %s loaded: %d rules from %d files, output hold-back %d chars",
+            self.current.version,
+            len(self.current.rules),
+            len(self.current.files),
+            self.current.hold_back,
+        )
+        return self.current
+
+    def reload(self) -> ReloadResult:
+        """Build the set from the files again; on error keep the active one and report why."""
+        previous = self.current.version if self.current is not None else None
+        try:
+            new = load_policy_set(self.policies_dir)
+        except PolicyError as exc:
+            self._metrics.reloads.labels(result="error").inc()
+            log.error("policy reload rejected, keeping rule set %s: %s", previous, exc)
+            return ReloadResult(ok=False, version=previous or "", previous_version=previous, error=exc)
+        self.current = new
+        self._metrics.reloads.labels(result="ok").inc()
+        self._metrics.set_version(new.version)
+        if new.version != previous:
+            log.info("policy rule set %s -> %s (%d rules)", previous, new.version, len(new.rules))
+        return ReloadResult(ok=True, version=new.version, previous_version=previous)
+
+    async def watch(self, stop_event: asyncio.Event, *, debounce_ms: int = 300) -> None:
+        """Reload whenever a rule file in the directory changes, until `stop_event` is set."""
+        import watchfiles
+
+        def yaml_only(_change: watchfiles.Change, path: str) -> bool:
+            return path.endswith((".yaml", ".yml"))
+
+        async for _changes in watchfiles.awatch(
+            self.policies_dir, watch_filter=yaml_only, stop_event=stop_event, debounce=debounce_ms, recursive=False
+        ):
+            await asyncio.to_thread(self.reload)

@@ -1,0 +1,41 @@
+"""Who is asking, and which rules apply to them: a rule's `scope` globs and, on input, its `roles`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from serve.policy.compiler import CompiledStage
+from serve.policy.schema import Rule
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """Who is asking: what scope globs are matched against."""
+
+    api_key: str | None
+    user: str | None
+    model: str
+
+
+def in_scope(rule: Rule, ctx: RequestContext) -> bool:
+    scope = rule.scope
+    if scope is None:
+        return True
+    for globs, value in ((scope.api_keys, ctx.api_key), (scope.users, ctx.user), (scope.models, ctx.model)):
+        if globs is not None and not any(fnmatchcase(value or "", g) for g in globs):
+            return False
+    return True
+
+
+def active_indices(stage: CompiledStage, ctx: RequestContext, role: str | None = None) -> list[int]:
+    """The indices of the stage's rules that apply to this caller (and, if given, to a message of this role)."""
+    out = []
+    for r in stage.rules:
+        rule = r.rule
+        if not in_scope(rule, ctx):
+            continue
+        if role is not None and rule.roles is not None and role not in rule.roles:
+            continue
+        out.append(r.index)
+    return out
