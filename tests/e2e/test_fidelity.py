@@ -665,6 +665,7 @@ def test_disconnect_mid_stream_aborts_generation(server: Server) -> None:
     before = metric(server.url, generated)
     body = {"model": MODEL, "messages": HI, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
     rid = f"disconnect-{uuid.uuid4().hex[:8]}"
+    opened = time.monotonic()
     with httpx.stream(
         "POST", server.url + "/v1/chat/completions", json=body, headers={"x-request-id": rid}, timeout=60
     ) as r:
@@ -672,6 +673,7 @@ def test_disconnect_mid_stream_aborts_generation(server: Server) -> None:
         data = [line for line in _take(r.iter_lines(), 12) if line.startswith("data: ")]
         assert len(data) >= 3
         completion_id = json.loads(data[0][len("data: ") :])["id"]
+    left_after = time.monotonic() - opened
     # Leaving the block closed the connection.
     client = redis.Redis.from_url(server.redis.url)
     key = Keys().completion(completion_id)
@@ -679,7 +681,8 @@ def test_disconnect_mid_stream_aborts_generation(server: Server) -> None:
     assert raw is not None, f"no record for {completion_id} reached Redis:\n{server.log_tail()}"
     record = json.loads(raw)
     tokens = record["choices"][0]["completion_tokens"]
-    assert record["status"] == "aborted", {k: record[k] for k in ("status", "choices", "latency_s", "usage")}
+    seen = {k: record[k] for k in ("status", "choices", "latency_s", "usage")}
+    assert record["status"] == "aborted", f"the client left after {left_after:.2f} s; the record: {seen}"
     assert record["choices"][0]["finish_reason"] is None, "an aborted choice has no finish reason"
     assert 1 <= tokens < max_tokens, f"{tokens} tokens recorded: the request was not cut short"
     # The record is written after the engine request was aborted: the counter settles below max_tokens.
