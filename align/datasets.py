@@ -6,7 +6,8 @@
 - a preferred choice (n > 1) → DPO pairs: the preferred answer against each other choice;
 - a policy pair → a DPO pair: chosen = the enforced rewrite, rejected = what the model said.
 
-Identical rows are kept once (a cap against copy-paste poisoning). `export_jsonl` writes the same rows as
+The records arrive typed and validated (core/records.py), so a row is built from fields, never guessed from dict
+keys. Identical rows are kept once (a cap against copy-paste poisoning). `export_jsonl` writes the same rows as
 JSONL files that `datasets.load_dataset("json", ...)` and TRL read as they are.
 """
 
@@ -21,46 +22,27 @@ from typing import Any
 from datasets import Dataset
 
 from align.feedback import FeedbackBatch, FeedbackItem
+from core.records import FeedbackRecord, Message
 
 Messages = list[dict[str, str]]
 
 
-def _content(value: Any) -> str:
-    """Message content as text: OpenAI allows a list of content parts; keep their text."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return "".join(str(p.get("text", "")) for p in value if isinstance(p, dict))
-    return "" if value is None else str(value)
-
-
-def _messages(raw: list[dict[str, Any]]) -> Messages:
-    return [{"role": str(m["role"]), "content": _content(m.get("content"))} for m in raw]
+def _messages(raw: list[Message]) -> Messages:
+    return [{"role": m.role, "content": m.content} for m in raw]
 
 
 def _assistant(text: str) -> Messages:
     return [{"role": "assistant", "content": text}]
 
 
-def _choice_text(completion: dict[str, Any], index: int) -> str | None:
-    for choice in completion.get("choices") or []:
-        if int(choice.get("index", -1)) == index:
-            return str(choice.get("text") or "")
-    return None
-
-
-def kto_label(data: dict[str, Any]) -> bool | None:
+def kto_label(feedback: FeedbackRecord) -> bool | None:
     """Desirable (True), undesirable (False) or no signal (None); explicit thumbs win over the rating."""
-    thumbs = data.get("thumbs")
-    if thumbs == "up":
-        return True
-    if thumbs == "down":
-        return False
-    rating = data.get("rating")
-    if isinstance(rating, int | float) and not isinstance(rating, bool):
-        if rating >= 4:
+    if feedback.thumbs is not None:
+        return feedback.thumbs == "up"
+    if feedback.rating is not None:
+        if feedback.rating >= 4:
             return True
-        if rating <= 2:
+        if feedback.rating <= 2:
             return False
     return None
 
@@ -124,34 +106,26 @@ class _Builder:
         return True
 
     def feedback(self, item: FeedbackItem) -> bool:
-        data, completion = item.data, item.completion
-        try:
-            prompt = _messages(completion["messages"])
-        except (KeyError, TypeError):
-            self.data.counts["skipped_bad_record"] += 1
-            return False
-        index = data.get("choice_index")
-        index = 0 if index is None else int(index)
-        answer = _choice_text(completion, index)
+        feedback, completion = item.feedback, item.completion
+        prompt = _messages(completion.messages)
+        answer = completion.choice(feedback.choice_index)
         if answer is None:
             self.data.counts["skipped_bad_choice"] += 1
             return False
         used = False
-        label = kto_label(data)
+        label = kto_label(feedback)
         if label is not None:
-            used |= self.kto(prompt, answer, label)
-        correction = data.get("correction")
-        if isinstance(correction, str) and correction.strip():
-            used |= self.dpo(prompt, correction, answer, "correction")
-        preferred = data.get("preferred_choice")
-        if isinstance(preferred, int) and not isinstance(preferred, bool):
-            best = _choice_text(completion, preferred)
+            used |= self.kto(prompt, answer.text, label)
+        if feedback.correction is not None and feedback.correction.strip():
+            used |= self.dpo(prompt, feedback.correction, answer.text, "correction")
+        if feedback.preferred_choice is not None:
+            best = completion.choice(feedback.preferred_choice)
             if best is None:
                 self.data.counts["skipped_bad_choice"] += 1
             else:
-                for choice in completion.get("choices") or []:
-                    if int(choice.get("index", -1)) != preferred:
-                        used |= self.dpo(prompt, best, str(choice.get("text") or ""), "preferred")
+                for choice in completion.choices:
+                    if choice.index != best.index:
+                        used |= self.dpo(prompt, best.text, choice.text, "preferred")
         if not used:
             self.data.counts["feedback_without_rows"] += 1
         return used
@@ -163,14 +137,10 @@ def build_datasets(batch: FeedbackBatch) -> AlignData:
     for item in batch.feedback:
         if builder.feedback(item):
             builder.data.feedback_ids.append(item.id)
-    for pair in batch.policy_pairs:
-        try:
-            prompt = _messages(pair.prompt)
-        except (KeyError, TypeError):
-            builder.data.counts["skipped_bad_record"] += 1
-            continue
-        if builder.dpo(prompt, pair.chosen, pair.rejected, "policy"):
-            builder.data.policy_pair_ids.append(pair.id)
+    for pair_item in batch.policy_pairs:
+        pair = pair_item.pair
+        if builder.dpo(_messages(pair.prompt), pair.chosen, pair.rejected, "policy"):
+            builder.data.policy_pair_ids.append(pair_item.id)
     for reason, n in batch.skipped.items():
         builder.data.counts[f"skipped_{reason}"] += n
     return builder.data

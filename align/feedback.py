@@ -10,14 +10,15 @@ both through the consumer group `keys.align_group`:
 - `consume=False` (dry runs, `feedback export`) only looks: it reads the group's pending entries and those past
   its last-delivered id with XRANGE and changes nothing in Redis.
 
-Logging is at-least-once, so entries are deduplicated by their `id`. Feedback whose completion record is gone is
-skipped and counted. At most `max_rows_per_user` feedback entries per user are taken in one run; the rest stay
-pending for later runs, so one user cannot dominate a version.
+Entries are decoded into the typed records of core/records.py (`FeedbackRecord`, `PolicyPair`, and the
+`CompletionRecord` each feedback refers to); an entry that does not decode is skipped and counted as malformed.
+Logging is at-least-once, so entries are deduplicated by their `id`. Feedback whose completion record is gone (or
+unreadable) is skipped and counted. At most `max_rows_per_user` feedback entries per user are taken in one run; the
+rest stay pending for later runs, so one user cannot dominate a version.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any
 import redis
 
 from core.keys import Keys
+from core.records import CompletionRecord, FeedbackRecord, PolicyPair, RecordError, decode
 
 _PAGE = 500
 
@@ -41,8 +43,8 @@ class FeedbackItem:
     id: str
     entry_id: str
     completion_id: str
-    data: dict[str, Any]
-    completion: dict[str, Any]
+    feedback: FeedbackRecord
+    completion: CompletionRecord
     user: str
 
 
@@ -53,11 +55,7 @@ class PolicyPairItem:
     id: str
     entry_id: str
     completion_id: str | None
-    prompt: list[dict[str, Any]]
-    chosen: str
-    rejected: str
-    rule_ids: list[str]
-    ruleset_version: str
+    pair: PolicyPair
 
 
 @dataclass
@@ -67,7 +65,8 @@ class FeedbackBatch:
     to_ack: dict[str, list[str]] = field(default_factory=dict)
     """Stream key → entry ids delivered through the group, to XACK once the run is published."""
     skipped: Counter[str] = field(default_factory=Counter)
-    """Why entries were left out: duplicate, malformed, missing_completion, user_cap (deferred to a later run)."""
+    """Why entries were left out: duplicate, malformed, missing_completion, malformed_completion, user_cap (deferred
+    to a later run)."""
 
     @property
     def entries(self) -> int:
@@ -221,30 +220,27 @@ class FeedbackReader:
     def _parse_feedback(self, entries: Iterable[tuple[str, dict[str, str]]], batch: FeedbackBatch) -> set[str]:
         """Fill `batch.feedback`; return the entry ids deferred by the per-user cap."""
         seen: set[str] = set()
-        candidates: list[tuple[str, dict[str, Any]]] = []
+        candidates: list[tuple[str, FeedbackRecord]] = []
         for entry_id, fields in entries:
             try:
-                data = json.loads(fields["data"])
-                fb_id = str(data.get("id") or fields["id"])
-                completion_id = str(data.get("completion_id") or fields["completion_id"])
-            except (KeyError, ValueError, TypeError, AttributeError):
+                record = decode(fields["data"], FeedbackRecord)
+            except (KeyError, RecordError):
                 batch.skipped["malformed"] += 1
                 continue
-            if fb_id in seen:
+            if record.id in seen:
                 batch.skipped["duplicate"] += 1
                 continue
-            seen.add(fb_id)
-            data["id"], data["completion_id"] = fb_id, completion_id
-            candidates.append((entry_id, data))
-        completions = self._completions([d["completion_id"] for _, d in candidates])
+            seen.add(record.id)
+            candidates.append((entry_id, record))
+        completions = self._completions([r.completion_id for _, r in candidates], batch)
         per_user: Counter[str] = Counter()
         deferred: set[str] = set()
-        for entry_id, data in candidates:
-            completion = completions.get(data["completion_id"])
+        for entry_id, record in candidates:
+            completion = completions.get(record.completion_id)
             if completion is None:
                 batch.skipped["missing_completion"] += 1
                 continue
-            user = str(data.get("user") or completion.get("user") or completion.get("key") or "anonymous")
+            user = record.user or completion.user or completion.key or "anonymous"
             if per_user[user] >= self.max_rows_per_user:
                 batch.skipped["user_cap"] += 1
                 deferred.add(entry_id)
@@ -252,53 +248,50 @@ class FeedbackReader:
             per_user[user] += 1
             batch.feedback.append(
                 FeedbackItem(
-                    id=data["id"],
+                    id=record.id,
                     entry_id=entry_id,
-                    completion_id=data["completion_id"],
-                    data=data,
+                    completion_id=record.completion_id,
+                    feedback=record,
                     completion=completion,
                     user=user,
                 )
             )
         return deferred
 
-    def _completions(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+    def _completions(self, ids: list[str], batch: FeedbackBatch) -> dict[str, CompletionRecord]:
         unique = list(dict.fromkeys(ids))
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, CompletionRecord] = {}
         for start in range(0, len(unique), _PAGE):
             chunk = unique[start : start + _PAGE]
             for cid, raw in zip(chunk, self.client.mget([self.keys.completion(c) for c in chunk]), strict=True):
                 if raw is None:
                     continue
                 try:
-                    record = json.loads(raw)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("messages"), list):
-                    out[cid] = record
+                    out[cid] = decode(raw, CompletionRecord)
+                except RecordError:
+                    # Its feedback is then skipped as missing_completion; this counts why, once per completion.
+                    batch.skipped["malformed_completion"] += 1
         return out
 
     def _parse_policy_pairs(self, entries: Iterable[tuple[str, dict[str, str]]], batch: FeedbackBatch) -> None:
         seen: set[str] = set()
         for entry_id, fields in entries:
             try:
-                data = json.loads(fields["data"])
-                pair_id = str(data.get("id") or fields["id"])
-                item = PolicyPairItem(
-                    id=pair_id,
-                    entry_id=entry_id,
-                    completion_id=data.get("completion_id") or fields.get("completion_id"),
-                    prompt=list(data["prompt"]),
-                    chosen=str(data["chosen"]),
-                    rejected=str(data["rejected"]),
-                    rule_ids=[str(r) for r in data.get("rule_ids") or []],
-                    ruleset_version=str(data.get("ruleset_version", "")),
-                )
-            except (KeyError, ValueError, TypeError, AttributeError):
+                pair = decode(fields["data"], PolicyPair)
+                # Pairs written before the record carried its ids have them only in the entry's fields.
+                pair_id = pair.id or fields["id"]
+            except (KeyError, RecordError):
                 batch.skipped["malformed"] += 1
                 continue
             if pair_id in seen:
                 batch.skipped["duplicate"] += 1
                 continue
             seen.add(pair_id)
-            batch.policy_pairs.append(item)
+            batch.policy_pairs.append(
+                PolicyPairItem(
+                    id=pair_id,
+                    entry_id=entry_id,
+                    completion_id=pair.completion_id or fields.get("completion_id"),
+                    pair=pair,
+                )
+            )

@@ -22,12 +22,13 @@ import redis
 from rich.console import Console
 
 from align.datasets import AlignData, build_datasets
-from align.feedback import FeedbackReader
+from align.feedback import FeedbackBatch, FeedbackReader
 from align.gate import describe_failure, evaluate_gate
 from align.settings import AlignSettings
 from align.train import train_adapter
 from core.keys import Keys
-from core.versions import BASE, Manifest, Registry, VersionError, VersionStore
+from core.records import BASE, Manifest
+from core.versions import Registry, VersionError, VersionStore
 
 Status = Literal["published", "insufficient", "locked", "dry_run", "gate_failed"]
 
@@ -206,7 +207,7 @@ def _publish(
     registry: Registry,
     store: VersionStore,
     reader: FeedbackReader,
-    batch: Any,
+    batch: FeedbackBatch,
     data: AlignData,
     trained: Any,
     gate: dict[str, Any],

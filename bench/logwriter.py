@@ -39,6 +39,14 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from core.keys import Keys  # noqa: E402
+from core.records import (  # noqa: E402
+    ChoiceRecord,
+    CompletionRecord,
+    Message,
+    PolicyDecision,
+    PolicyTrace,
+    Usage,
+)
 from core.redis_server import PrivateRedis  # noqa: E402
 from serve.logwriter import LogWriter, Record  # noqa: E402
 from serve.services.records import Recorder  # noqa: E402
@@ -52,8 +60,8 @@ INSTRUCTIONS = (
 )
 
 
-def completion_record(i: int) -> dict[str, Any]:
-    """A record shaped like the chat service's (serve/services/chat.py `_finish`), ~1.5 KB as JSON."""
+def completion_record(i: int) -> CompletionRecord:
+    """A record as the chat service builds it (serve/services/chat.py `_finish`), ~1.5 KB as JSON."""
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     question = f"Question {i}: what colour is the sky on a clear summer afternoon, and why does it look that way?"
     answer = (
@@ -61,39 +69,36 @@ def completion_record(i: int) -> dict[str, Any]:
         "you see scattered blue light from every direction. At sunset the light crosses more air and the "
         f"blue is scattered away, which is why the sky turns orange and red. (answer {i})"
     )
-    return {
-        "id": cid,
-        "created": time.time(),
-        "model": "demo",
-        "version": "v3",
-        "status": "finished",
-        "messages": [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": question}],
-        "endpoint": "chat",
-        "params": {"model": "demo", "n": 1, "temperature": 0.7, "max_tokens": 256, "stream": True},
-        "choices": [{"index": 0, "text": answer, "finish_reason": "stop", "completion_tokens": 61}],
-        "usage": {"prompt_tokens": 112, "completion_tokens": 61, "total_tokens": 173},
-        "latency_s": 0.8123,
-        "ttft_s": 0.0412,
-        "user": f"user-{i % 97}",
-        "key": "3f2a9c1d",
-        "metadata": None,
-        "policy": {
-            "ruleset": "a1b2c3d4",
-            "decisions": [
-                {
-                    "rule_id": "behaviour.instructions",
-                    "kind": "instructions",
-                    "action": "prepend",
-                    "mode": "enforce",
-                    "stage": "input",
-                    "ruleset_version": "a1b2c3d4",
-                    "span": None,
-                    "message_index": 0,
-                    "detail": None,
-                }
+    return CompletionRecord(
+        id=cid,
+        created=time.time(),
+        model="demo",
+        version="v3",
+        status="ok",
+        messages=[Message(role="system", content=INSTRUCTIONS), Message(role="user", content=question)],
+        endpoint="chat",
+        params={"model": "demo", "n": 1, "temperature": 0.7, "max_tokens": 256, "stream": True},
+        choices=[ChoiceRecord(index=0, text=answer, finish_reason="stop", completion_tokens=61)],
+        usage=Usage(prompt_tokens=112, completion_tokens=61, total_tokens=173),
+        latency_s=0.8123,
+        ttft_s=0.0412,
+        user=f"user-{i % 97}",
+        key="3f2a9c1d",
+        metadata=None,
+        policy=PolicyTrace(
+            ruleset="a1b2c3d4",
+            decisions=[
+                PolicyDecision(
+                    rule_id="behaviour.instructions",
+                    kind="instructions",
+                    action="instruct",
+                    mode="enforce",
+                    stage="input",
+                    ruleset_version="a1b2c3d4",
+                )
             ],
-        },
-    }
+        ),
+    )
 
 
 class _Collect:

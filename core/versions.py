@@ -1,8 +1,9 @@
 """Model versions: immutable directories on disk plus a registry in Redis.
 
 A version is `var/models/versions/<name>/` holding `adapter/` (a PEFT LoRA
-adapter) and `manifest.json` (lineage and metrics). It is written to a temporary
-directory and renamed into place, so a reader never sees half a version. The
+adapter) and `manifest.json` (lineage and metrics: the `Manifest` record of
+core/records.py, re-exported here). It is written to a temporary directory and
+renamed into place, so a reader never sees half a version. The
 registry (a Redis hash of manifests, the active-version key and the events
 channel) is what serving follows; `BASE` means the base model with no adapter.
 """
@@ -14,34 +15,21 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
+import msgspec
 import redis
-from pydantic import BaseModel, Field
 
 from core.keys import Keys
+from core.records import BASE, Manifest, RecordError, decode, encode
 
-BASE = "base"
+__all__ = ["BASE", "Manifest", "Registry", "VersionError", "VersionStore", "version_number"]
+
 _NAME = re.compile(r"^v(\d+)$")
 
 
 class VersionError(Exception):
     """A version that does not exist or cannot be used."""
-
-
-class Manifest(BaseModel):
-    version: str
-    parent: str = Field(BASE, description="Version the adapter was trained from.")
-    base_model: str
-    created: float = Field(default_factory=time.time)
-    feedback_ids: list[str] = Field(default_factory=list)
-    policy_pair_ids: list[str] = Field(default_factory=list)
-    datasets: dict[str, int] = Field(default_factory=dict, description="Rows per dataset kind (kto, dpo).")
-    metrics: dict[str, float] = Field(default_factory=dict)
-    gate: dict[str, Any] = Field(default_factory=dict)
-    lora_rank: int = 8
 
 
 def version_number(name: str) -> int:
@@ -74,7 +62,10 @@ class VersionStore:
         path = self.path(version) / "manifest.json"
         if not path.is_file():
             raise VersionError(f"version {version!r} has no manifest at {path}")
-        return Manifest.model_validate_json(path.read_text())
+        try:
+            return decode(path.read_bytes(), Manifest)
+        except RecordError as exc:
+            raise VersionError(f"version {version!r} has an unreadable manifest at {path}: {exc}") from exc
 
     def write(self, manifest: Manifest, adapter_dir: Path) -> Path:
         """Copy the adapter and manifest into place atomically (rename of a complete directory)."""
@@ -85,7 +76,7 @@ class VersionStore:
         tmp = Path(tempfile.mkdtemp(prefix=f".{manifest.version}-", dir=self.root))
         try:
             shutil.copytree(adapter_dir, tmp / "adapter")
-            (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=2))
+            (tmp / "manifest.json").write_bytes(msgspec.json.format(encode(manifest), indent=2))
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -101,11 +92,11 @@ class Registry:
         self.keys = keys
 
     def register(self, manifest: Manifest) -> None:
-        self.client.hset(self.keys.versions, manifest.version, manifest.model_dump_json())
+        self.client.hset(self.keys.versions, manifest.version, encode(manifest))
 
     def manifests(self) -> dict[str, Manifest]:
         raw = self.client.hgetall(self.keys.versions)
-        out = {k.decode() if isinstance(k, bytes) else k: Manifest.model_validate_json(v) for k, v in raw.items()}
+        out = {k.decode() if isinstance(k, bytes) else k: decode(v, Manifest) for k, v in raw.items()}
         return dict(sorted(out.items(), key=lambda kv: version_number(kv[0])))
 
     def active(self) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from core.records import Message, PolicyPair
 from serve.policy import input as input_stage
 from serve.policy.loading import PolicySet, RuleSetLoader
 from serve.policy.metrics import PolicyMetrics
@@ -107,7 +108,7 @@ class PolicyEngine:
         decisions: list[Decision],
         *,
         refusal: str | None = None,
-    ) -> dict[str, Any] | None:
+    ) -> PolicyPair | None:
         """A preference pair when an enforced output rule blocked or rewrote the response, else None.
 
         rejected = what the model wrote; chosen = the redacted text, or for a block the refusal
@@ -129,10 +130,10 @@ class PolicyEngine:
             chosen = final_text
         if chosen == original_text:
             return None
-        return {
-            "prompt": messages,
-            "rejected": original_text,
-            "chosen": chosen,
-            "rule_ids": sorted({d.rule_id for d in fired}),
-            "ruleset_version": fired[0].ruleset_version,
-        }
+        return PolicyPair(
+            prompt=[Message(role=m["role"], content=m["content"]) for m in messages],
+            rejected=original_text,
+            chosen=chosen,
+            rule_ids=sorted({d.rule_id for d in fired}),
+            ruleset_version=fired[0].ruleset_version,
+        )

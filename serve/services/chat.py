@@ -14,8 +14,21 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+import msgspec
+
+from core.records import (
+    ChoiceRecord,
+    CompletionRecord,
+    Endpoint,
+    FinishReason,
+    Message,
+    PolicyDecision,
+    PolicyTrace,
+    Status,
+    Usage,
+)
 from serve.errors import BadRequest, NotFound, to_error
 from serve.protocol import (
     AssistantMessage,
@@ -381,38 +394,49 @@ class ChatService:
         self.metrics.completion_tokens.labels(self.engine.model_name, job.version).inc(usage.completion_tokens)
         if self.recorder is None:
             return
-        decisions = [d.to_dict() for d in job.input_decisions]
+        decisions = [msgspec.convert(d, PolicyDecision, from_attributes=True) for d in job.input_decisions]
         for choice in job.choices:
             if choice.filter is not None:
-                decisions.extend({**d.to_dict(), "choice": choice.index} for d in choice.filter.decisions)
+                decisions.extend(
+                    msgspec.structs.replace(
+                        msgspec.convert(d, PolicyDecision, from_attributes=True), choice=choice.index
+                    )
+                    for d in choice.filter.decisions
+                )
         req = job.request
-        record = {
-            "id": job.id,
-            "created": job.started,
-            "model": self.engine.model_name,
-            "version": job.version,
-            "status": job.status,
-            "messages": job.messages,
-            "endpoint": job.route,
-            "params": req.model_dump(exclude={"messages", "prompt", "user", "metadata"}, exclude_none=True),
-            "choices": [
-                {
-                    "index": c.index,
-                    "text": "".join(c.text),
-                    **({"raw_text": "".join(c.raw)} if c.filter is not None and c.raw != c.text else {}),
-                    "finish_reason": c.finish_reason,
-                    "completion_tokens": c.tokens,
-                }
+        # Job and Choice hold status, route and finish reason as plain strings; the record's Literal types
+        # name the values they may take, and every reader validates them (tests/core/test_records_contract.py).
+        record = CompletionRecord(
+            id=job.id,
+            created=job.started,
+            model=self.engine.model_name,
+            version=job.version,
+            status=cast("Status", job.status),
+            messages=[Message(role=m["role"], content=m["content"]) for m in job.messages],
+            endpoint=cast("Endpoint", job.route),
+            params=req.model_dump(exclude={"messages", "prompt", "user", "metadata"}, exclude_none=True),
+            choices=[
+                ChoiceRecord(
+                    index=c.index,
+                    text="".join(c.text),
+                    raw_text="".join(c.raw) if c.filter is not None and c.raw != c.text else None,
+                    finish_reason=cast("FinishReason | None", c.finish_reason),
+                    completion_tokens=c.tokens,
+                )
                 for c in job.choices
             ],
-            "usage": usage.model_dump(),
-            "latency_s": now - job.started,
-            "ttft_s": None if job.first_token_at is None else job.first_token_at - job.started,
-            "user": req.user,
-            "key": job.caller.key_id,
-            "metadata": getattr(req, "metadata", None),
-            "policy": {"ruleset": job.ruleset, "decisions": decisions},
-        }
+            usage=Usage(
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                total_tokens=usage.total_tokens,
+            ),
+            latency_s=now - job.started,
+            ttft_s=None if job.first_token_at is None else job.first_token_at - job.started,
+            user=req.user,
+            key=job.caller.key_id,
+            metadata=getattr(req, "metadata", None),
+            policy=PolicyTrace(ruleset=job.ruleset, decisions=decisions),
+        )
         self.recorder.completion(record)
         if self.policy is not None:
             for choice in job.choices:

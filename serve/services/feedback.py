@@ -1,4 +1,4 @@
-"""User feedback on a completion: validated against the completion, then recorded."""
+"""User feedback on a completion: validated against the completion, then recorded as a `FeedbackRecord`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
+from core.records import FeedbackRecord
 from serve.errors import BadRequest, NotFound
 from serve.protocol import FeedbackRequest, FeedbackResponse
 
@@ -41,10 +42,20 @@ class FeedbackService:
             )
         now = time.time()
         feedback_id = f"fb-{uuid.uuid4().hex}"
-        record = {"id": feedback_id, "created": now, **req.model_dump()}
-        if record.get("user") is None:
-            record["user"] = user
-        self.recorder.feedback(record)
+        self.recorder.feedback(
+            FeedbackRecord(
+                id=feedback_id,
+                completion_id=req.completion_id,
+                created=now,
+                choice_index=req.choice_index,
+                thumbs=req.thumbs,
+                rating=req.rating,
+                comment=req.comment,
+                correction=req.correction,
+                preferred_choice=req.preferred_choice,
+                user=req.user if req.user is not None else user,
+            )
+        )
         for kind in KINDS:
             if getattr(req, kind) is not None:
                 label = f"thumbs_{req.thumbs}" if kind == "thumbs" else kind

@@ -1,20 +1,22 @@
 """What secondstage records in Redis: completions, feedback, policy-derived preference pairs.
 
-Records go through the bounded `LogWriter` (off the request path, spooled to disk
-while Redis is down). Each stream entry carries the schema version and the
+The records are the typed ones of core/records.py, JSON-encoded into the `data`
+field. They go through the bounded `LogWriter` (off the request path, spooled to
+disk while Redis is down). Each stream entry carries the schema version and the
 record's id, so at-least-once delivery can be deduplicated by readers.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict
 from typing import Any, Protocol
 
+import msgspec
 import redis.asyncio as aioredis
 
-from core.keys import SCHEMA_VERSION, Keys
+from core.keys import Keys
+from core.records import CompletionRecord, FeedbackRecord, PolicyPair, RecordError, decode, encode_text
 
 logger = logging.getLogger("secondstage.records")
 
@@ -39,42 +41,42 @@ class Recorder:
         self._recent: OrderedDict[str, int] = OrderedDict()
         self._recent_max = recent
 
-    def completion(self, record: dict[str, Any]) -> None:
-        record = {"schema": int(SCHEMA_VERSION), "kind": "completion", **record}
-        data = json.dumps(record, ensure_ascii=False)
-        self._remember(record["id"], len(record.get("choices", [])))
+    def completion(self, record: CompletionRecord) -> None:
+        data = encode_text(record)
+        self._remember(record.id, len(record.choices))
         self.writer.submit(
             self._record_cls(
                 stream=self.keys.completions,
-                fields={"schema": SCHEMA_VERSION, "id": record["id"], "data": data},
-                index_key=self.keys.completion(record["id"]),
+                fields={"schema": str(record.schema), "id": record.id, "data": data},
+                index_key=self.keys.completion(record.id),
                 index_value=data,
             )
         )
 
-    def feedback(self, record: dict[str, Any]) -> None:
-        record = {"schema": int(SCHEMA_VERSION), "kind": "feedback", **record}
+    def feedback(self, record: FeedbackRecord) -> None:
         self.writer.submit(
             self._record_cls(
                 stream=self.keys.feedback,
                 fields={
-                    "schema": SCHEMA_VERSION,
-                    "id": record["id"],
-                    "completion_id": record["completion_id"],
-                    "data": json.dumps(record, ensure_ascii=False),
+                    "schema": str(record.schema),
+                    "id": record.id,
+                    "completion_id": record.completion_id,
+                    "data": encode_text(record),
                 },
             )
         )
 
-    def policy_pair(self, pair_id: str, completion_id: str, pair: dict[str, Any]) -> None:
+    def policy_pair(self, pair_id: str, completion_id: str, pair: PolicyPair) -> None:
+        # The policy engine does not know the ids; the stored pair carries them like every other record.
+        pair = msgspec.structs.replace(pair, id=pair_id, completion_id=completion_id)
         self.writer.submit(
             self._record_cls(
                 stream=self.keys.policy_pairs,
                 fields={
-                    "schema": SCHEMA_VERSION,
+                    "schema": str(pair.schema),
                     "id": pair_id,
                     "completion_id": completion_id,
-                    "data": json.dumps(pair, ensure_ascii=False),
+                    "data": encode_text(pair),
                 },
             )
         )
@@ -100,4 +102,9 @@ class Recorder:
             return -1
         if raw is None:
             return None
-        return len(json.loads(raw).get("choices", []))
+        try:
+            return len(decode(raw, CompletionRecord).choices)
+        except RecordError as exc:
+            # Written by a server with another schema, or damaged: let align decide when it reads it.
+            logger.warning("cannot read completion %s (%s); accepting feedback unverified", key, exc)
+            return -1

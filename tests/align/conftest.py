@@ -6,7 +6,6 @@ here on a few sentences and a minimal chat template, so training runs offline in
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +16,16 @@ import pytest
 import redis
 
 from align.settings import AlignSettings
-from core.keys import SCHEMA_VERSION, Keys
+from core.keys import Keys
+from core.records import (
+    ChoiceRecord,
+    CompletionRecord,
+    FeedbackRecord,
+    Message,
+    PolicyPair,
+    Usage,
+    encode,
+)
 from core.redis_server import PrivateRedis
 
 CHAT_TEMPLATE = (
@@ -101,7 +109,7 @@ def client(settings: AlignSettings) -> Iterator[redis.Redis]:
 
 
 class Server:
-    """Writes completion records, feedback and policy pairs the way serve does (see serve/keys.py)."""
+    """Writes completion records, feedback and policy pairs the way serve's Recorder does (core/records.py)."""
 
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.client = client
@@ -109,65 +117,52 @@ class Server:
 
     def completion(self, prompt: str, *answers: str, user: str | None = None, cid: str | None = None) -> str:
         cid = cid or f"chatcmpl-{uuid.uuid4().hex[:12]}"
-        record = {
-            "schema": 1,
-            "kind": "completion",
-            "id": cid,
-            "created": time.time(),
-            "model": "tiny",
-            "version": "base",
-            "messages": [{"role": "user", "content": prompt}],
-            "params": {"temperature": 0.0, "n": len(answers)},
-            "choices": [
-                {"index": i, "text": a, "finish_reason": "stop", "completion_tokens": 3} for i, a in enumerate(answers)
+        record = CompletionRecord(
+            id=cid,
+            created=time.time(),
+            model="tiny",
+            version="base",
+            status="ok",
+            messages=[Message(role="user", content=prompt)],
+            params={"temperature": 0.0, "n": len(answers)},
+            choices=[
+                ChoiceRecord(index=i, text=a, finish_reason="stop", completion_tokens=3) for i, a in enumerate(answers)
             ],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 3 * len(answers)},
-            "latency_s": 0.01,
-            "user": user,
-            "key": None,
-            "policy": {"ruleset": "none", "decisions": []},
-        }
-        self.client.set(self.keys.completion(cid), json.dumps(record))
-        self.client.xadd(self.keys.completions, {"schema": SCHEMA_VERSION, "id": cid, "data": json.dumps(record)})
+            usage=Usage(prompt_tokens=5, completion_tokens=3 * len(answers), total_tokens=5 + 3 * len(answers)),
+            latency_s=0.01,
+            user=user,
+        )
+        data = encode(record)
+        self.client.set(self.keys.completion(cid), data)
+        self.client.xadd(self.keys.completions, {"schema": record.schema, "id": cid, "data": data})
         return cid
 
     def feedback(self, completion_id: str, *, fb_id: str | None = None, **fields: Any) -> str:
-        fb_id = fb_id or f"fb-{uuid.uuid4().hex[:12]}"
-        data = {
-            "schema": 1,
-            "kind": "feedback",
-            "id": fb_id,
-            "completion_id": completion_id,
-            "created": time.time(),
-            "choice_index": 0,
-            "thumbs": None,
-            "rating": None,
-            "comment": None,
-            "correction": None,
-            "preferred_choice": None,
-            "user": None,
-            **fields,
-        }
+        record = FeedbackRecord(
+            id=fb_id or f"fb-{uuid.uuid4().hex[:12]}", completion_id=completion_id, created=time.time(), **fields
+        )
         self.client.xadd(
             self.keys.feedback,
-            {"schema": SCHEMA_VERSION, "id": fb_id, "completion_id": completion_id, "data": json.dumps(data)},
+            {"schema": record.schema, "id": record.id, "completion_id": completion_id, "data": encode(record)},
         )
-        return fb_id
+        return record.id
 
     def policy_pair(self, prompt: str, rejected: str, chosen: str, *, pair_id: str | None = None) -> str:
-        pair_id = pair_id or f"pp-{uuid.uuid4().hex[:12]}"
-        data = {
-            "prompt": [{"role": "user", "content": prompt}],
-            "rejected": rejected,
-            "chosen": chosen,
-            "rule_ids": ["no-rudeness"],
-            "ruleset_version": "test-1",
-        }
+        pair = PolicyPair(
+            id=pair_id or f"pp-{uuid.uuid4().hex[:12]}",
+            completion_id="chatcmpl-x",
+            prompt=[Message(role="user", content=prompt)],
+            rejected=rejected,
+            chosen=chosen,
+            rule_ids=["no-rudeness"],
+            ruleset_version="test-1",
+        )
+        assert pair.id is not None
         self.client.xadd(
             self.keys.policy_pairs,
-            {"schema": SCHEMA_VERSION, "id": pair_id, "completion_id": "chatcmpl-x", "data": json.dumps(data)},
+            {"schema": pair.schema, "id": pair.id, "completion_id": "chatcmpl-x", "data": encode(pair)},
         )
-        return pair_id
+        return pair.id
 
 
 @pytest.fixture

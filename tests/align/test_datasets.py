@@ -11,24 +11,37 @@ from datasets import load_dataset
 
 from align.datasets import build_datasets, export_jsonl, kto_label
 from align.feedback import FeedbackBatch, FeedbackItem, PolicyPairItem
+from core.records import ChoiceRecord, CompletionRecord, FeedbackRecord, Message, PolicyPair, Usage
 
 PROMPT = [{"role": "user", "content": "What colour is the sky?"}]
 
 
-def completion(*answers: str) -> dict[str, Any]:
-    return {
-        "id": "chatcmpl-1",
-        "messages": [{"role": "user", "content": "What colour is the sky?", "name": "ignored"}],
-        "choices": [{"index": i, "text": a, "finish_reason": "stop"} for i, a in enumerate(answers)],
-    }
+def completion(*answers: str) -> CompletionRecord:
+    return CompletionRecord(
+        id="chatcmpl-1",
+        created=0.0,
+        model="tiny",
+        version="base",
+        status="ok",
+        messages=[Message(role="user", content="What colour is the sky?")],
+        choices=[
+            ChoiceRecord(index=i, text=a, finish_reason="stop", completion_tokens=1) for i, a in enumerate(answers)
+        ],
+        usage=Usage(),
+        latency_s=0.0,
+    )
 
 
-def item(fb_id: str, record: dict[str, Any], **data: Any) -> FeedbackItem:
+def feedback(fb_id: str = "f", **fields: Any) -> FeedbackRecord:
+    return FeedbackRecord(id=fb_id, completion_id="chatcmpl-1", created=0.0, **fields)
+
+
+def item(fb_id: str, record: CompletionRecord, **fields: Any) -> FeedbackItem:
     return FeedbackItem(
         id=fb_id,
         entry_id=f"{fb_id}-0",
-        completion_id=record["id"],
-        data={"id": fb_id, "choice_index": 0, **data},
+        completion_id=record.id,
+        feedback=feedback(fb_id, **fields),
         completion=record,
         user="u",
     )
@@ -47,13 +60,13 @@ def test_thumbs_become_kto_rows_in_conversational_format() -> None:
 
 
 def test_ratings_map_to_labels_and_thumbs_win() -> None:
-    assert kto_label({"rating": 5}) is True
-    assert kto_label({"rating": 4}) is True
-    assert kto_label({"rating": 3}) is None
-    assert kto_label({"rating": 2}) is False
-    assert kto_label({"rating": 1}) is False
-    assert kto_label({"thumbs": "up", "rating": 1}) is True
-    assert kto_label({"comment": "meh"}) is None
+    assert kto_label(feedback(rating=5)) is True
+    assert kto_label(feedback(rating=4)) is True
+    assert kto_label(feedback(rating=3)) is None
+    assert kto_label(feedback(rating=2)) is False
+    assert kto_label(feedback(rating=1)) is False
+    assert kto_label(feedback(thumbs="up", rating=1)) is True
+    assert kto_label(feedback(comment="meh")) is None
     rec = completion("Green.")
     data = build_datasets(FeedbackBatch(feedback=[item("a", rec, rating=3, comment="ok")]))
     assert data.usable == 0 and data.feedback_ids == []
@@ -96,11 +109,13 @@ def test_policy_pairs_become_dpo_pairs() -> None:
         id="pp-1",
         entry_id="1-0",
         completion_id="chatcmpl-1",
-        prompt=PROMPT,
-        chosen="I can't help with that.",
-        rejected="Here is how to do it.",
-        rule_ids=["r1"],
-        ruleset_version="1",
+        pair=PolicyPair(
+            prompt=[Message(role="user", content="What colour is the sky?")],
+            chosen="I can't help with that.",
+            rejected="Here is how to do it.",
+            rule_ids=["r1"],
+            ruleset_version="1",
+        ),
     )
     data = build_datasets(FeedbackBatch(policy_pairs=[pair]))
     assert data.policy_pair_ids == ["pp-1"]

@@ -22,7 +22,7 @@ def test_read_joins_completion_and_dedupes_by_id(client: redis.Redis, settings: 
     server.feedback("chatcmpl-gone", fb_id="fb-2", thumbs="up")
     batch = reader(client, settings).read()
     assert [f.id for f in batch.feedback] == ["fb-1"]
-    assert batch.feedback[0].completion["choices"][0]["text"] == "Green."
+    assert batch.feedback[0].completion.choices[0].text == "Green."
     assert batch.feedback[0].user == "alice"
     assert batch.skipped == {"duplicate": 1, "missing_completion": 1}
     # Every delivered entry is acknowledged with the run, duplicates and orphans included.

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from core.records import Message, PolicyPair
 from serve.policy import PolicyEngine, PolicyError, RequestContext, load_policy_set
 from tests.serve.policy.conftest import CTX, stream, write_rules
 
@@ -215,13 +216,13 @@ def test_policy_pair(engine: PolicyEngine, make_engine: Callable[..., PolicyEngi
     prompt = _user("my card?")
     out, f = stream(engine, ["It is 4111 1111 1111 1111."])
     pair = engine.policy_pair(prompt, f.original_text, f.final_text, f.decisions)
-    assert pair == {
-        "prompt": prompt,
-        "rejected": "It is 4111 1111 1111 1111.",
-        "chosen": "It is [CARD].",
-        "rule_ids": ["in.card"],
-        "ruleset_version": engine.active.version,
-    }
+    assert pair == PolicyPair(
+        prompt=[Message(role="user", content="my card?")],
+        rejected="It is 4111 1111 1111 1111.",
+        chosen="It is [CARD].",
+        rule_ids=["in.card"],
+        ruleset_version=engine.active.version,
+    )
     out, f = stream(engine, ["nothing to see"])
     assert engine.policy_pair(prompt, f.original_text, f.final_text, f.decisions) is None
 
@@ -232,8 +233,8 @@ def test_policy_pair(engine: PolicyEngine, make_engine: Callable[..., PolicyEngi
     out, f = stream(blocker, ["hello, the secret is 42"])
     assert out == "hello, the " and f.stopped
     pair = blocker.policy_pair(prompt, f.original_text, f.final_text, f.decisions)
-    assert pair is not None and pair["chosen"] == "Nope." and pair["rejected"] == "hello, the secret is 42"
-    assert pair["rule_ids"] == ["s"]
+    assert pair is not None and pair.chosen == "Nope." and pair.rejected == "hello, the secret is 42"
+    assert pair.rule_ids == ["s"]
     out, f = stream(blocker, ["hello there"])  # flag only: no pair
     assert blocker.policy_pair(prompt, f.original_text, f.final_text, f.decisions) is None
 
