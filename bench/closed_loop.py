@@ -94,9 +94,9 @@ def load_preference(spec: str) -> Preference:
 
 
 def split_prompts(n_train: int, n_heldout: int, seed: int) -> tuple[list[str], list[str]]:
-    from serve.demo.build import _facts, _qa_pairs
+    from serve.demo.dialogues import facts, qa_pairs
 
-    questions = [q for q, _ in _qa_pairs(_facts())]
+    questions = [q for q, _ in qa_pairs(facts())]
     random.Random(seed).shuffle(questions)
     if n_train + n_heldout > len(questions):
         raise SystemExit(
