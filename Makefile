@@ -33,7 +33,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/secondstage model demo
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python -m bench.run_all
 
 clean:
 	rm -rf var/redis var/spool .pytest_cache

@@ -1,7 +1,8 @@
 """The align job: feedback → datasets → LoRA → gate → version → publish, one run at a time.
 
 `run_once` is one run (what `secondstage align run` does); `run_every` repeats it (`--every 30m`).
-Only one run works at a time, across machines: it holds a Redis lock (SET NX EX) for its duration.
+Only one run works at a time, across machines: it holds redis-py's Redis lock, renewed while it runs, and
+publishes only if it still owns the lock then.
 A run publishes a version only when the gate passes; only then does it acknowledge the feedback it used, so
 anything that fails (training, gate, disk, Redis) leaves the feedback to the next run.
 """
@@ -12,13 +13,14 @@ import contextlib
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import redis
+from redis.exceptions import LockNotOwnedError
+from redis.lock import Lock
 from rich.console import Console
 
 from align.datasets import AlignData, build_datasets
@@ -56,26 +58,43 @@ class RunResult:
         return EXIT_CODES[self.status]
 
 
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+def align_lock(client: redis.Redis, key: str, ttl_s: int) -> Lock:
+    """redis-py's lock (SET NX PX with an owner token, released only by its owner); a second run gives up at once.
+
+    thread_local=False: the renewal thread (`renewing`) must see the token the run's thread acquired.
+    """
+    return client.lock(key, timeout=ttl_s, blocking=False, thread_local=False)
 
 
-class RedisLock:
-    """SET NX EX lock with an owner token; released only by its owner (a lock that expired and was retaken stays)."""
+@contextlib.contextmanager
+def renewing(lock: Lock, console: Console) -> Iterator[None]:
+    """Reset the lock's TTL every third of it while the block runs.
 
-    def __init__(self, client: redis.Redis, key: str, ttl_s: int) -> None:
-        self.client = client
-        self.key = key
-        self.ttl_s = ttl_s
-        self.token = f"{uuid.uuid4().hex}"
+    The TTL only has to cover a crash: a run longer than lock_ttl_s keeps its lock, and a crashed one frees it
+    within lock_ttl_s. A renewal that finds the lock gone (it expired while Redis was unreachable, say) stops;
+    the run then sees that before publishing.
+    """
+    stop = threading.Event()
+    every_s = float(lock.timeout or 0) / 3
 
-    def acquire(self) -> bool:
-        return bool(self.client.set(self.key, self.token, nx=True, ex=self.ttl_s))
+    def renew() -> None:
+        while not stop.wait(every_s):
+            try:
+                lock.reacquire()
+            except LockNotOwnedError:
+                console.print(f"[red]lost the align lock {lock.name}: this run will not publish")
+                return
+            except redis.RedisError as e:
+                # Redis may come back before the TTL runs out: keep trying.
+                console.print(f"[yellow]could not renew the align lock {lock.name}: {e}; retrying")
 
-    def release(self) -> bool:
-        return bool(self.client.eval(_RELEASE, 1, self.key, self.token))
-
-    def holder_ttl(self) -> int:
-        return int(self.client.ttl(self.key))
+    thread = threading.Thread(target=renew, name="align-lock-renewal", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @contextlib.contextmanager
@@ -129,24 +148,30 @@ def run_once(
             return run_once(settings, all_feedback=all_feedback, dry_run=dry_run, console=console, client=c)
 
     keys = Keys(settings.redis_prefix)
-    lock = RedisLock(client, keys.align_lock, settings.lock_ttl_s)
+    lock = align_lock(client, keys.align_lock, settings.lock_ttl_s)
     if not lock.acquire():
         msg = (
-            f"another align run holds the lock {keys.align_lock} (expires in {lock.holder_ttl()}s); "
+            f"another align run holds the lock {keys.align_lock} (expires in {client.ttl(keys.align_lock)}s); "
             "nothing done. If no run is alive, delete that key or wait for it to expire."
         )
         console.print(f"[yellow]{msg}")
         return RunResult("locked", msg)
     try:
-        return _run_locked(settings, client, keys, all_feedback=all_feedback, dry_run=dry_run, console=console)
+        with renewing(lock, console):
+            return _run_locked(
+                settings, client, keys, lock, all_feedback=all_feedback, dry_run=dry_run, console=console
+            )
     finally:
-        lock.release()
+        # A lock that expired (and may have been retaken) is not ours to delete: redis-py checks the token.
+        with contextlib.suppress(LockNotOwnedError):
+            lock.release()
 
 
 def _run_locked(
     settings: AlignSettings,
     client: redis.Redis,
     keys: Keys,
+    lock: Lock,
     *,
     all_feedback: bool,
     dry_run: bool,
@@ -199,6 +224,12 @@ def _run_locked(
             msg = f"gate failed, nothing published, feedback left for the next run: {describe_failure(gate)}"
             console.print(f"[red]{msg}")
             return RunResult("gate_failed", msg, parent=parent, counts=counts, metrics=trained.metrics, gate=gate)
+        # Publish only while this run owns the lock: one that lost it may be overlapping a newer run.
+        if not lock.owned():
+            raise AlignError(
+                f"lost the align lock {keys.align_lock} during the run (it expired or was deleted while it could "
+                "not be renewed; check Redis); nothing published, feedback left for the next run"
+            )
         return _publish(settings, registry, store, reader, batch, data, trained, gate, parent, parent_adapter, console)
 
 

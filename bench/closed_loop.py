@@ -1,6 +1,6 @@
 """Alignment efficacy: a simulated user with a clear preference drives the real system over HTTP, round by round.
 
-    .venv/bin/python bench/closed_loop.py [--rounds 5] [--train 64] [--heldout 40] [--preference house-style]
+    .venv/bin/python -m bench.closed_loop [--rounds 5] [--train 64] [--heldout 40] [--preference house-style]
 
 One secondstage server (default policies, Redis logging) on the demo model. Each round:
 chat on the training prompts → the simulated user gives feedback on every answer (thumbs up when it likes
@@ -20,31 +20,27 @@ The preference is pluggable: --preference NAME (built in: house-style, house-sty
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
+import asyncio
+import difflib
+import importlib
+import json
+import random
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+import httpx
+import redis
+from rich.console import Console
+from rich.table import Table
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import difflib  # noqa: E402
-import importlib  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any, Protocol  # noqa: E402
-
-import httpx  # noqa: E402
-import redis  # noqa: E402
-from _harness import PYTHON, ROOT, ensure_demo_model, running, secondstage_server, short_tmpdir, write_result  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from core.keys import Keys  # noqa: E402
-from core.redis_server import PrivateRedis  # noqa: E402
+from bench.harness import PYTHON, ROOT, ensure_demo_model, running, secondstage_server, short_tmpdir
+from bench.results import write_result
+from core.keys import Keys
+from core.redis_server import PrivateRedis
 
 console = Console(width=130)
 
@@ -98,9 +94,9 @@ def load_preference(spec: str) -> Preference:
 
 
 def split_prompts(n_train: int, n_heldout: int, seed: int) -> tuple[list[str], list[str]]:
-    from serve.demo.build import _facts, _qa_pairs
+    from serve.demo.dialogues import facts, qa_pairs
 
-    questions = [q for q, _ in _qa_pairs(_facts())]
+    questions = [q for q, _ in qa_pairs(facts())]
     random.Random(seed).shuffle(questions)
     if n_train + n_heldout > len(questions):
         raise SystemExit(

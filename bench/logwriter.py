@@ -1,9 +1,6 @@
 """Completion logging: records/s the LogWriter sustains into a real redis-server, and proof that none are lost.
 
-    .venv/bin/python bench/logwriter.py [--records 100000] [--outage-records 30000] [--outage-rate 5000]
-
-(Named logwriter.py, not logging.py: a bench/logging.py would shadow the standard library's `logging` for
-every script in this directory.)
+    .venv/bin/python -m bench.logwriter [--records 100000] [--outage-records 30000] [--outage-rate 5000]
 
 1. throughput: `--records` completion records (~1.5 KB JSON each, built by the server's own Recorder: one
    XADD to the completions stream + one SET of the lookup key per completion) submitted as fast as the
@@ -19,37 +16,27 @@ duplicates and missing lookup keys. Writes bench/results/logwriter.json.
 
 from __future__ import annotations
 
-import sys
+import argparse
+import asyncio
+import shutil
+import time
+import uuid
 from pathlib import Path
+from typing import Any
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+import prometheus_client
+import redis
+import redis.asyncio
+from rich.console import Console
+from rich.table import Table
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from typing import Any  # noqa: E402
-
-import prometheus_client  # noqa: E402
-import redis  # noqa: E402
-import redis.asyncio  # noqa: E402
-from _harness import fmt, short_tmpdir, write_result  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from core.keys import Keys  # noqa: E402
-from core.records import (  # noqa: E402
-    ChoiceRecord,
-    CompletionRecord,
-    Message,
-    PolicyDecision,
-    PolicyTrace,
-    Usage,
-)
-from core.redis_server import PrivateRedis  # noqa: E402
-from serve.logwriter import LogWriter, Record  # noqa: E402
-from serve.services.records import Recorder  # noqa: E402
+from bench.harness import short_tmpdir
+from bench.results import fmt, write_result
+from core.keys import Keys
+from core.records import ChoiceRecord, CompletionRecord, Message, PolicyDecision, PolicyTrace, Usage
+from core.redis_server import PrivateRedis
+from serve.logwriter import LogWriter, Record
+from serve.services.records import Recorder
 
 console = Console(width=130)
 KEYS = Keys("bench")

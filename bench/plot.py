@@ -1,6 +1,6 @@
 """The benchmark figures as one PNG: the closed-loop curve and the serving-overhead comparison.
 
-    .venv/bin/python bench/plot.py     # bench/results/{closed_loop,serving}.json → bench/results/bench.png
+    .venv/bin/python -m bench.plot [OUT]     # bench/results/{closed_loop,serving}.json → bench/results/bench.png
 
 Needs matplotlib (`.venv/bin/pip install matplotlib`); without it, says so and exits 0 (the JSON is the record).
 A panel whose JSON is missing is drawn empty with a note.
@@ -8,17 +8,10 @@ A panel whose JSON is missing is drawn empty with a note.
 
 from __future__ import annotations
 
-import json
-import sys
+import argparse
 from pathlib import Path
-from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _load(name: str) -> dict[str, Any] | None:
-    path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+from bench.results import RESULTS, load_result
 
 
 def plot(out: Path = RESULTS / "bench.png") -> Path | None:
@@ -32,7 +25,7 @@ def plot(out: Path = RESULTS / "bench.png") -> Path | None:
         return None
 
     fig, (loop_ax, serve_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    loop = _load("closed_loop")
+    loop = load_result("closed_loop")
     if loop:
         rounds = [r["round"] for r in loop["rounds"]]
         loop_ax.plot(rounds, [100 * r["heldout_rate"] for r in loop["rounds"]], "o-", label="held-out preferred")
@@ -57,7 +50,7 @@ def plot(out: Path = RESULTS / "bench.png") -> Path | None:
         loop_ax.text(0.5, 0.5, "no closed_loop.json", ha="center", transform=loop_ax.transAxes)
     loop_ax.set(title="Closed loop (demo model)", xlabel="align round (0 = base)", ylabel="%", ylim=(-5, 105))
 
-    serving = _load("serving")
+    serving = load_result("serving")
     if serving:
         names = [n for n, r in serving["results"].items() if "error" not in r]
         labels = [f"{n}\n{serving['labels'][n]}" for n in names]
@@ -80,5 +73,11 @@ def plot(out: Path = RESULTS / "bench.png") -> Path | None:
     return out
 
 
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", type=Path, default=RESULTS / "bench.png", help="the PNG to write")
+    plot(parser.parse_args().out)
+
+
 if __name__ == "__main__":
-    plot(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS / "bench.png")
+    main()

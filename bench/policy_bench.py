@@ -1,6 +1,6 @@
 """Output-filter cost: microseconds per streamed chunk with 10 vs 200 rules, and feed() throughput.
 
-    python bench/policy_bench.py            # prints a table, writes bench/results/policy_bench.json
+    .venv/bin/python -m bench.policy_bench   # prints a table, writes bench/results/policy_bench.json
 
 Rule sets are generated deterministically (fixed seed): presets from the shipped defaults plus
 keyword and regex rules. The text is English-like prose with a few secrets and PII mixed in, fed
@@ -10,18 +10,16 @@ server with policies on vs off is a separate, end-to-end measurement.
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from serve.policy import PolicyEngine, RequestContext  # noqa: E402
+from bench.results import RESULTS
+from serve.policy import PolicyEngine, RequestContext
 
 PRESETS = ["email", "phone", "credit_card", "us_ssn", "openai_key", "aws_access_key", "github_token", "private_key"]
 WORDS = str.split(
@@ -97,6 +95,7 @@ def engine_for(rules: str, directory: Path) -> tuple[PolicyEngine, float]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     text = make_text(20_000)
     chunks = chunks_of(text)
     results: dict[str, object] = {"chunks": len(chunks), "chars": len(text), "rule_sets": {}}
@@ -134,10 +133,10 @@ def main() -> None:
     print(f"{'rule set':<16}{'compile s':>10}{'us/chunk':>10}{'Mchar/s':>10}")
     for row in rows:
         print(f"{row[0]:<16}{row[1]:>10}{row[2]:>10}{row[3]:>10}")
-    out = ROOT / "bench" / "results" / "policy_bench.json"
+    out = RESULTS / "policy_bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

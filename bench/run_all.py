@@ -1,6 +1,6 @@
 """Every benchmark in sequence, then the plot and a one-screen summary (`make bench` runs this).
 
-    .venv/bin/python bench/run_all.py [--quick] [--skip serving,swap]
+    .venv/bin/python -m bench.run_all [--quick] [--skip serving,swap]
 
 Each benchmark runs as its own process (servers never overlap: the machine has 2 cores) and writes its
 JSON to bench/results/; a benchmark that fails is reported and the rest still run. These print figures
@@ -11,15 +11,12 @@ and do not judge them: the exit status is 0 unless a benchmark crashed. `--quick
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import Any
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+from bench.harness import ROOT
+from bench.results import load_result
 
 BENCHES: dict[str, tuple[list[str], list[str]]] = {
     # name: (full arguments, --quick arguments)
@@ -31,14 +28,9 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
-def _load(name: str) -> dict[str, Any] | None:
-    path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def summary() -> list[str]:
     lines = []
-    if (s := _load("serving")) and s.get("ratios"):
+    if (s := load_result("serving")) and s.get("ratios"):
         for name, modes in s["ratios"].items():
             st = modes["stream"]
             ttft = "-" if st["added_ttft_p50_ms"] is None else f"{st['added_ttft_p50_ms']:+.1f} ms"
@@ -47,21 +39,21 @@ def summary() -> list[str]:
                 f"added TTFT p50 {ttft}"
             )
         lines.extend(f"serving note: {n}" for n in s.get("notes", []))
-    if lw := _load("logwriter"):
+    if lw := load_result("logwriter"):
         tp, ot = lw["throughput"], lw["outage"]
         lines.append(
             f"logwriter: {tp['per_s']:,.0f} completions/s; missing {tp['check']['missing']} of "
             f"{tp['check']['written']:,}; across a Redis SIGKILL+restart missing {ot['check']['missing']} of "
             f"{ot['check']['written']:,} ({ot['check']['duplicates']} duplicates)"
         )
-    if sw := _load("swap"):
+    if sw := load_result("swap"):
         st = sw["streams"]
         lines.append(
             f"swap: idle p50 {sw['idle_swap_p50_s']:.3f}s max {sw['idle_swap_max_s']:.3f}s; under load p50 "
             f"{sw['loaded_swap_p50_s'] or float('nan'):.3f}s; {st['streams']} streams: {st['failed']} failed, "
             f"{st['mixed']} mixed, {st['mismatched']} mismatched"
         )
-    if cl := _load("closed_loop"):
+    if cl := load_result("closed_loop"):
         curve = " → ".join(f"{r['heldout_rate']:.0%}" for r in cl["rounds"])
         events = [r["feedback_events"] for r in cl["rounds"][1:]]
         lines.append(f"closed loop: held-out preferred {curve} (feedback/round {events}, {cl['total_s']:.0f}s)")
@@ -86,9 +78,10 @@ def main() -> int:
             continue
         print(f"\n=== {name} ===", flush=True)
         t0 = time.monotonic()
-        rc = subprocess.run([sys.executable, str(HERE / f"{name}.py"), *(quick if args.quick else full)]).returncode
+        argv = [sys.executable, "-m", f"bench.{name}", *(quick if args.quick else full)]
+        rc = subprocess.run(argv, cwd=ROOT).returncode
         status[name] = f"{'ok' if rc == 0 else f'FAILED (exit {rc})'} in {time.monotonic() - t0:.0f}s"
-    subprocess.run([sys.executable, str(HERE / "plot.py")])
+    subprocess.run([sys.executable, "-m", "bench.plot"], cwd=ROOT)
 
     print(f"\n=== summary ({time.monotonic() - t_all:.0f}s) ===")
     for name, st in status.items():

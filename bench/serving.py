@@ -1,6 +1,6 @@
 """Serving overhead: secondstage against vLLM's own OpenAI server, same model, same engine, same load.
 
-    .venv/bin/python bench/serving.py [--concurrency 16] [--requests 160] [--max-tokens 64] [--repeats 2]
+    .venv/bin/python -m bench.serving [--concurrency 16] [--requests 160] [--max-tokens 64] [--repeats 2]
 
 Servers run one at a time (the machine has 2 cores), each driven by the same asyncio + httpx load
 generator: `concurrency` clients, streamed then non-streamed, fixed prompt and `max_tokens` with
@@ -18,39 +18,33 @@ hold better.
 
 from __future__ import annotations
 
-import sys
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+import httpx
+from rich.console import Console
+from rich.table import Table
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
-
-import httpx  # noqa: E402
-from _harness import (  # noqa: E402
+from bench.harness import (
     ROOT,
     ServerProcess,
     ensure_demo_model,
-    fmt,
     free_port,
-    percentile,
     running,
     secondstage_server,
     short_tmpdir,
     vllm_server,
-    write_result,
 )
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from core.redis_server import PrivateRedis  # noqa: E402
+from bench.results import fmt, percentile, write_result
+from core.redis_server import PrivateRedis
 
 console = Console(width=130)
 WORDS = [

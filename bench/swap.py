@@ -1,6 +1,6 @@
 """Hot-swap: time from a version's activation to the first response it serves, and what streams see meanwhile.
 
-    .venv/bin/python bench/swap.py [--versions 3] [--idle-swaps 6] [--clients 32] [--swaps 10] [--interval 2]
+    .venv/bin/python -m bench.swap [--versions 3] [--idle-swaps 6] [--clients 32] [--swaps 10] [--interval 2]
 
 Starts secondstage (default policies and logging, pub/sub + reconciliation every 5 s, as shipped) on the demo
 model, and publishes LoRA versions made on the spot with peft (random A and non-zero random B, so each version
@@ -18,29 +18,26 @@ Writes bench/results/swap.json.
 
 from __future__ import annotations
 
-import sys
+import argparse
+import asyncio
+import bisect
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+import httpx
+import redis
+from rich.console import Console
+from rich.table import Table
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import bisect  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
-
-import httpx  # noqa: E402
-import redis  # noqa: E402
-from _harness import DEMO, ensure_demo_model, fmt, percentile, running, secondstage_server, short_tmpdir, write_result  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from core.keys import Keys  # noqa: E402
-from core.redis_server import PrivateRedis  # noqa: E402
-from core.versions import BASE, Manifest, Registry, VersionStore  # noqa: E402
+from bench.harness import DEMO, ensure_demo_model, running, secondstage_server, short_tmpdir
+from bench.results import fmt, percentile, write_result
+from core.keys import Keys
+from core.redis_server import PrivateRedis
+from core.versions import BASE, Manifest, Registry, VersionStore
 
 console = Console(width=130)
 PROMPT = [{"role": "user", "content": "What colour is the sky?"}]

@@ -1,7 +1,7 @@
 """Fixtures for the align tests: a tiny chat model, settings on the real Redis of tests/conftest.py, feedback writers.
 
-The tiny model is a randomly initialised Llama (hidden 64, 2 layers) with a byte-level BPE tokenizer trained
-here on a few sentences and a minimal chat template, so training runs offline in seconds on CPU.
+The tiny model is the demo model (serve/demo) built smaller and barely trained (hidden 64, 2 layers, a few
+steps): the same tokenizer, chat template and builder, so training runs offline in seconds on CPU.
 """
 
 from __future__ import annotations
@@ -27,66 +27,17 @@ from core.records import (
     encode,
 )
 from core.redis_server import PrivateRedis
+from serve.demo import DemoModelSpec, build_demo_model
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-SPECIALS = ["<s>", "<pad>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
-CORPUS = [
-    "The capital of France is Paris.",
-    "The sky is blue because of Rayleigh scattering.",
-    "Water boils at one hundred degrees Celsius at sea level.",
-    "Please answer politely and briefly.",
-    "What colour is the sky? What is the capital of France? How hot is boiling water?",
-    "Thank you for asking, here is the answer you wanted.",
-    "I do not know the answer to that question.",
-    "Cats sleep most of the day and dogs like to walk.",
-]
-
-
-def build_tiny_model(path: Path, *, seed: int = 0) -> Path:
-    """Save a tiny random Llama chat model + tokenizer to `path` (offline, deterministic)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="<|end|>", pad_token="<pad>", chat_template=CHAT_TEMPLATE
-    )
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+# The demo model's pieces at a size align trains in seconds; a few steps teach it the chat template's shape.
+TINY_SPEC = DemoModelSpec(hidden_size=64, num_heads=2, intermediate_size=128)
+TINY_STEPS = 20
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
+    out = tmp_path_factory.mktemp("tiny-model") / "model"
+    return build_demo_model(out, spec=TINY_SPEC, steps=TINY_STEPS, progress=False)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -13,7 +14,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 import align.job
-from align.job import RedisLock, run_every, run_once
+from align.job import align_lock, renewing, run_every, run_once
 from align.settings import AlignSettings
 from align.train import LORA_TARGETS
 from core.keys import Keys
@@ -66,22 +67,41 @@ def test_too_little_feedback_publishes_nothing(client: redis.Redis, settings: Al
 def test_lock_held_refuses_a_second_run(client: redis.Redis, settings: AlignSettings, server: Server) -> None:
     keys = Keys(settings.redis_prefix)
     seed_corrections(server)
-    other = RedisLock(client, keys.align_lock, 60)
+    other = align_lock(client, keys.align_lock, 60)
     assert other.acquire()
     result = run_once(settings, console=QUIET, client=client)
     assert result.status == "locked" and result.exit_code != 0
     assert keys.align_lock in result.message
-    assert client.get(keys.align_lock) == other.token.encode()  # not released by the refused run
+    assert client.get(keys.align_lock) == other.local.token  # not released by the refused run
     assert pending(client, keys) == 0  # the feedback was not even read
-    assert other.release()
+    other.release()
 
 
-def test_lock_is_released_only_by_its_owner(client: redis.Redis) -> None:
-    a = RedisLock(client, "lock", 60)
-    b = RedisLock(client, "lock", 60)
-    assert a.acquire() and not b.acquire()
-    assert not b.release()
-    assert a.release() and b.acquire()
+def test_lock_is_renewed_while_the_run_works(client: redis.Redis) -> None:
+    lock = client.lock("lock", timeout=0.6, blocking=False, thread_local=False)
+    assert lock.acquire()
+    with renewing(lock, QUIET):
+        time.sleep(1.5)  # well past the TTL
+        assert lock.owned()
+    lock.release()
+
+
+def test_a_run_that_lost_its_lock_publishes_nothing(
+    client: redis.Redis, settings: AlignSettings, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = Keys(settings.redis_prefix)
+    ids = seed_corrections(server)
+
+    def trained_while_the_lock_expired(*args: object, **kwargs: object) -> SimpleNamespace:
+        client.set(keys.align_lock, b"another run's token")  # expired and retaken by another run
+        return SimpleNamespace(metrics={}, adapter_dir=Path("unused"), lora_rank=8)
+
+    monkeypatch.setattr(align.job, "train_adapter", trained_while_the_lock_expired)
+    with pytest.raises(align.job.AlignError, match="lost the align lock"):
+        run_once(settings.model_copy(update={"gate_enabled": False}), console=QUIET, client=client)
+    assert client.get(keys.align_lock) == b"another run's token"  # not ours to release
+    assert client.get(keys.active_version) is None and client.hlen(keys.versions) == 0
+    assert pending(client, keys) == len(ids)
 
 
 def test_failed_training_acknowledges_nothing(

@@ -6,7 +6,6 @@ with its Redis started here so tests can kill and restart Redis under it.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -16,11 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.harness import ROOT, ensure_demo_model, log_tail, running, secondstage_server
 from core.redis_server import PrivateRedis
-from tests.e2e.processes import ROOT, free_port, log_tail, running
 from tests.e2e.reference import reference  # noqa: F401  (vLLM's own server, for the fidelity tests)
-
-DEMO = ROOT / "var" / "models" / "demo"
 
 
 @dataclass
@@ -49,9 +46,7 @@ class Server:
 
 @pytest.fixture(scope="session")
 def demo_model() -> Path:
-    from serve.demo.build import ensure_demo_model
-
-    return ensure_demo_model(DEMO)
+    return ensure_demo_model()
 
 
 @pytest.fixture(scope="session")
@@ -60,26 +55,22 @@ def server(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterat
     # fsync always: the outage test SIGKILLs it and counts on acknowledged writes surviving.
     redis = PrivateRedis(base / "redis", appendfsync="always")
     redis.start()
-    port = free_port()
     # A copy of the shipped rules, so a test can edit them under the running server.
     policies = base / "policies"
     shutil.copytree(ROOT / "policies", policies)
-    env = {
-        **os.environ,
-        "SECONDSTAGE_VAR_DIR": str(base / "var"),
-        "SECONDSTAGE_MODEL": str(demo_model),
-        "SECONDSTAGE_SERVED_MODEL_NAME": "demo",
-        "SECONDSTAGE_REDIS_URL": redis.url,
-        "SECONDSTAGE_PORT": str(port),
-        "SECONDSTAGE_RECONCILE_INTERVAL_S": "1",
-        "SECONDSTAGE_POLICIES_DIR": str(policies),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    log = base / "server.log"
-    srv = Server(f"http://127.0.0.1:{port}", env, redis, base / "var", log, policies)
-    cmd = [sys.executable, "-m", "core.cli", "serve", "--log-level", "info"]
+    process = secondstage_server(
+        redis_url=redis.url,
+        var_dir=base / "var",
+        log=base / "server.log",
+        model=demo_model,
+        policies=policies,
+        engine=None,  # the server's own defaults
+        log_level="info",
+        extra_env={"SECONDSTAGE_RECONCILE_INTERVAL_S": "1"},
+    )
+    srv = Server(process.url, process.env, redis, base / "var", process.log, policies)
     try:
-        with running(cmd, env, log, srv.url, "secondstage server"):
+        with running(process):
             yield srv
     finally:
         redis.stop()

@@ -10,7 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serve.demo import build_demo_model, demo_dialogues, ensure_demo_model
-from serve.demo.build import BUILD_INFO_FILE, END, encode_dialogue
+from serve.demo.build import BUILD_INFO_FILE
+from serve.demo.tokenizer import END
+from serve.demo.training import encode_dialogue
 
 # Enough for the template and <|end|> to be learned, well short of the default build.
 TEST_STEPS = 250
