@@ -6,10 +6,10 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from serve.deps import CallerDep, ChatDep
-from serve.errors import error_body
+from serve.errors import ClientClosed
 from serve.protocol import ChatCompletionRequest, ChatCompletionResponse
 from serve.routers import error_responses
 
@@ -42,5 +42,4 @@ async def until_disconnect(request: Request, coro: Any) -> Any:
             return task.result()
         if await request.is_disconnected():
             task.cancel()
-            # 499 (nginx's "client closed request"): nobody reads it, but logs and metrics do.
-            return JSONResponse(error_body(499, "ClientClosedRequest", "client disconnected"), status_code=499)
+            raise ClientClosed("client disconnected")
