@@ -29,6 +29,7 @@ from serve.routers import chat, completions, feedback, models, ops, policies, to
 from serve.services.chat import ChatService
 from serve.services.completions import CompletionService
 from serve.services.feedback import FeedbackService
+from serve.services.generation import Pipeline
 from serve.services.records import Recorder
 from serve.settings import ServeSettings
 from serve.swap import VersionWatcher
@@ -108,8 +109,9 @@ async def _start(
     policy = _policy_engine(settings, metrics, engine) if settings.policies_enabled else None
     app.state.policy = policy
 
-    app.state.chat = ChatService(engine, recorder, metrics, policy)
-    app.state.completions = CompletionService(app.state.chat)
+    pipeline = Pipeline(engine, recorder, metrics, policy)
+    app.state.chat = ChatService(pipeline)
+    app.state.completions = CompletionService(pipeline)
     if recorder is not None:
         app.state.feedback = FeedbackService(recorder, metrics)
 

@@ -1,4 +1,8 @@
-"""FastAPI dependencies as `Annotated` aliases, so route signatures read like prose."""
+"""FastAPI dependencies as `Annotated` aliases, so route signatures read like prose.
+
+Routers take what they need from here instead of reaching into `app.state`;
+everything here is built once in the app factory's lifespan.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,15 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from serve.errors import Unavailable
-from serve.services.chat import Caller, ChatService
+from serve.caller import Caller
+from serve.engine import ModelEngine
+from serve.errors import NotFound, Unavailable
+from serve.metrics import Metrics
+from serve.policy import PolicyEngine
+from serve.services.chat import ChatService
 from serve.services.completions import CompletionService
 from serve.services.feedback import FeedbackService
+from serve.settings import ServeSettings
 
 
 def _chat(request: Request) -> ChatService:
@@ -27,6 +36,29 @@ def _feedback(request: Request) -> FeedbackService:
     return service  # type: ignore[no-any-return]
 
 
+def _engine(request: Request) -> ModelEngine:
+    return request.app.state.engine  # type: ignore[no-any-return]
+
+
+def _policy(request: Request) -> PolicyEngine:
+    engine = getattr(request.app.state, "policy", None)
+    if engine is None:
+        raise NotFound("policies are disabled on this server (SECONDSTAGE_POLICIES_ENABLED=false)")
+    return engine  # type: ignore[no-any-return]
+
+
+def _settings(request: Request) -> ServeSettings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def _metrics(request: Request) -> Metrics:
+    return request.app.state.metrics  # type: ignore[no-any-return]
+
+
+def _started(request: Request) -> float:
+    return request.app.state.started  # type: ignore[no-any-return]
+
+
 def _caller(request: Request) -> Caller:
     auth = request.headers.get("authorization", "")
     key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
@@ -36,4 +68,11 @@ def _caller(request: Request) -> Caller:
 ChatDep = Annotated[ChatService, Depends(_chat)]
 CompletionsDep = Annotated[CompletionService, Depends(_completions)]
 FeedbackDep = Annotated[FeedbackService, Depends(_feedback)]
+EngineDep = Annotated[ModelEngine, Depends(_engine)]
+PolicyDep = Annotated[PolicyEngine, Depends(_policy)]
+"""The rule policies; a 404 naming the setting when they are disabled."""
+SettingsDep = Annotated[ServeSettings, Depends(_settings)]
+MetricsDep = Annotated[Metrics, Depends(_metrics)]
+StartedDep = Annotated[float, Depends(_started)]
+"""When this server started (epoch seconds)."""
 CallerDep = Annotated[Caller, Depends(_caller)]

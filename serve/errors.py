@@ -3,6 +3,9 @@
 Every error a client sees is `{"error": {"message", "type", "param", "code"}}` with
 `code` the HTTP status (vLLM's server does the same). Domain errors carry their
 status; anything unknown is a 500 — a bare ValueError is our bug, not the client's.
+Every path that answers with an error goes through `to_error`: the exception
+handlers, the body-size middleware (413) and the error chunk of a stream that
+already sent its 200.
 """
 
 from __future__ import annotations
@@ -20,15 +23,29 @@ logger = logging.getLogger("secondstage.errors")
 
 
 class SecondstageError(Exception):
-    """Root of the errors a client can be told about."""
+    """Root of the errors a client can be told about.
 
-    status: HTTPStatus = HTTPStatus.INTERNAL_SERVER_ERROR
+    `details` are extra fields inside the `error` object (e.g. the rule file a reload
+    refused); `context` are fields beside it (e.g. the version still active).
+    """
+
+    # An int, not only HTTPStatus: 499 (nginx's "client closed request") is no HTTPStatus member.
+    status: int = HTTPStatus.INTERNAL_SERVER_ERROR
     type: str = "InternalServerError"
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        details: dict[str, Any] | None = None,
+        context: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.details = details or {}
+        self.context = context or {}
 
 
 class BadRequest(SecondstageError):
@@ -51,19 +68,34 @@ class Unprocessable(SecondstageError):
     type = "UnprocessableEntityError"
 
 
+class PolicyRejected(Unprocessable):
+    """A policy reload refused its rule files; the rules loaded before stay active."""
+
+    type = "PolicyError"
+
+
+class ClientClosed(SecondstageError):
+    """The client went away before its answer was ready: nobody reads the body, but logs and metrics do."""
+
+    status = 499
+    type = "ClientClosedRequest"
+
+
 class Unavailable(SecondstageError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
     type = "ServiceUnavailableError"
 
 
-def error_body(status: HTTPStatus | int, type_: str, message: str, param: str | None = None) -> dict[str, Any]:
+def error_body(status: int, type_: str, message: str, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": int(status)}}
 
 
-def to_error(exc: BaseException) -> tuple[HTTPStatus, dict[str, Any]]:
+def to_error(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """The one mapping from an exception to (status, OpenAI error body)."""
     if isinstance(exc, SecondstageError):
-        return exc.status, error_body(exc.status, exc.type, exc.message, exc.param)
+        body = error_body(exc.status, exc.type, exc.message, exc.param)
+        body["error"].update(exc.details)
+        return exc.status, {**body, **exc.context}
     if isinstance(exc, RequestValidationError):
         return HTTPStatus.BAD_REQUEST, _validation_body(exc)
     if isinstance(exc, StarletteHTTPException):

@@ -8,7 +8,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve.errors import error_body
+from serve.errors import PayloadTooLarge, to_error
 
 _ROUTES = (
     "/v1/chat/completions",
@@ -75,19 +75,18 @@ class RequestMiddleware:
             self.metrics.requests.labels(route, str(status_seen[0] if status_seen else 500)).inc()
 
     async def _reject(self, send: Send) -> None:
-        body = json.dumps(
-            error_body(
-                413,
-                "RequestEntityTooLargeError",
+        status, body = to_error(
+            PayloadTooLarge(
                 f"request body is larger than the server's limit of {self.max_body_bytes} bytes "
-                "(SECONDSTAGE_MAX_BODY_BYTES)",
+                "(SECONDSTAGE_MAX_BODY_BYTES)"
             )
-        ).encode()
+        )
+        data = json.dumps(body).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                "status": int(status),
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
             }
         )
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": "http.response.body", "body": data})

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from typing import Any
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from serve.protocol import ErrorResponse
 
@@ -20,3 +24,22 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for the errors a route can return, all in OpenAI's `{"error": {...}}` shape."""
     keys: list[int | str] = [*statuses, "4XX"]
     return {key: {"model": ErrorResponse, "description": _DESCRIPTIONS[key]} for key in keys}
+
+
+class EventStream(StreamingResponse):
+    """An SSE response that closes its event generator as soon as the response ends, however it ends.
+
+    Starlette cancels the sending task when the client leaves but leaves the body generator to the
+    garbage collector; closing it here runs its `finally` blocks now, which aborts the engine request
+    instead of letting it generate for nobody until a collection happens.
+    """
+
+    def __init__(self, events: AsyncGenerator[str, None]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()

@@ -6,12 +6,11 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
 from serve.deps import CallerDep, ChatDep
-from serve.errors import error_body
+from serve.errors import ClientClosed
 from serve.protocol import ChatCompletionRequest, ChatCompletionResponse
-from serve.routers import error_responses
+from serve.routers import EventStream, error_responses
 
 router = APIRouter()
 
@@ -29,7 +28,7 @@ async def create_chat_completion(
     job = chat.prepare(body, caller)
     if body.stream:
         lines = await chat.open_stream(job)
-        return StreamingResponse(lines, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return EventStream(lines)
     return await until_disconnect(request, chat.complete(job))
 
 
@@ -42,5 +41,4 @@ async def until_disconnect(request: Request, coro: Any) -> Any:
             return task.result()
         if await request.is_disconnected():
             task.cancel()
-            # 499 (nginx's "client closed request"): nobody reads it, but logs and metrics do.
-            return JSONResponse(error_body(499, "ClientClosedRequest", "client disconnected"), status_code=499)
+            raise ClientClosed("client disconnected")

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from serve.deps import CallerDep, CompletionsDep
 from serve.protocol import CompletionRequest, CompletionResponse
+from serve.routers import EventStream
 from serve.routers.chat import ERROR_RESPONSES, until_disconnect
 
 router = APIRouter()
@@ -25,5 +25,5 @@ async def create_completion(
     jobs = completions.prepare(body, caller)
     if body.stream:
         lines = await completions.open_stream(jobs)
-        return StreamingResponse(lines, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return EventStream(lines)
     return await until_disconnect(request, completions.complete(jobs))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
+from serve.deps import EngineDep, SettingsDep, StartedDep
 from serve.protocol import ModelCard, ModelList
 from serve.routers import error_responses
 
@@ -11,12 +12,11 @@ router = APIRouter()
 
 
 @router.get("/v1/models", response_model=ModelList, responses=error_responses())
-async def list_models(request: Request) -> ModelList:
-    engine = request.app.state.engine
+async def list_models(engine: EngineDep, settings: SettingsDep, started: StartedDep) -> ModelList:
     card = ModelCard(
         id=engine.model_name,
-        created=int(request.app.state.started),
-        root=request.app.state.settings.model_path,
+        created=int(started),
+        root=settings.model_path,
         max_model_len=engine.max_model_len,
         version=engine.current.name,
     )

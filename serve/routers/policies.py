@@ -1,32 +1,23 @@
 """Admin routes for the rule policies: GET /admin/policies and POST /admin/policies/reload.
 
-HTTP translation only; the engine (`app.state.policy`, None when policies are disabled) does the work.
+HTTP translation only; the policy engine (`PolicyDep`, a 404 when policies are disabled) does the work.
 """
 
 from __future__ import annotations
 
-from http import HTTPStatus
 from typing import Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter
 
-from serve.errors import NotFound, error_body
-from serve.policy import PolicyEngine
+from serve.deps import PolicyDep
+from serve.errors import PolicyRejected
 
 router = APIRouter()
 
 
-def _engine(request: Request) -> PolicyEngine:
-    engine = getattr(request.app.state, "policy", None)
-    if engine is None:
-        raise NotFound("policies are disabled on this server (SECONDSTAGE_POLICIES_ENABLED=false)")
-    return engine  # type: ignore[no-any-return]
-
-
 @router.get("/admin/policies")
-async def get_policies(request: Request) -> dict[str, Any]:
-    ps = _engine(request).active
+async def get_policies(engine: PolicyDep) -> dict[str, Any]:
+    ps = engine.active
     return {
         "version": ps.version,
         "files": ps.files,
@@ -36,15 +27,16 @@ async def get_policies(request: Request) -> dict[str, Any]:
 
 
 @router.post("/admin/policies/reload", response_model=None)
-async def reload_policies(request: Request) -> dict[str, Any] | JSONResponse:
-    engine = _engine(request)
+async def reload_policies(engine: PolicyDep) -> dict[str, Any]:
     result = engine.reload()
     if result.error is not None:
-        status = HTTPStatus.UNPROCESSABLE_ENTITY
-        body = error_body(status, "PolicyError", str(result.error), result.error.field)
-        body["error"].update(result.error.to_dict() | {"message": str(result.error)})
-        body["active_version"] = result.version
-        return JSONResponse(body, status_code=int(status))
+        where = {k: v for k, v in result.error.to_dict().items() if k != "message"}
+        raise PolicyRejected(
+            str(result.error),
+            param=result.error.field,
+            details=where,
+            context={"active_version": result.version},
+        )
     return {
         "version": result.version,
         "previous_version": result.previous_version,

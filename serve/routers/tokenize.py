@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
+from serve.deps import EngineDep
 from serve.errors import BadRequest
 from serve.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from serve.routers import error_responses
+from serve.services.generation import check_model
 
 router = APIRouter()
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(400, 404, 413))
-async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
-    chat = request.app.state.chat
-    chat.check_model(body.model)
-    engine = chat.engine
+async def tokenize(body: TokenizeRequest, engine: EngineDep) -> TokenizeResponse:
+    check_model(engine, body.model)
     if body.messages is not None:
         tokens = engine.render_chat([{"role": m.role, "content": m.text()} for m in body.messages])
     else:
@@ -24,11 +24,10 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(400, 404, 413))
-async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
-    chat = request.app.state.chat
-    chat.check_model(body.model)
-    vocab = len(chat.engine.tokenizer)
+async def detokenize(body: DetokenizeRequest, engine: EngineDep) -> DetokenizeResponse:
+    check_model(engine, body.model)
+    vocab = len(engine.tokenizer)
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:
         raise BadRequest(f"tokens: ids must be in [0, {vocab}) (got {bad[:5]})", param="tokens")
-    return DetokenizeResponse(prompt=chat.engine.tokenizer.decode(body.tokens))
+    return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))

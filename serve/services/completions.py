@@ -1,30 +1,32 @@
-"""Text completions (/v1/completions): each prompt is one engine request run through the chat path.
+"""Text completions (/v1/completions): each prompt is one request of the generation pipeline.
 
-Prompts reuse `ChatService` for policy, version pinning, generation and records;
-this module only numbers the choices across prompts (prompt i, sample j → index
-i*n+j), applies `echo`, and shapes OpenAI's legacy completion objects.
+The pipeline (`serve/services/generation.py`) does policy, version pinning,
+generation and records; this module numbers the choices across prompts (prompt i,
+sample j → index i*n+j), applies `echo`, and shapes OpenAI's legacy completion
+objects, streamed through the shared SSE framing (`serve/services/sse.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator
 
-from serve.errors import BadRequest, to_error
-from serve.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
-from serve.services.chat import Caller, ChatService, Delta, Job, TokenLogprob
+from serve.caller import Caller
+from serve.errors import BadRequest
+from serve.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
+from serve.services.generation import Delta, Job, Pipeline, Prompt, check_model
+from serve.services.logprobs import legacy
+from serve.services.sse import sse
 
 
 class CompletionService:
-    def __init__(self, chat: ChatService) -> None:
-        self.chat = chat
-        self.engine = chat.engine
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.engine = pipeline.engine
 
     def prepare(self, req: CompletionRequest, caller: Caller) -> list[Job]:
-        self.chat.check_model(req.model)
+        check_model(self.engine, req.model)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         vocab = len(self.engine.tokenizer)
         jobs = []
@@ -34,16 +36,13 @@ class CompletionService:
                 bad = [t for t in ids if not 0 <= t < vocab]
                 if bad:
                     raise BadRequest(f"prompt: token ids must be in [0, {vocab}) (got {bad[:5]})", param="prompt")
-                text = self.engine.tokenizer.decode(ids)
-                render = _fixed(ids)
+                what = Prompt.tokens(ids, self.engine.tokenizer.decode(ids))
             else:
-                text = prompt
-                render = self._render_text
-            job = self.chat.prepare_job(
+                what = Prompt.text(prompt)
+            job = self.pipeline.prepare(
                 req,
                 caller,
-                [{"role": "user", "content": text}],
-                render,
+                what,
                 f"{request_id}-{i}" if i else request_id,
                 route="completions",
                 param="prompt",
@@ -52,16 +51,12 @@ class CompletionService:
             jobs.append(job)
         return jobs
 
-    def _render_text(self, messages: list[dict[str, Any]]) -> list[int]:
-        # The input policy may have rewritten the prompt; raw completions take no system messages.
-        return list(self.engine.tokenizer.encode(messages[-1]["content"], add_special_tokens=True))
-
     def _echo(self, job: Job) -> str:
         req = job.request
         return str(self.engine.tokenizer.decode(job.prompt_ids)) if getattr(req, "echo", False) else ""
 
     async def complete(self, jobs: list[Job]) -> CompletionResponse:
-        iterators = [await self.chat.start(job) for job in jobs]
+        iterators = [await self.pipeline.start(job) for job in jobs]
 
         async def drain(it: AsyncIterator[Delta]) -> None:
             async for _ in it:
@@ -76,7 +71,7 @@ class CompletionService:
                     CompletionChoice(
                         index=job.index_offset + c.index,
                         text=prefix + "".join(c.text),
-                        logprobs=_legacy(c.logprobs, len(prefix)) if job.request.logprobs_count() is not None else None,
+                        logprobs=legacy(c.logprobs, len(prefix)) if job.request.logprobs_count() is not None else None,
                         finish_reason=c.finish_reason,
                     )
                 )
@@ -85,15 +80,17 @@ class CompletionService:
             created=int(jobs[0].started),
             model=self.engine.model_name,
             choices=choices,
-            usage=_sum_usage([self.chat.usage(j) for j in jobs]),
+            usage=_sum_usage([j.usage() for j in jobs]),
             system_fingerprint=jobs[0].version,
         )
 
-    async def open_stream(self, jobs: list[Job]) -> AsyncIterator[str]:
-        iterators = [await self.chat.start(job) for job in jobs]
-        return self._sse(jobs, iterators)
+    async def open_stream(self, jobs: list[Job]) -> AsyncGenerator[str, None]:
+        iterators = [await self.pipeline.start(job) for job in jobs]
+        return sse(self._chunks(jobs, iterators), jobs[0].id)
 
-    async def _sse(self, jobs: list[Job], iterators: list[AsyncIterator[Delta]]) -> AsyncIterator[str]:
+    async def _chunks(
+        self, jobs: list[Job], iterators: list[AsyncGenerator[Delta, None]]
+    ) -> AsyncGenerator[CompletionResponse, None]:
         first = jobs[0]
         queue: asyncio.Queue[tuple[Job, Delta] | None] = asyncio.Queue()
 
@@ -104,8 +101,8 @@ class CompletionService:
             finally:
                 await queue.put(None)
 
-        def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
-            body = CompletionResponse(
+        def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> CompletionResponse:
+            return CompletionResponse(
                 id=first.id,
                 created=int(first.started),
                 model=self.engine.model_name,
@@ -113,17 +110,15 @@ class CompletionService:
                 usage=usage,
                 system_fingerprint=first.version,
             )
-            return f"data: {body.model_dump_json(exclude={'usage'} if usage is None else None)}\n\n"
 
+        # Prompts generate concurrently; their deltas go out in the order they arrive.
         tasks = [asyncio.create_task(pump(j, it)) for j, it in zip(jobs, iterators, strict=True)]
         try:
             for job in jobs:
                 prefix = self._echo(job)
                 if prefix:
                     for i in range(job.request.n):
-                        yield chunk(
-                            [CompletionChoice(index=job.index_offset + i, text=prefix)], self.chat.running_usage(job, i)
-                        )
+                        yield chunk([CompletionChoice(index=job.index_offset + i, text=prefix)], job.running_usage(i))
             open_ = len(tasks)
             while open_:
                 item = await queue.get()
@@ -131,7 +126,7 @@ class CompletionService:
                     open_ -= 1
                     continue
                 job, d = item
-                logprobs = _legacy(d.logprobs or [], 0) if job.request.logprobs_count() is not None else None
+                logprobs = legacy(d.logprobs or [], 0) if job.request.logprobs_count() is not None else None
                 yield chunk(
                     [
                         CompletionChoice(
@@ -141,41 +136,19 @@ class CompletionService:
                             finish_reason=d.finish_reason,
                         )
                     ],
-                    self.chat.running_usage(job, d.index),
+                    job.running_usage(d.index),
                 )
             for task in tasks:
                 task.result()  # surface a failure of any prompt
             if first.request.include_usage:
-                yield chunk([], _sum_usage([self.chat.usage(j) for j in jobs]))
-        except Exception as exc:  # the 200 is already sent: the error goes out as the next chunk
-            _, body = to_error(exc)
-            yield f"data: {json.dumps(body)}\n\n"
+                yield chunk([], _sum_usage([j.usage() for j in jobs]))
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        yield "data: [DONE]\n\n"
-
-
-def _fixed(ids: list[int]) -> Any:
-    return lambda _messages: ids
 
 
 def _sum_usage(usages: list[UsageInfo]) -> UsageInfo:
     p = sum(u.prompt_tokens for u in usages)
     c = sum(u.completion_tokens for u in usages)
     return UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
-
-
-def _legacy(logprobs: list[TokenLogprob], offset: int) -> CompletionLogprobs:
-    """Chat-style per-token logprobs → the legacy completions layout."""
-    out = CompletionLogprobs()
-    pos = offset
-    for t in logprobs:
-        out.tokens.append(t.token)
-        out.token_logprobs.append(t.logprob)
-        # OpenAI's legacy layout (and vLLM's) lists the sampled token first, then the top alternatives.
-        out.top_logprobs.append({t.token: t.logprob, **{alt.token: alt.logprob for alt in t.top_logprobs}})
-        out.text_offset.append(pos)
-        pos += len(t.token)
-    return out

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
+import pytest
 import redis
 from fastapi.testclient import TestClient
 
 from core.keys import Keys
+from serve.errors import ClientClosed, to_error
+from serve.routers.chat import until_disconnect
 from serve.settings import ServeSettings
 
 MSG = [{"role": "user", "content": "hello"}]
@@ -98,7 +102,28 @@ def test_body_limit_413(client: TestClient) -> None:
     big = "x" * 1_100_000
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": big}]})
     assert r.status_code == 413
-    assert r.json()["error"]["code"] == 413
+    assert r.json()["error"]["code"] == 413 and r.json()["error"]["type"] == "RequestEntityTooLargeError"
+    assert "SECONDSTAGE_MAX_BODY_BYTES" in r.json()["error"]["message"]
+
+
+class _GoneRequest:
+    async def is_disconnected(self) -> bool:
+        return True
+
+
+async def test_client_closed_is_499_through_the_error_table() -> None:
+    slow = asyncio.ensure_future(asyncio.sleep(10))
+    with pytest.raises(ClientClosed) as info:
+        await until_disconnect(_GoneRequest(), slow)  # type: ignore[arg-type]
+    status, body = to_error(info.value)
+    assert status == 499 and body["error"] == {
+        "message": "client disconnected",
+        "type": "ClientClosedRequest",
+        "param": None,
+        "code": 499,
+    }
+    await asyncio.sleep(0)
+    assert slow.cancelled()
 
 
 def test_models_health_metrics(client: TestClient) -> None:

@@ -67,5 +67,5 @@ def test_feedback_on_completion_from_before_restart(client: TestClient, settings
     deadline = time.time() + 5
     while rc.get(Keys(settings.redis_prefix).completion(cid)) is None and time.time() < deadline:
         time.sleep(0.05)
-    client.app.state.chat.recorder._recent.clear()  # type: ignore[attr-defined]
+    client.app.state.feedback.recorder._recent.clear()  # type: ignore[attr-defined]
     assert client.post("/v1/feedback", json={"completion_id": cid, "thumbs": "up"}).status_code == 200

@@ -1,0 +1,101 @@
+"""The end of a request: metrics, the completion record, and the policy preference pairs.
+
+Called once per request by the generation pipeline when its deltas end (finished,
+aborted by a disconnect, or failed) and after a refusal. The record is handed to
+the log writer, never awaited on the request path.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+import msgspec
+
+from core.records import (
+    ChoiceRecord,
+    CompletionRecord,
+    Endpoint,
+    FinishReason,
+    Message,
+    PolicyDecision,
+    PolicyTrace,
+    Status,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from serve.engine import ModelEngine
+    from serve.metrics import Metrics
+    from serve.services.generation import Job
+    from serve.services.records import Recorder
+
+
+def finish_job(
+    job: Job, *, engine: ModelEngine, recorder: Recorder | None, metrics: Metrics, policy: Any | None
+) -> None:
+    now = time.time()
+    usage = job.usage()
+    route = job.route
+    metrics.request_latency.labels(route, str(job.request.stream).lower()).observe(now - job.started)
+    if job.first_token_at is not None:
+        metrics.ttft.labels(route).observe(job.first_token_at - job.started)
+    metrics.prompt_tokens.labels(engine.model_name, job.version).inc(usage.prompt_tokens)
+    metrics.completion_tokens.labels(engine.model_name, job.version).inc(usage.completion_tokens)
+    if recorder is None:
+        return
+    decisions = [msgspec.convert(d, PolicyDecision, from_attributes=True) for d in job.input_decisions]
+    for choice in job.choices:
+        if choice.filter is not None:
+            decisions.extend(
+                msgspec.structs.replace(msgspec.convert(d, PolicyDecision, from_attributes=True), choice=choice.index)
+                for d in choice.filter.decisions
+            )
+    req = job.request
+    # Job and Choice hold status, route and finish reason as plain strings; the record's Literal types
+    # name the values they may take, and every reader validates them (tests/core/test_records_contract.py).
+    record = CompletionRecord(
+        id=job.id,
+        created=job.started,
+        model=engine.model_name,
+        version=job.version,
+        status=cast("Status", job.status),
+        messages=[Message(role=m["role"], content=m["content"]) for m in job.messages],
+        endpoint=cast("Endpoint", job.route),
+        params=req.model_dump(exclude={"messages", "prompt", "user", "metadata"}, exclude_none=True),
+        choices=[
+            ChoiceRecord(
+                index=c.index,
+                text="".join(c.text),
+                raw_text="".join(c.raw) if c.filter is not None and c.raw != c.text else None,
+                finish_reason=cast("FinishReason | None", c.finish_reason),
+                completion_tokens=c.tokens,
+            )
+            for c in job.choices
+        ],
+        usage=Usage(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+        ),
+        latency_s=now - job.started,
+        ttft_s=None if job.first_token_at is None else job.first_token_at - job.started,
+        user=req.user,
+        key=job.caller.key_id,
+        metadata=getattr(req, "metadata", None),
+        policy=PolicyTrace(ruleset=job.ruleset, decisions=decisions),
+    )
+    recorder.completion(record)
+    if policy is not None:
+        for choice in job.choices:
+            if choice.filter is None:
+                continue
+            pair = policy.policy_pair(
+                job.messages,
+                choice.filter.original_text,
+                choice.filter.final_text,
+                choice.filter.decisions,
+                refusal=choice.filter.refusal,
+            )
+            if pair is not None:
+                recorder.policy_pair(f"pp-{job.id}-{choice.index}", job.id, pair)
