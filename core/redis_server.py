@@ -201,8 +201,8 @@ class PrivateRedis:
         warnings = [
             m.group(1)
             for line in text.splitlines()
-            # "WARNING ..." lines are advice about the host (overcommit, THP) that every start prints.
-            if (m := _WARNING_LINE.match(line)) and not m.group(1).startswith("WARNING ")
+            # Every start prints these at warning level: advice about the host (overcommit, THP) and a milestone.
+            if (m := _WARNING_LINE.match(line)) and not m.group(1).startswith(("WARNING ", "Server initialized"))
         ]
         return warnings[-1] if warnings else None
 

@@ -224,8 +224,8 @@ class RedisSupervisor:
                 continue
             self.restarts += 1
             self.failed_starts = 0
+            self._notify("ok")  # counted before it shows as up, so a reader that saw it up sees the count
             self.state, self.reason = UP, None
-            self._notify("ok")
             log.info(
                 "private redis-server back (pid %s) after %.1fs down (%s); restarts so far: %d",
                 self.server.pid, time.monotonic() - down_since, why, self.restarts,

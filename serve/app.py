@@ -83,7 +83,12 @@ async def _start(
     else:
         # The private Redis is serve's supervised child: restarted when it exits, for as long as serve runs.
         # Registered first, so it stops last: the log writer flushes into it before it shuts down.
-        supervisor = RedisSupervisor(PrivateRedis(settings.redis_dir), on_restart=metrics.count_redis_restart)
+        supervisor = RedisSupervisor(
+            PrivateRedis(settings.redis_dir),
+            min_delay_s=settings.redis_restart_delay_s,
+            max_delay_s=settings.redis_restart_max_delay_s,
+            on_restart=metrics.count_redis_restart,
+        )
         supervisor.start()
         stack.callback(supervisor.stop)
         metrics.track_redis(lambda: supervisor.up)
