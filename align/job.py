@@ -100,9 +100,12 @@ def renewing(lock: Lock, console: Console) -> Iterator[None]:
 @contextlib.contextmanager
 def open_redis(settings: AlignSettings) -> Iterator[redis.Redis]:
     """The Redis serve uses (configured URL, or the private server under var/redis — started here if absent)."""
-    from core.redis_server import resolve_redis
+    from core.redis_server import RedisServerError, resolve_redis
 
-    url, child = resolve_redis(settings)
+    try:
+        url, child = resolve_redis(settings)
+    except RedisServerError as e:  # e.g. serve is restarting its private Redis and it did not come back in time
+        raise AlignError(str(e)) from e
     client = redis.Redis.from_url(url)
     try:
         client.ping()

@@ -45,12 +45,16 @@ def _registry():  # type: ignore[no-untyped-def]
     import redis
 
     from core.keys import Keys
-    from core.redis_server import resolve_redis
+    from core.redis_server import RedisServerError, resolve_redis
     from core.settings import CommonSettings
     from core.versions import Registry, VersionStore
 
     settings = CommonSettings()
-    url, child = resolve_redis(settings)
+    try:
+        url, child = resolve_redis(settings)
+    except RedisServerError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
     return Registry(redis.Redis.from_url(url), Keys(settings.redis_prefix)), VersionStore(settings.versions_dir), child
 
 

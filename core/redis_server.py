@@ -4,7 +4,9 @@ With no `SECONDSTAGE_REDIS_URL`, secondstage runs its own real Redis: data under
 (AOF on, fsync every second), reachable only through a unix socket `var/redis/redis.sock`
 (mode 700, no TCP port). Whoever comes first starts it; whoever finds it already answering
 uses it. `resolve_redis(settings)` does exactly that and is the one way both deployables
-get their Redis URL.
+get their Redis URL. `secondstage serve` also supervises it (core/redis_supervisor.py: restarts
+with backoff, holds `supervisor.lock`); while it does, other commands never start a second server
+on the directory: they wait for serve's to come back, or fail saying why.
 
 Tests use `PrivateRedis` directly as their Redis (start, `kill()` for an outage, `restart()`
 on the same directory keeps the data through the AOF).
@@ -15,13 +17,18 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from core.settings import CommonSettings
 
@@ -29,6 +36,10 @@ log = logging.getLogger("secondstage.redis")
 
 # sockaddr_un.sun_path is 108 bytes on Linux, including the trailing NUL.
 _MAX_SOCKET_PATH = 107
+# Held (flock, exclusive) by the process that supervises the server in a data directory; contains its pid.
+SUPERVISOR_LOCK = "supervisor.lock"
+# A redis log line: "<pid>:<role> <date> <time> <level> <message>"; level "#" is a warning.
+_WARNING_LINE = re.compile(r"^\d+:[A-Z] .+? # (.+)$")
 
 
 class RedisServerError(RuntimeError):
@@ -61,6 +72,7 @@ class PrivateRedis:
         self.logfile = self.data_dir / "redis.log"
         self._lockfile = self.data_dir / "start.lock"
         self._proc: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0  # where the current child's lines start in the log
         if len(str(self.socket_path)) > _MAX_SOCKET_PATH:
             raise RedisServerError(
                 f"redis data_dir {self.data_dir} is too deep: the socket path {self.socket_path} has "
@@ -85,23 +97,29 @@ class PrivateRedis:
         """True if a server answers PING on the socket (a server still loading its AOF counts as down)."""
         return self._probe() == "up"
 
+    def _client(self) -> redis.Redis:
+        # No retries (a probe must answer now) and no CLIENT SETINFO handshake (refused while loading).
+        return redis.Redis(
+            unix_socket_path=str(self.socket_path),
+            socket_timeout=1.0,
+            socket_connect_timeout=1.0,
+            retry=Retry(NoBackoff(), 0),
+            lib_name=None,
+            lib_version=None,
+        )
+
     def _probe(self) -> str:
         """'up', 'loading' (alive, replaying its AOF) or 'down'."""
         if not self.socket_path.exists():
             return "down"
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(1.0)
-                s.connect(str(self.socket_path))
-                s.sendall(b"*1\r\n$4\r\nPING\r\n")
-                reply = s.recv(256)
-        except OSError:
-            return "down"
-        if reply.startswith(b"+PONG"):
-            return "up"
-        if reply.startswith(b"-LOADING"):
+            with self._client() as c:
+                c.ping()
+        except redis.BusyLoadingError:  # before ConnectionError: it is one
             return "loading"
-        return "down"
+        except (redis.RedisError, OSError):
+            return "down"
+        return "up"
 
     def _command(self) -> list[str]:
         return [
@@ -139,6 +157,7 @@ class PrivateRedis:
                     "(or set SECONDSTAGE_REDIS_URL to an existing Redis)"
                 )
             with open(self.logfile, "ab") as out:
+                self._log_offset = out.tell()
                 # Own session: Ctrl-C on serve must not kill Redis before serve has flushed its log to it.
                 self._proc = subprocess.Popen(
                     self._command(),
@@ -171,6 +190,22 @@ class PrivateRedis:
                 )
             time.sleep(0.02)
 
+    def last_warning(self) -> str | None:
+        """The latest child's last warning in its log, e.g. "Bad file format reading the append only file ..."."""
+        try:
+            with open(self.logfile, "rb") as f:
+                f.seek(max(self._log_offset, f.seek(0, os.SEEK_END) - 65536))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return None
+        warnings = [
+            m.group(1)
+            for line in text.splitlines()
+            # Every start prints these at warning level: advice about the host (overcommit, THP) and a milestone.
+            if (m := _WARNING_LINE.match(line)) and not m.group(1).startswith(("WARNING ", "Server initialized"))
+        ]
+        return warnings[-1] if warnings else None
+
     def _log_tail(self, lines: int = 15) -> str:
         try:
             return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
@@ -187,13 +222,10 @@ class PrivateRedis:
             return
         if proc.poll() is None:
             try:
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                    s.settimeout(1.0)
-                    s.connect(str(self.socket_path))
-                    s.sendall(b"*1\r\n$8\r\nSHUTDOWN\r\n")
-                    with contextlib.suppress(OSError):
-                        s.recv(256)  # the server closes the socket on success
-            except OSError:
+                with self._client() as c:
+                    c.ping()  # redis-py takes a failed connect during SHUTDOWN for success: connect first
+                    c.shutdown()  # returns once the server closed the connection, i.e. is exiting
+            except (redis.RedisError, OSError):
                 # Socket gone or unusable: SIGTERM asks for the same clean shutdown.
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
@@ -215,6 +247,24 @@ class PrivateRedis:
         proc.wait()
         self._proc = None
 
+    def wait_exit(self, timeout: float) -> int | None:
+        """Wait up to `timeout` seconds for the child to exit: its exit status, or None while it runs.
+
+        Negative statuses are signals (-9: SIGKILL). Once it has exited the child is forgotten
+        (`owned` is False) and `start()` starts a new one on the same directory.
+        """
+        proc = self._proc
+        if proc is None:
+            raise RedisServerError(
+                f"no redis-server child to wait for at {self.socket_path} (not started by this object)"
+            )
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self._proc = None
+        return code
+
     def restart(self, timeout: float = 10.0) -> None:
         """Stop the child if it runs, then start a new one on the same directory (data comes back from the AOF)."""
         self.stop()
@@ -230,14 +280,61 @@ class PrivateRedis:
         self.stop()
 
 
+def supervisor_holder(data_dir: Path | str) -> str | None:
+    """Who supervises the private server in `data_dir` ("pid 1234"), or None when no process does.
+
+    `secondstage serve` holds an exclusive flock on `<data_dir>/supervisor.lock` for its lifetime
+    (see `core.redis_supervisor`); the lock dies with the process, so a crashed serve leaves none behind.
+    """
+    try:
+        fd = os.open(Path(data_dir) / SUPERVISOR_LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip()
+            return f"pid {pid}" if pid.isdigit() else "another process"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def resolve_redis(settings: CommonSettings) -> tuple[str, PrivateRedis | None]:
     """The Redis URL to use, and the private server to stop on exit when this call started one.
 
     A configured `redis_url` wins. Otherwise the private server under `settings.redis_dir`:
-    reused if it already answers (another deployable started it), started here if not.
+    reused if it already answers (another deployable started it), started here if not. While
+    `secondstage serve` supervises that directory its server is the only one: if it is down (serve
+    is restarting it), wait up to `settings.redis_wait_s` for it instead of starting a second one,
+    then fail naming the directory.
     """
     if settings.redis_url:
         return settings.redis_url, None
     server = PrivateRedis(settings.redis_dir)
+    if not server.ping() and (holder := supervisor_holder(server.data_dir)) is not None:
+        _wait_for_supervised(server, holder, settings.redis_wait_s)
     server.start()
     return server.url, (server if server.owned else None)
+
+
+def _wait_for_supervised(server: PrivateRedis, holder: str, wait_s: float) -> None:
+    """Wait for the server a running serve supervises; return early if that serve exits (then start our own)."""
+    log.warning(
+        "the private Redis in %s is down; secondstage serve (%s) supervises it and is restarting it: "
+        "waiting up to %.0fs",
+        server.data_dir, holder, wait_s,
+    )  # fmt: skip
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if server.ping() or supervisor_holder(server.data_dir) is None:
+            return
+        time.sleep(0.1)
+    raise RedisServerError(
+        f"the private Redis in {server.data_dir} did not come back within {wait_s:.0f}s: secondstage serve "
+        f"({holder}) supervises it and is still restarting it, so this command will not start a second "
+        f"redis-server on that directory. See serve's GET /health for the reason and {server.logfile}; "
+        "run again once it is back, or set SECONDSTAGE_REDIS_WAIT_S to wait longer"
+    )

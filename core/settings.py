@@ -24,6 +24,10 @@ class CommonSettings(BaseSettings):
         default=None,
         description="Redis to use (redis://, rediss://, unix://). Unset: a private redis-server under var/redis.",
     )
+    redis_wait_s: float = Field(
+        default=30.0,
+        description="How long a command waits for the private Redis while serve restarts it, before giving up.",
+    )
     redis_prefix: str = Field(default="secondstage", description="Prefix of every Redis key this deployment uses.")
 
     @property

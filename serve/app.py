@@ -19,7 +19,8 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from core.keys import Keys
-from core.redis_server import resolve_redis
+from core.redis_server import PrivateRedis
+from core.redis_supervisor import RedisSupervisor
 from serve.engine import ModelEngine
 from serve.errors import install_error_handlers
 from serve.logwriter import LogWriter, Record
@@ -62,6 +63,7 @@ def build_app(
     app.state.metrics = metrics
     app.state.started = time.time()
     app.state.policy = None
+    app.state.redis_supervisor = None
     install_error_handlers(app)
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     for module in (chat, completions, feedback, models, tokenize, ops, policies):
@@ -77,10 +79,23 @@ async def _start(
     stack: contextlib.AsyncExitStack,
 ) -> None:
     keys = Keys(settings.redis_prefix)
-    url, child = resolve_redis(settings)
-    if child is not None:
-        stack.callback(child.stop)
-        logger.info("started a private redis-server at %s (data in %s)", url, settings.redis_dir)
+    if settings.redis_url:
+        url = settings.redis_url
+    else:
+        # The private Redis is serve's supervised child: restarted when it exits, for as long as serve runs.
+        # Registered first, so it stops last: the log writer flushes into it before it shuts down.
+        supervisor = RedisSupervisor(
+            PrivateRedis(settings.redis_dir),
+            min_delay_s=settings.redis_restart_delay_s,
+            max_delay_s=settings.redis_restart_max_delay_s,
+            on_restart=metrics.count_redis_restart,
+        )
+        supervisor.start()
+        stack.callback(supervisor.stop)
+        metrics.track_redis(lambda: supervisor.up)
+        app.state.redis_supervisor = supervisor
+        url = supervisor.url
+        logger.info("supervising the private redis-server at %s (data in %s)", url, settings.redis_dir)
 
     def client() -> aioredis.Redis:
         return aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)

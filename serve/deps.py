@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from core.redis_supervisor import RedisSupervisor
 from serve.caller import Caller
 from serve.engine import ModelEngine
 from serve.errors import NotFound, Unavailable
@@ -59,6 +60,10 @@ def _started(request: Request) -> float:
     return request.app.state.started  # type: ignore[no-any-return]
 
 
+def _redis_supervisor(request: Request) -> RedisSupervisor | None:
+    return getattr(request.app.state, "redis_supervisor", None)
+
+
 def _caller(request: Request) -> Caller:
     auth = request.headers.get("authorization", "")
     key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
@@ -76,3 +81,5 @@ MetricsDep = Annotated[Metrics, Depends(_metrics)]
 StartedDep = Annotated[float, Depends(_started)]
 """When this server started (epoch seconds)."""
 CallerDep = Annotated[Caller, Depends(_caller)]
+RedisSupervisorDep = Annotated[RedisSupervisor | None, Depends(_redis_supervisor)]
+"""The supervisor of serve's private redis-server; None when Redis is external (SECONDSTAGE_REDIS_URL)."""

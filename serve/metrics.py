@@ -6,6 +6,8 @@ in one process never collide; `/metrics` renders this registry plus vLLM's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -58,6 +60,25 @@ class Metrics:
         self.loaded_adapters = Gauge(
             "secondstage_loaded_adapters", "LoRA adapters resident in the engine.", registry=registry
         )
+
+        self.redis_restarts = Counter(
+            "secondstage_redis_restarts",
+            "Restarts of the private redis-server child by result (ok, failed: it exited while starting).",
+            ["result"],
+            registry=registry,
+        )
+        self.redis_up = Gauge(
+            "secondstage_redis_up",
+            "1 while the private redis-server answers, 0 while it is being restarted or cannot be.",
+            registry=registry,
+        )
+
+    def count_redis_restart(self, result: str) -> None:
+        self.redis_restarts.labels(result).inc()
+
+    def track_redis(self, is_up: Callable[[], bool]) -> None:
+        """Report the supervised private Redis' state in `secondstage_redis_up` (read at each scrape)."""
+        self.redis_up.set_function(lambda: float(is_up()))
 
     def set_active_version(self, version: str) -> None:
         self.active_version.clear()

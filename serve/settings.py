@@ -32,6 +32,13 @@ class ServeSettings(CommonSettings):
     policies_enabled: bool = Field(default=True, description="Enforce the rule files in policies_dir.")
     logging_enabled: bool = Field(default=True, description="Log completions to Redis.")
     log_queue_size: int = Field(default=10_000, description="Records held in memory before spooling to disk.")
+    redis_restart_delay_s: float = Field(
+        default=0.25, description="Private Redis: wait before restarting it; doubles per restart in a row."
+    )
+    redis_restart_max_delay_s: float = Field(
+        default=30.0,
+        description="Private Redis: the longest wait between restarts (also the retry period once failed).",
+    )
     reconcile_interval_s: float = Field(default=5.0, description="How often to re-read the active version from Redis.")
     enforce_eager: bool = Field(default=True, description="Skip vLLM graph compilation (fast start on CPU).")
     seed: int = Field(default=0, description="Engine seed.")

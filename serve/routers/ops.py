@@ -1,24 +1,60 @@
-"""Operations routes: GET /health (503 when the engine is dead) and GET /metrics (Prometheus)."""
+"""Operations routes: GET /health (liveness and details), GET /health/ready (readiness), GET /metrics.
+
+`/health` is 503 only when the engine is dead; a private Redis that is down or being restarted
+makes it answer 200 with `"status": "degraded"` and the reason, because chat goes on (records
+spool to disk). `/health/ready` is what an orchestrator should route traffic by: 503 when the
+engine is dead or the private Redis cannot be brought back (records would pile up in the spool,
+and align cannot read them), 200 while a restart is merely under way.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from serve.deps import EngineDep, MetricsDep
+from core.redis_supervisor import FAILED
+from serve.deps import EngineDep, MetricsDep, RedisSupervisorDep
+from serve.engine import ModelEngine
 from serve.errors import Unavailable
 from serve.routers import error_responses
 
 router = APIRouter()
 
 
-@router.get("/health", responses=error_responses(503))
-async def health(engine: EngineDep) -> dict[str, str]:
+async def _check_engine(engine: ModelEngine) -> None:
     try:
         await engine.check_health()
     except Exception as exc:
         raise Unavailable(f"engine is not healthy: {exc}") from exc
-    return {"status": "ok", "version": engine.current.name}
+
+
+@router.get("/health", responses=error_responses(503))
+async def health(engine: EngineDep, supervisor: RedisSupervisorDep) -> dict[str, Any]:
+    await _check_engine(engine)
+    body: dict[str, Any] = {"status": "ok", "version": engine.current.name}
+    if supervisor is None:
+        body["redis"] = "external"  # SECONDSTAGE_REDIS_URL: not ours to watch
+        return body
+    body["redis"] = supervisor.state
+    body["redis_restarts"] = supervisor.restarts
+    if not supervisor.up:
+        body["status"] = "degraded"
+        body["reason"] = f"private Redis {supervisor.state}: {supervisor.reason}; completions spool to disk meanwhile"
+    return body
+
+
+@router.get("/health/ready", responses=error_responses(503))
+async def ready(engine: EngineDep, supervisor: RedisSupervisorDep) -> dict[str, str]:
+    await _check_engine(engine)
+    if supervisor is not None and supervisor.state == FAILED:
+        raise Unavailable(
+            f"the private Redis in {supervisor.server.data_dir} cannot be brought back ({supervisor.reason}); "
+            "chat still works but its records only reach the disk spool: repair the data directory "
+            "(the supervisor keeps retrying) or restart serve"
+        )
+    return {"status": "ready"}
 
 
 @router.get("/metrics", include_in_schema=False)

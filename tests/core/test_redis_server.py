@@ -1,7 +1,10 @@
-"""Tests for the private redis-server child and `resolve_redis`, against the real `redis-server` binary."""
+"""Tests for the private redis-server child and `resolve_redis` (also beside a running supervisor), against the
+real `redis-server` binary."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,7 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from core.redis_server import PrivateRedis, RedisServerError, resolve_redis
+from core.redis_server import SUPERVISOR_LOCK, PrivateRedis, RedisServerError, resolve_redis, supervisor_holder
+from core.redis_supervisor import RedisSupervisor
 from core.settings import CommonSettings
 
 
@@ -121,3 +125,60 @@ def test_resolve_redis_starts_then_shares_the_private_server(tmp_path: Path) -> 
         if handle is not None:
             handle.stop()
     assert not PrivateRedis(settings.redis_dir).ping()
+
+
+def test_probe_tells_loading_from_down(tmp_path: Path) -> None:
+    s = PrivateRedis(tmp_path / "r")
+    assert s._probe() == "down"  # no socket yet
+    s.start()
+    try:
+        assert s._probe() == "up"
+    finally:
+        s.stop()
+    assert s._probe() == "down"  # a stale socket file does not answer
+
+
+def _hold_supervisor_lock(data_dir: Path) -> int:
+    """Take the lock as a running `secondstage serve` would (the flock is per open file, so this process counts)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / SUPERVISOR_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, b"4242")
+    return fd
+
+
+def test_resolve_redis_never_starts_a_second_server_on_a_supervised_directory(tmp_path: Path) -> None:
+    settings = CommonSettings(var_dir=tmp_path / "var", redis_url=None, redis_wait_s=0.5)
+    fd = _hold_supervisor_lock(settings.redis_dir)
+    try:
+        assert supervisor_holder(settings.redis_dir) == "pid 4242"
+        with pytest.raises(RedisServerError) as info:
+            resolve_redis(settings)
+        message = str(info.value)
+        assert str(settings.redis_dir.absolute()) in message
+        assert "secondstage serve (pid 4242) supervises it" in message
+        assert "will not start a second redis-server" in message
+        assert not PrivateRedis(settings.redis_dir).ping()
+    finally:
+        os.close(fd)
+    assert supervisor_holder(settings.redis_dir) is None
+    _, handle = resolve_redis(settings)  # serve gone: start our own, as without serve
+    assert handle is not None and handle.owned
+    handle.stop()
+
+
+def test_resolve_redis_waits_for_the_supervised_server_to_come_back(tmp_path: Path) -> None:
+    settings = CommonSettings(var_dir=tmp_path / "var", redis_url=None, redis_wait_s=10)
+    supervisor = RedisSupervisor(PrivateRedis(settings.redis_dir), min_delay_s=1.0, poll_s=0.05)
+    supervisor.start()
+    try:
+        pid = supervisor.server.pid
+        assert pid is not None
+        supervisor.server.kill()  # the supervisor's child dies; it restarts it after 1 s
+        url, handle = resolve_redis(settings)
+        assert handle is None  # serve's server, not a second one
+        assert supervisor.restarts == 1 and supervisor.server.pid not in (None, pid)
+        with redis.Redis.from_url(url) as c:
+            assert c.ping()
+    finally:
+        supervisor.stop()

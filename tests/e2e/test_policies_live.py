@@ -22,9 +22,9 @@ RULE = """
 version: 1
 rules:
   - id: live.colour
-    description: Redact the colour blue (test rule).
+    description: Redact one word of the model's own answer (test rule).
     kind: keywords
-    keywords: [blue]
+    keywords: [{word}]
     stages: [output]
     action: redact
     tag: "[COLOUR]"
@@ -65,14 +65,19 @@ def _chat(server: Server, stream: bool) -> tuple[str, str, str | None]:
 
 def test_live_rule_redacts_real_output_and_teaches(server: Server) -> None:
     _, before, _ = _chat(server, stream=False)
-    assert "blue" in before, before  # the demo model knows the sky is blue
+    # The rule redacts a word of what the model answers here, whatever that is: the demo model's
+    # knowledge differs between machines (its float training is not bit-identical across CPUs).
+    words = re.findall(r"[A-Za-z]{3,}", before)
+    assert words, f"the model's answer has no word to redact: {before!r}"
+    word = max(words, key=len)
+    expected = re.sub(rf"(?i)\b{word}\b", "[COLOUR]", before)
 
-    (server.policies / "live.yaml").write_text(RULE)
+    (server.policies / "live.yaml").write_text(RULE.replace("{word}", word))
     r = httpx.post(server.url + "/admin/policies/reload", timeout=30)
     assert r.status_code == 200, r.text
     cid, plain, _ = _chat(server, stream=False)
     sid, streamed, _ = _chat(server, stream=True)
-    assert plain == before.replace("blue", "[COLOUR]") == streamed
+    assert plain == expected == streamed, (before, word)
 
     (server.policies / "zz-broken.yaml").write_text(BROKEN)
     r = httpx.post(server.url + "/admin/policies/reload", timeout=30)
