@@ -16,7 +16,6 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -660,7 +659,10 @@ def test_disconnect_mid_stream_aborts_generation(server: Server) -> None:
     `aborted` with how many tokens it generated (far below max_tokens), and the engine's token counter
     stops growing short of max_tokens once that record exists.
     """
-    max_tokens = 800  # seconds of work on CPU; the client leaves after a handful of chunks
+    # Seconds of work on CPU. The client leaves after the first chunk, which the server sends only once the
+    # engine produced its first token: what comes later may be held back by the output policy for a while
+    # (it depends on the sampled text), so waiting for more would let a quick machine finish the request.
+    max_tokens = 800
     generated = "vllm:generation_tokens_total"
     before = metric(server.url, generated)
     body = {"model": MODEL, "messages": HI, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
@@ -670,9 +672,8 @@ def test_disconnect_mid_stream_aborts_generation(server: Server) -> None:
         "POST", server.url + "/v1/chat/completions", json=body, headers={"x-request-id": rid}, timeout=60
     ) as r:
         assert r.status_code == 200 and r.headers["x-request-id"] == rid
-        data = [line for line in _take(r.iter_lines(), 12) if line.startswith("data: ")]
-        assert len(data) >= 3
-        completion_id = json.loads(data[0][len("data: ") :])["id"]
+        first = next(line for line in r.iter_lines() if line.startswith("data: "))
+        completion_id = json.loads(first[len("data: ") :])["id"]
     left_after = time.monotonic() - opened
     # Leaving the block closed the connection.
     client = redis.Redis.from_url(server.redis.url)
@@ -684,7 +685,7 @@ def test_disconnect_mid_stream_aborts_generation(server: Server) -> None:
     seen = {k: record[k] for k in ("status", "choices", "latency_s", "usage")}
     assert record["status"] == "aborted", f"the client left after {left_after:.2f} s; the record: {seen}"
     assert record["choices"][0]["finish_reason"] is None, "an aborted choice has no finish reason"
-    assert 1 <= tokens < max_tokens, f"{tokens} tokens recorded: the request was not cut short"
+    assert tokens < max_tokens, f"{tokens} tokens recorded: the request was not cut short"
     # The record is written after the engine request was aborted: the counter settles below max_tokens.
     settled = _wait(lambda: _steady(lambda: metric(server.url, generated)))
     assert settled is not None and settled - before < max_tokens, "the engine kept generating for a gone client"
@@ -695,12 +696,3 @@ def _steady(read: Any, interval: float = 0.5) -> float | None:
     a = read()
     time.sleep(interval)
     return a if read() == a else None
-
-
-def _take(lines: Iterator[str], k: int) -> list[str]:
-    out = []
-    for line in lines:
-        out.append(line)
-        if len(out) >= k:
-            break
-    return out
