@@ -58,8 +58,8 @@ class Keys:
     def rate_limits(self) -> str:
         """Prefix of the per-key rate-limit state (serve/limits.py), shared by every replica, all with TTLs.
 
-        `<this>:LIMITER/{requests|feedback}/<identity>/...`: `limits`' moving windows (lists);
-        `<this>:{LIMITER/tokens/<identity>/...}` and `<this>:LIMITER/tokens/...`: its sliding-window counters;
+        `<this>:{requests|feedback}/<identity>/<limit>/1/minute`: `limits`' moving windows (lists);
+        `<this>:{tokens/<identity>/<limit>/1/minute}` and the same `/-1`: its sliding-window counters;
         `<this>:inflight:<identity>`: sorted set of concurrency leases (member = lease id, score = expiry ms).
         """
         return f"{self.prefix}:limits"
