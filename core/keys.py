@@ -54,5 +54,15 @@ class Keys:
         """String with TTL: held by the one align job allowed to run."""
         return f"{self.prefix}:align:lock"
 
+    @property
+    def rate_limits(self) -> str:
+        """Prefix of the per-key rate-limit state (serve/limits.py), shared by every replica, all with TTLs.
+
+        `<this>:{requests|feedback}/<identity>/<limit>/1/minute`: `limits`' moving windows (lists);
+        `<this>:{tokens/<identity>/<limit>/1/minute}` and the same `/-1`: its sliding-window counters;
+        `<this>:inflight:<identity>`: sorted set of concurrency leases (member = lease id, score = expiry ms).
+        """
+        return f"{self.prefix}:limits"
+
     align_group: str = "align"
     """Consumer group on the feedback and policy-pair streams that align reads with."""

@@ -21,8 +21,10 @@ from prometheus_client import CollectorRegistry
 from core.keys import Keys
 from core.redis_server import PrivateRedis
 from core.redis_supervisor import RedisSupervisor
+from serve.caller import KeyLimits
 from serve.engine import ModelEngine
 from serve.errors import install_error_handlers
+from serve.limits import RateLimiter
 from serve.logwriter import LogWriter, Record
 from serve.metrics import Metrics
 from serve.middleware import RequestMiddleware
@@ -99,6 +101,22 @@ async def _start(
 
     def client() -> aioredis.Redis:
         return aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+
+    limiter = RateLimiter(
+        url,
+        keys,
+        metrics,
+        anonymous=KeyLimits(
+            rpm=settings.anonymous_rpm,
+            tpm=settings.anonymous_tpm,
+            feedback_per_min=settings.anonymous_feedback_per_min,
+            max_concurrency=settings.anonymous_max_concurrency,
+        ),
+        lease_s=settings.rate_limit_lease_s,
+    )
+    await limiter.start()
+    stack.push_async_callback(limiter.stop)
+    app.state.limiter = limiter
 
     lookup = client()
     stack.push_async_callback(lookup.aclose)

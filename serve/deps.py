@@ -6,14 +6,16 @@ everything here is built once in the app factory's lifespan.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 
 from core.redis_supervisor import RedisSupervisor
 from serve.caller import Caller
 from serve.engine import ModelEngine
 from serve.errors import NotFound, Unavailable
+from serve.limits import Admission, RateLimiter
 from serve.metrics import Metrics
 from serve.policy import PolicyEngine
 from serve.services.chat import ChatService
@@ -70,6 +72,32 @@ def _caller(request: Request) -> Caller:
     return Caller(api_key=key or None)
 
 
+async def _admit(request: Request, response: Response, caller: Caller, kind: str) -> Admission:
+    limiter: RateLimiter = request.app.state.limiter
+    admission = await limiter.admit(caller, kind=kind)
+    # A route returning a model gets the headers through `response`; a stream applies them itself.
+    admission.response = response
+    response.headers.update(admission.headers)
+    return admission
+
+
+async def _request_limits(
+    request: Request, response: Response, caller: Annotated[Caller, Depends(_caller)]
+) -> AsyncIterator[Admission]:
+    admission = await _admit(request, response, caller, "requests")
+    try:
+        yield admission
+    finally:
+        # FastAPI runs this after the response has been sent: for a stream, once it ended or its client left.
+        await admission.release()
+
+
+async def _feedback_limits(
+    request: Request, response: Response, caller: Annotated[Caller, Depends(_caller)]
+) -> Admission:
+    return await _admit(request, response, caller, "feedback")
+
+
 ChatDep = Annotated[ChatService, Depends(_chat)]
 CompletionsDep = Annotated[CompletionService, Depends(_completions)]
 FeedbackDep = Annotated[FeedbackService, Depends(_feedback)]
@@ -83,3 +111,7 @@ StartedDep = Annotated[float, Depends(_started)]
 CallerDep = Annotated[Caller, Depends(_caller)]
 RedisSupervisorDep = Annotated[RedisSupervisor | None, Depends(_redis_supervisor)]
 """The supervisor of serve's private redis-server; None when Redis is external (SECONDSTAGE_REDIS_URL)."""
+RequestLimitDep = Annotated[Admission, Depends(_request_limits)]
+"""The caller's requests/min and concurrency, checked (429 when over); tokens/min is charged by the route."""
+FeedbackLimitDep = Annotated[Admission, Depends(_feedback_limits)]
+"""The caller's feedback/min, checked (429 when over)."""

@@ -11,6 +11,7 @@ already sent its 200.
 from __future__ import annotations
 
 import logging
+import math
 from http import HTTPStatus
 from typing import Any
 
@@ -26,7 +27,8 @@ class SecondstageError(Exception):
     """Root of the errors a client can be told about.
 
     `details` are extra fields inside the `error` object (e.g. the rule file a reload
-    refused); `context` are fields beside it (e.g. the version still active).
+    refused); `context` are fields beside it (e.g. the version still active); `headers`
+    go on the HTTP response (e.g. `Retry-After` on a 429).
     """
 
     # An int, not only HTTPStatus: 499 (nginx's "client closed request") is no HTTPStatus member.
@@ -40,12 +42,14 @@ class SecondstageError(Exception):
         param: str | None = None,
         details: dict[str, Any] | None = None,
         context: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.details = details or {}
         self.context = context or {}
+        self.headers = headers or {}
 
 
 class BadRequest(SecondstageError):
@@ -79,6 +83,27 @@ class ClientClosed(SecondstageError):
 
     status = 499
     type = "ClientClosedRequest"
+
+
+class RateLimited(SecondstageError):
+    """A per-key limit refused the request (`serve/limits.py`), in OpenAI's shape.
+
+    As OpenAI: `type` names the limit (`requests`, `tokens`; here also `feedback`, `concurrency`),
+    `code` is `rate_limit_exceeded`; `Retry-After` (seconds) and `retry-after-ms` say when to retry,
+    beside the x-ratelimit-* headers of the limits checked.
+    """
+
+    status = HTTPStatus.TOO_MANY_REQUESTS
+
+    def __init__(self, message: str, *, limit: str, retry_after_s: float, headers: dict[str, str]) -> None:
+        wait_ms = max(1, math.ceil(retry_after_s * 1000))
+        super().__init__(
+            message,
+            details={"code": "rate_limit_exceeded"},
+            headers={**headers, "retry-after": str(math.ceil(wait_ms / 1000)), "retry-after-ms": str(wait_ms)},
+        )
+        self.type = limit
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(SecondstageError):
@@ -137,8 +162,8 @@ def install_error_handlers(app: FastAPI) -> None:
         status, body = to_error(exc)
         if status >= 500:
             logger.exception("request %s %s failed", request.method, request.url.path, exc_info=exc)
-        # Keep headers the HTTP error carries, e.g. `Allow` on a 405 (RFC 9110 requires it).
-        headers = getattr(exc, "headers", None) if isinstance(exc, StarletteHTTPException) else None
+        # Keep headers the error carries, e.g. `Allow` on a 405 (RFC 9110 requires it), `Retry-After` on a 429.
+        headers = getattr(exc, "headers", None) if isinstance(exc, (StarletteHTTPException, SecondstageError)) else None
         return JSONResponse(body, status_code=int(status), headers=headers)
 
     for exc_type in (SecondstageError, RequestValidationError, StarletteHTTPException, Exception):

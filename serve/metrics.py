@@ -73,6 +73,18 @@ class Metrics:
             registry=registry,
         )
 
+        self.rate_limited = Counter(
+            "secondstage_rate_limited_total",
+            "Requests refused with 429 by a per-key limit, by limit (requests, tokens, feedback, concurrency).",
+            ["limit"],
+            registry=registry,
+        )
+        self.rate_limit_errors = Counter(
+            "secondstage_rate_limit_errors_total",
+            "Limit checks skipped because Redis did not answer: the limits fail open and the request is served.",
+            registry=registry,
+        )
+
     def count_redis_restart(self, result: str) -> None:
         self.redis_restarts.labels(result).inc()
 

@@ -39,6 +39,32 @@ class ServeSettings(CommonSettings):
         default=30.0,
         description="Private Redis: the longest wait between restarts (also the retry period once failed).",
     )
+    anonymous_rpm: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests per minute for callers without an API key (the open local mode), summed over "
+        "every replica on the same Redis. Unset: no limit. Keys carry their own limits.",
+    )
+    anonymous_tpm: int | None = Field(
+        default=None,
+        ge=1,
+        description="Tokens per minute (prompt + n × max_tokens, charged before the engine) for callers "
+        "without an API key. Unset: no limit.",
+    )
+    anonymous_feedback_per_min: int | None = Field(
+        default=None, ge=1, description="Feedback events per minute for callers without an API key. Unset: no limit."
+    )
+    anonymous_max_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="Chat and completion requests in flight at once for callers without an API key. Unset: no limit.",
+    )
+    rate_limit_lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Concurrency leases expire this long after their replica last renewed them (so a crashed "
+        "replica's in-flight requests stop counting); live replicas renew every third of it.",
+    )
     reconcile_interval_s: float = Field(default=5.0, description="How often to re-read the active version from Redis.")
     enforce_eager: bool = Field(default=True, description="Skip vLLM graph compilation (fast start on CPU).")
     seed: int = Field(default=0, description="Engine seed.")

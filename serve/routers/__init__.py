@@ -14,6 +14,8 @@ _DESCRIPTIONS: dict[int | str, str] = {
     400: "Invalid request: the message says what, `param` names the field (validation errors are 400, not 422).",
     404: "Unknown model (or completion id); `param` names it.",
     413: "Request body over the server's limit (SECONDSTAGE_MAX_BODY_BYTES).",
+    429: "A per-key limit (requests, tokens, feedback per minute; requests in flight): `Retry-After` says when "
+    "to retry, `x-ratelimit-*` headers say where the key stands, `code` is `rate_limit_exceeded`.",
     503: "Not available now (engine unhealthy, or the feature is switched off).",
     # Declaring the class also keeps FastAPI from advertising its default 422 body, which we never send.
     "4XX": "Any other client error (e.g. 405 for a wrong method), in the same shape.",

@@ -7,14 +7,14 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from serve.deps import CallerDep, ChatDep
+from serve.deps import CallerDep, ChatDep, RequestLimitDep
 from serve.errors import ClientClosed
 from serve.protocol import ChatCompletionRequest, ChatCompletionResponse
 from serve.routers import EventStream, error_responses
 
 router = APIRouter()
 
-ERROR_RESPONSES = error_responses(400, 404, 413)
+ERROR_RESPONSES = error_responses(400, 404, 413, 429)
 
 
 @router.post(
@@ -23,12 +23,13 @@ ERROR_RESPONSES = error_responses(400, 404, 413)
     responses={200: {"content": {"text/event-stream": {}}}, **ERROR_RESPONSES},
 )
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, chat: ChatDep, caller: CallerDep
+    body: ChatCompletionRequest, request: Request, chat: ChatDep, caller: CallerDep, limits: RequestLimitDep
 ) -> Any:
     job = chat.prepare(body, caller)
+    await limits.charge_tokens([job])
     if body.stream:
         lines = await chat.open_stream(job)
-        return EventStream(lines)
+        return limits.apply(EventStream(lines))
     return await until_disconnect(request, chat.complete(job))
 
 

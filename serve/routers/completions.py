@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from serve.deps import CallerDep, CompletionsDep
+from serve.deps import CallerDep, CompletionsDep, RequestLimitDep
 from serve.protocol import CompletionRequest, CompletionResponse
 from serve.routers import EventStream
 from serve.routers.chat import ERROR_RESPONSES, until_disconnect
@@ -20,10 +20,15 @@ router = APIRouter()
     responses={200: {"content": {"text/event-stream": {}}}, **ERROR_RESPONSES},
 )
 async def create_completion(
-    body: CompletionRequest, request: Request, completions: CompletionsDep, caller: CallerDep
+    body: CompletionRequest,
+    request: Request,
+    completions: CompletionsDep,
+    caller: CallerDep,
+    limits: RequestLimitDep,
 ) -> Any:
     jobs = completions.prepare(body, caller)
+    await limits.charge_tokens(jobs)
     if body.stream:
         lines = await completions.open_stream(jobs)
-        return EventStream(lines)
+        return limits.apply(EventStream(lines))
     return await until_disconnect(request, completions.complete(jobs))

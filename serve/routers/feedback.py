@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from serve.deps import CallerDep, FeedbackDep
+from serve.deps import CallerDep, FeedbackDep, FeedbackLimitDep
 from serve.protocol import FeedbackRequest, FeedbackResponse
 from serve.routers import error_responses
 
 router = APIRouter()
 
 
-@router.post("/v1/feedback", response_model=FeedbackResponse, responses=error_responses(400, 404, 413, 503))
-async def create_feedback(body: FeedbackRequest, feedback: FeedbackDep, caller: CallerDep) -> FeedbackResponse:
+@router.post("/v1/feedback", response_model=FeedbackResponse, responses=error_responses(400, 404, 413, 429, 503))
+async def create_feedback(
+    body: FeedbackRequest, feedback: FeedbackDep, caller: CallerDep, _: FeedbackLimitDep
+) -> FeedbackResponse:
     return await feedback.submit(body, user=caller.key_id)
