@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from serve.deps import CallerDep, CompletionsDep
+from serve.deps import ChatCallerDep, CompletionsDep
 from serve.protocol import CompletionRequest, CompletionResponse
 from serve.routers import EventStream
 from serve.routers.chat import ERROR_RESPONSES, until_disconnect
@@ -20,7 +20,7 @@ router = APIRouter()
     responses={200: {"content": {"text/event-stream": {}}}, **ERROR_RESPONSES},
 )
 async def create_completion(
-    body: CompletionRequest, request: Request, completions: CompletionsDep, caller: CallerDep
+    body: CompletionRequest, request: Request, completions: CompletionsDep, caller: ChatCallerDep
 ) -> Any:
     jobs = completions.prepare(body, caller)
     if body.stream:

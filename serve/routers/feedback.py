@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from serve.deps import CallerDep, FeedbackDep
+from serve.deps import FeedbackCallerDep, FeedbackDep
 from serve.protocol import FeedbackRequest, FeedbackResponse
 from serve.routers import error_responses
 
 router = APIRouter()
 
 
-@router.post("/v1/feedback", response_model=FeedbackResponse, responses=error_responses(400, 404, 413, 503))
-async def create_feedback(body: FeedbackRequest, feedback: FeedbackDep, caller: CallerDep) -> FeedbackResponse:
-    return await feedback.submit(body, user=caller.key_id)
+@router.post("/v1/feedback", response_model=FeedbackResponse, responses=error_responses(400, 401, 403, 404, 413, 503))
+async def create_feedback(body: FeedbackRequest, feedback: FeedbackDep, caller: FeedbackCallerDep) -> FeedbackResponse:
+    return await feedback.submit(body, caller)
