@@ -61,7 +61,9 @@ class Authenticator:
         # sha256 of a presented secret -> (valid until, entry or None): hashes, not secrets, stay in memory.
         self._keys: OrderedDict[str, tuple[float, ApiKey | None]] = OrderedDict()
         self._max_cached = max_cached
-        # Whether operator keys exist; None until Redis answered once (then: not open, fail closed).
+        # Whether operator keys exist; None until Redis answered once. Unknown counts as "none" where anonymous
+        # use is allowed anyway (loopback, --allow-anonymous): a local server whose Redis will not start keeps
+        # serving chat, as it did before keys existed; a network bind without the flag stays closed.
         self._has_keys: tuple[float, bool | None] = (float("-inf"), None)
 
     async def open_mode(self) -> bool:
@@ -75,11 +77,18 @@ class Authenticator:
                 self._has_keys = (self.clock() + self.cache_s, has_keys)
             except _REDIS_ERRORS as exc:
                 logger.warning("cannot read the API keys from Redis (%s); using what was known", exc)
-        return has_keys is False
+                self._has_keys = (self.clock() + self.cache_s, has_keys)  # ask again later, not per request
+        return not has_keys
 
     async def caller(self, secret: str | None, *, user: str | None = None) -> Caller:
         """The caller a request's key stands for; `Unauthorized` for a missing, unknown or revoked key."""
-        entry = await self._lookup(secret) if secret else None
+        entry = None
+        if secret:
+            try:
+                entry = await self._lookup(secret)
+            except Unavailable:
+                if not await self.open_mode():
+                    raise
         if entry is not None:
             if entry.revoked:
                 raise Unauthorized(f"API key {entry.id} was revoked; ask the operator for a new one")
