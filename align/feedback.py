@@ -13,8 +13,9 @@ both through the consumer group `keys.align_group`:
 Entries are decoded into the typed records of core/records.py (`FeedbackRecord`, `PolicyPair`, and the
 `CompletionRecord` each feedback refers to); an entry that does not decode is skipped and counted as malformed.
 Logging is at-least-once, so entries are deduplicated by their `id`. Feedback whose completion record is gone (or
-unreadable) is skipped and counted. At most `max_rows_per_user` feedback entries per user are taken in one run; the
-rest stay pending for later runs, so one user cannot dominate a version.
+unreadable) is skipped and counted. At most `max_rows_per_user` feedback entries per identity (the API key that
+posted them, never the client-set `user`) are taken in one run; the rest stay pending for later runs, so one
+identity cannot dominate a version.
 """
 
 from __future__ import annotations
@@ -240,7 +241,9 @@ class FeedbackReader:
             if completion is None:
                 batch.skipped["missing_completion"] += 1
                 continue
-            user = record.user or completion.user or completion.key or "anonymous"
+            # The authenticated identity, never the client-set `user`: feedback from before records carried
+            # `key` falls back to the completion's key (only its owner may post feedback on it).
+            user = record.key or completion.key or "anonymous"
             if per_user[user] >= self.max_rows_per_user:
                 batch.skipped["user_cap"] += 1
                 deferred.add(entry_id)

@@ -64,5 +64,13 @@ class Keys:
         """
         return f"{self.prefix}:limits"
 
+    @property
+    def api_keys(self) -> str:
+        """Hash: API key id -> JSON key entry (name, sha256 of the secret, scopes, limits, created, revoked).
+
+        Never the secret itself; serve's key store (serve/auth/store.py) owns the entry's shape.
+        """
+        return f"{self.prefix}:api_keys"
+
     align_group: str = "align"
     """Consumer group on the feedback and policy-pair streams that align reads with."""

@@ -157,6 +157,9 @@ class FeedbackRecord(msgspec.Struct, kw_only=True):
     correction: str | None = None
     preferred_choice: NonNegative | None = None
     user: str | None = None
+    """The request's `user` field: metadata the client sets, never an identity."""
+    key: str | None = None
+    """Who posted it: the key id of the authenticated API key (None: anonymous). What per-identity caps key on."""
 
 
 class PolicyPair(msgspec.Struct, kw_only=True):

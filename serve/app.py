@@ -21,6 +21,9 @@ from prometheus_client import CollectorRegistry
 from core.keys import Keys
 from core.redis_server import PrivateRedis
 from core.redis_supervisor import RedisSupervisor
+from serve.auth import Authenticator, KeyStore, is_loopback
+from serve.auth.credential import ensure_admin_credential
+from serve.auth.surface import OperatorServer, SurfaceGuard
 from serve.caller import KeyLimits
 from serve.engine import ModelEngine
 from serve.errors import install_error_handlers
@@ -67,6 +70,8 @@ def build_app(
     app.state.policy = None
     app.state.redis_supervisor = None
     install_error_handlers(app)
+    if settings.admin_port is not None:
+        app.add_middleware(SurfaceGuard, admin_port=settings.admin_port)
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     for module in (chat, completions, feedback, models, tokenize, ops, policies):
         app.include_router(module.router)
@@ -120,6 +125,7 @@ async def _start(
 
     lookup = client()
     stack.push_async_callback(lookup.aclose)
+    app.state.auth = await _authenticator(settings, KeyStore(lookup, keys))
 
     recorder: Recorder | None = None
     if settings.logging_enabled:
@@ -164,6 +170,38 @@ async def _start(
         await asyncio.gather(*tasks, return_exceptions=True)
 
     stack.push_async_callback(stop_tasks)
+
+    if settings.admin_port is not None:
+        # Started last, once everything it serves exists; it shares this app (see serve/auth/surface.py).
+        operator = OperatorServer(app, settings.admin_host or settings.host, settings.admin_port)
+        await operator.start()
+        stack.push_async_callback(operator.stop)
+
+
+class StartRefused(RuntimeError):
+    """serve will not start as configured (e.g. open to the network without keys); the message says the fix."""
+
+
+async def _authenticator(settings: ServeSettings, store: KeyStore) -> Authenticator:
+    """The key checker; the admin credential in var/; refuse a non-loopback bind without keys."""
+    loopback = is_loopback(settings.host)
+    auth = Authenticator(store, anonymous_allowed=loopback or settings.allow_anonymous, cache_s=settings.auth_cache_s)
+    try:
+        await ensure_admin_credential(store, settings.admin_key_path)
+        has_keys = await store.has_operator_keys()
+    except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
+        # Without Redis no key can be checked: requests get 503 until it answers (fail closed).
+        logger.warning("cannot reach Redis to read the API keys (%s); key checks wait for it", exc)
+        return auth
+    if not has_keys and not loopback and not settings.allow_anonymous:
+        raise StartRefused(
+            f"host: {settings.host} is not a loopback address and no API key exists, so anyone who reaches the "
+            "port could use the model. Create a key first (`secondstage keys create --name NAME --scopes chat,"
+            "feedback`), or pass --allow-anonymous (SECONDSTAGE_ALLOW_ANONYMOUS=true) to serve without keys"
+        )
+    if not has_keys:
+        logger.info("no API keys: chat and feedback are open to anyone who reaches %s (anonymous)", settings.host)
+    return auth
 
 
 def _policy_engine(settings: ServeSettings, metrics: Metrics, engine: ModelEngine) -> Any:

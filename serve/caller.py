@@ -12,6 +12,24 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+SCOPES = ("chat", "feedback", "admin")
+"""What a key may do: `chat` (chat, completions, models, tokenize), `feedback`, `admin` (/admin/*)."""
+
+
+def secret_hash(secret: str) -> str:
+    """The sha256 of an API key, hex: what the key store keeps instead of the key.
+
+    A plain fast hash is enough here (no salt, no bcrypt/argon2): our keys are 32 random bytes from
+    `secrets`, so there is no dictionary to try and 2^256 guesses to make; slow hashes exist for
+    low-entropy passwords. A fast hash also lets every request be checked without a CPU cost.
+    """
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def key_id_of(secret: str) -> str:
+    """The key's public id: the first 16 hex digits of its sha256 (what records store as `key`)."""
+    return secret_hash(secret)[:16]
+
 
 class KeyLimits(msgspec.Struct, frozen=True, kw_only=True):
     """Per-key limits, enforced across replicas through Redis; None means no limit."""
@@ -28,13 +46,22 @@ class KeyLimits(msgspec.Struct, frozen=True, kw_only=True):
 
 @dataclass
 class Caller:
-    """The API key (hashed before it is stored), its scopes and limits, and the `user` field."""
+    """The API key (hashed before it is stored), its name, scopes and limits, and the `user` field.
+
+    `api_key` is None for an anonymous caller (a loopback server with no keys, or `--allow-anonymous`).
+    """
 
     api_key: str | None = None
     user: str | None = None
     scopes: frozenset[str] = field(default_factory=frozenset)
     limits: KeyLimits = field(default_factory=KeyLimits)
+    name: str | None = None
+    """The key's name (`secondstage keys create --name`), set by the operator: what policy `users` globs match."""
 
     @property
     def key_id(self) -> str | None:
-        return hashlib.sha256(self.api_key.encode()).hexdigest()[:16] if self.api_key else None
+        return key_id_of(self.api_key) if self.api_key else None
+
+    @property
+    def is_admin(self) -> bool:
+        return "admin" in self.scopes

@@ -3,6 +3,7 @@
 secondstage serve                      # the API on 127.0.0.1:8000 (demo model unless --model)
 secondstage model demo                 # build the offline demo model into var/models/demo
 secondstage policy check | test TEXT   # validate rules, try them on text
+secondstage keys create | list | revoke  # API keys (serve/auth/cli.py)
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ console = Console()
 
 
 def register(root: typer.Typer) -> None:
-    """Entry point (`secondstage.commands`): add `serve`, `model` and `policy` to the root CLI."""
+    """Entry point (`secondstage.commands`): add `serve`, `model`, `policy` and `keys` to the root CLI."""
+    from serve.auth.cli import keys_app
     from serve.policy.cli import policy_app
 
     root.command("serve")(serve)
     root.add_typer(model_app, name="model")
     root.add_typer(policy_app, name="policy")
+    root.add_typer(keys_app, name="keys")
 
 
 def serve(
@@ -32,6 +35,12 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
     redis_url: Annotated[str | None, typer.Option(help="Redis URL (default: a private redis-server).")] = None,
+    allow_anonymous: Annotated[
+        bool, typer.Option(help="On a non-loopback bind with no API keys, serve chat and feedback without keys.")
+    ] = False,
+    admin_port: Annotated[
+        int | None, typer.Option(help="Serve /admin/* and /metrics only on this port (404 on the public one).")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
     """Run the OpenAI-compatible API with vLLM in-process."""
@@ -40,7 +49,15 @@ def serve(
     from serve.app import build_app
     from serve.settings import ServeSettings
 
-    overrides = {k: v for k, v in {"model": model, "host": host, "port": port, "redis_url": redis_url}.items() if v}
+    given = {
+        "model": model,
+        "host": host,
+        "port": port,
+        "redis_url": redis_url,
+        "allow_anonymous": allow_anonymous,
+        "admin_port": admin_port,
+    }
+    overrides = {k: v for k, v in given.items() if v}
     settings = ServeSettings(**overrides)  # type: ignore[arg-type]
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.model is None:

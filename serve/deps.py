@@ -12,6 +12,7 @@ from typing import Annotated
 from fastapi import Depends, Request, Response
 
 from core.redis_supervisor import RedisSupervisor
+from serve.auth.authenticator import Authenticator, require
 from serve.caller import Caller
 from serve.engine import ModelEngine
 from serve.errors import NotFound, Unavailable
@@ -66,10 +67,23 @@ def _redis_supervisor(request: Request) -> RedisSupervisor | None:
     return getattr(request.app.state, "redis_supervisor", None)
 
 
-def _caller(request: Request) -> Caller:
-    auth = request.headers.get("authorization", "")
-    key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
-    return Caller(api_key=key or None)
+async def _caller(request: Request) -> Caller:
+    """The one place a request's key is checked: every route's caller (and scope check) comes from here."""
+    auth: Authenticator = request.app.state.auth
+    header = request.headers.get("authorization", "")
+    key = header[7:].strip() if header.lower().startswith("bearer ") else None
+    return await auth.caller(key or None)
+
+
+class _Scoped:
+    """The caller, refused (401/403) unless it holds `scope`."""
+
+    def __init__(self, scope: str) -> None:
+        self.scope = scope
+
+    async def __call__(self, caller: Annotated[Caller, Depends(_caller)]) -> Caller:
+        require(caller, self.scope)
+        return caller
 
 
 async def _admit(request: Request, response: Response, caller: Caller, kind: str) -> Admission:
@@ -81,8 +95,12 @@ async def _admit(request: Request, response: Response, caller: Caller, kind: str
     return admission
 
 
+_chat_caller = _Scoped("chat")
+_feedback_caller = _Scoped("feedback")
+
+
 async def _request_limits(
-    request: Request, response: Response, caller: Annotated[Caller, Depends(_caller)]
+    request: Request, response: Response, caller: Annotated[Caller, Depends(_chat_caller)]
 ) -> AsyncIterator[Admission]:
     admission = await _admit(request, response, caller, "requests")
     try:
@@ -93,7 +111,7 @@ async def _request_limits(
 
 
 async def _feedback_limits(
-    request: Request, response: Response, caller: Annotated[Caller, Depends(_caller)]
+    request: Request, response: Response, caller: Annotated[Caller, Depends(_feedback_caller)]
 ) -> Admission:
     return await _admit(request, response, caller, "feedback")
 
@@ -109,6 +127,15 @@ MetricsDep = Annotated[Metrics, Depends(_metrics)]
 StartedDep = Annotated[float, Depends(_started)]
 """When this server started (epoch seconds)."""
 CallerDep = Annotated[Caller, Depends(_caller)]
+"""Who is asking, with no scope required (401 for a bad key)."""
+ChatCallerDep = Annotated[Caller, Depends(_chat_caller)]
+"""The caller of a chat route (chat, completions, models, tokenize): needs the `chat` scope."""
+FeedbackCallerDep = Annotated[Caller, Depends(_feedback_caller)]
+"""The caller of POST /v1/feedback: needs the `feedback` scope."""
+CHAT_SCOPE = Depends(_chat_caller)
+"""For routes that need the scope but not the caller: `dependencies=[CHAT_SCOPE]`."""
+ADMIN_SCOPE = Depends(_Scoped("admin"))
+"""For /admin/* routers: `APIRouter(dependencies=[ADMIN_SCOPE])`."""
 RedisSupervisorDep = Annotated[RedisSupervisor | None, Depends(_redis_supervisor)]
 """The supervisor of serve's private redis-server; None when Redis is external (SECONDSTAGE_REDIS_URL)."""
 RequestLimitDep = Annotated[Admission, Depends(_request_limits)]

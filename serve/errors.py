@@ -106,6 +106,23 @@ class RateLimited(SecondstageError):
         self.retry_after_s = retry_after_s
 
 
+class Unauthorized(SecondstageError):
+    """No API key, or one the server does not know (or that was revoked): 401 `invalid_api_key`, as OpenAI says."""
+
+    status = HTTPStatus.UNAUTHORIZED
+    type = "AuthenticationError"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, details={"code": "invalid_api_key"})
+
+
+class Forbidden(SecondstageError):
+    """A valid key without the scope the route needs; the message names the scope."""
+
+    status = HTTPStatus.FORBIDDEN
+    type = "PermissionDeniedError"
+
+
 class Unavailable(SecondstageError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
     type = "ServiceUnavailableError"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from core.settings import CommonSettings
 
@@ -65,6 +65,23 @@ class ServeSettings(CommonSettings):
         description="Concurrency leases expire this long after their replica last renewed them (so a crashed "
         "replica's in-flight requests stop counting); live replicas renew every third of it.",
     )
+    allow_anonymous: bool = Field(
+        default=False,
+        description="Serve chat and feedback without a key on a non-loopback bind while no key exists "
+        "(a loopback bind does so anyway). Admin routes always need an admin key.",
+    )
+    admin_key_file: Path | None = Field(
+        default=None, description="The local admin key serve generates on first start. Default: var/admin.key."
+    )
+    admin_port: int | None = Field(
+        default=None,
+        description="Serve /admin/* and /metrics only on this port (404 on the public one). Unset: one port for all.",
+    )
+    admin_host: str | None = Field(default=None, description="Address the admin port binds. Default: `host`.")
+    auth_cache_s: float = Field(
+        default=2.0,
+        description="How long a replica trusts an API key lookup; a revoke takes effect within this on every replica.",
+    )
     reconcile_interval_s: float = Field(default=5.0, description="How often to re-read the active version from Redis.")
     enforce_eager: bool = Field(default=True, description="Skip vLLM graph compilation (fast start on CPU).")
     seed: int = Field(default=0, description="Engine seed.")
@@ -73,6 +90,18 @@ class ServeSettings(CommonSettings):
         description="Weights dtype for vLLM. `auto` means the model's own, except float32 for the demo model "
         "(vLLM's CPU default, bfloat16, makes LoRA outputs drift from what training measured).",
     )
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> ServeSettings:
+        if self.admin_port is not None and self.admin_port == self.port:
+            raise ValueError(
+                f"admin_port: must differ from port (both {self.port}); unset it to serve everything on one port"
+            )
+        return self
+
+    @property
+    def admin_key_path(self) -> Path:
+        return self.admin_key_file or self.var_dir / "admin.key"
 
     @property
     def engine_dtype(self) -> str:

@@ -11,10 +11,15 @@ from serve.policy.schema import Rule
 
 @dataclass(frozen=True)
 class RequestContext:
-    """Who is asking: what scope globs are matched against."""
+    """Who is asking: what scope globs are matched against, all from the authenticated key.
+
+    Never from the request body: a client could otherwise pick the rules that apply to it.
+    """
 
     api_key: str | None
+    """The key's public id (`Caller.key_id`, 16 hex digits); None for an anonymous caller."""
     user: str | None
+    """The key's name, set by the operator with `secondstage keys create --name`; None when anonymous."""
     model: str
 
 

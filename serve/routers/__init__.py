@@ -12,6 +12,8 @@ from serve.protocol import ErrorResponse
 
 _DESCRIPTIONS: dict[int | str, str] = {
     400: "Invalid request: the message says what, `param` names the field (validation errors are 400, not 422).",
+    401: "Missing, unknown or revoked API key (`code: invalid_api_key`); send `Authorization: Bearer <key>`.",
+    403: "The API key lacks the scope this route needs (chat, feedback or admin); the message names it.",
     404: "Unknown model (or completion id); `param` names it.",
     413: "Request body over the server's limit (SECONDSTAGE_MAX_BODY_BYTES).",
     429: "A per-key limit (requests, tokens, feedback per minute; requests in flight): `Retry-After` says when "

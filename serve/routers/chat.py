@@ -7,14 +7,14 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from serve.deps import CallerDep, ChatDep, RequestLimitDep
+from serve.deps import ChatCallerDep, ChatDep, RequestLimitDep
 from serve.errors import ClientClosed
 from serve.protocol import ChatCompletionRequest, ChatCompletionResponse
 from serve.routers import EventStream, error_responses
 
 router = APIRouter()
 
-ERROR_RESPONSES = error_responses(400, 404, 413, 429)
+ERROR_RESPONSES = error_responses(400, 401, 403, 404, 413, 429)
 
 
 @router.post(
@@ -23,7 +23,7 @@ ERROR_RESPONSES = error_responses(400, 404, 413, 429)
     responses={200: {"content": {"text/event-stream": {}}}, **ERROR_RESPONSES},
 )
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, chat: ChatDep, caller: CallerDep, limits: RequestLimitDep
+    body: ChatCompletionRequest, request: Request, chat: ChatDep, caller: ChatCallerDep, limits: RequestLimitDep
 ) -> Any:
     job = chat.prepare(body, caller)
     await limits.charge_tokens([job])

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from serve.deps import CallerDep, CompletionsDep, RequestLimitDep
+from serve.deps import ChatCallerDep, CompletionsDep, RequestLimitDep
 from serve.protocol import CompletionRequest, CompletionResponse
 from serve.routers import EventStream
 from serve.routers.chat import ERROR_RESPONSES, until_disconnect
@@ -23,7 +23,7 @@ async def create_completion(
     body: CompletionRequest,
     request: Request,
     completions: CompletionsDep,
-    caller: CallerDep,
+    caller: ChatCallerDep,
     limits: RequestLimitDep,
 ) -> Any:
     jobs = completions.prepare(body, caller)

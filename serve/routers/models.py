@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from serve.deps import EngineDep, SettingsDep, StartedDep
+from serve.deps import CHAT_SCOPE, EngineDep, SettingsDep, StartedDep
 from serve.protocol import ModelCard, ModelList
 from serve.routers import error_responses
 
 router = APIRouter()
 
 
-@router.get("/v1/models", response_model=ModelList, responses=error_responses())
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(401, 403), dependencies=[CHAT_SCOPE])
 async def list_models(engine: EngineDep, settings: SettingsDep, started: StartedDep) -> ModelList:
     card = ModelCard(
         id=engine.model_name,

@@ -9,10 +9,12 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from serve.deps import PolicyDep
+from serve.deps import ADMIN_SCOPE, PolicyDep
 from serve.errors import PolicyRejected
+from serve.routers import error_responses
 
-router = APIRouter()
+# Admin routes: an admin key always, also in the anonymous local mode.
+router = APIRouter(dependencies=[ADMIN_SCOPE], responses=error_responses(401, 403, 404))
 
 
 @router.get("/admin/policies")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from serve.deps import EngineDep
+from serve.deps import CHAT_SCOPE, EngineDep
 from serve.errors import BadRequest
 from serve.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from serve.routers import error_responses
@@ -13,7 +13,12 @@ from serve.services.generation import check_model
 router = APIRouter()
 
 
-@router.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(400, 404, 413))
+@router.post(
+    "/tokenize",
+    response_model=TokenizeResponse,
+    responses=error_responses(400, 401, 403, 404, 413),
+    dependencies=[CHAT_SCOPE],
+)
 async def tokenize(body: TokenizeRequest, engine: EngineDep) -> TokenizeResponse:
     check_model(engine, body.model)
     if body.messages is not None:
@@ -23,7 +28,12 @@ async def tokenize(body: TokenizeRequest, engine: EngineDep) -> TokenizeResponse
     return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)
 
 
-@router.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(400, 404, 413))
+@router.post(
+    "/detokenize",
+    response_model=DetokenizeResponse,
+    responses=error_responses(400, 401, 403, 404, 413),
+    dependencies=[CHAT_SCOPE],
+)
 async def detokenize(body: DetokenizeRequest, engine: EngineDep) -> DetokenizeResponse:
     check_model(engine, body.model)
     vocab = len(engine.tokenizer)

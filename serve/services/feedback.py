@@ -1,4 +1,11 @@
-"""User feedback on a completion: validated against the completion, then recorded as a `FeedbackRecord`."""
+"""User feedback on a completion: validated against the completion, then recorded as a `FeedbackRecord`.
+
+Only the identity that made the completion (its API key; anonymous for anonymous ones) or an admin
+key may post feedback on it. Anyone else gets the same 404 as for an id that does not exist, not a
+403: a 403 would confirm to a stranger that the id is real, and there is nothing they could do with
+that answer except probe. When the completion cannot be checked now (Redis down), feedback is accepted
+and recorded with the poster's key, as before; align joins it to the completion later.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ from serve.errors import BadRequest, NotFound
 from serve.protocol import FeedbackRequest, FeedbackResponse
 
 if TYPE_CHECKING:
+    from serve.caller import Caller
     from serve.metrics import Metrics
     from serve.services.records import Recorder
 
@@ -22,10 +30,11 @@ class FeedbackService:
         self.recorder = recorder
         self.metrics = metrics
 
-    async def submit(self, req: FeedbackRequest, user: str | None = None) -> FeedbackResponse:
-        n = await self.recorder.choices_of(req.completion_id)
-        if n is None:
+    async def submit(self, req: FeedbackRequest, caller: Caller) -> FeedbackResponse:
+        ref = await self.recorder.lookup(req.completion_id)
+        if ref is None or (ref.checked and ref.key != caller.key_id and not caller.is_admin):
             raise NotFound(f"no completion with id {req.completion_id!r}", param="completion_id")
+        n = ref.choices
         if n >= 0:  # -1: cannot be checked now (Redis down); accepted and checked by align later
             for name in ("choice_index", "preferred_choice"):
                 value = getattr(req, name)
@@ -53,7 +62,8 @@ class FeedbackService:
                 comment=req.comment,
                 correction=req.correction,
                 preferred_choice=req.preferred_choice,
-                user=req.user if req.user is not None else user,
+                user=req.user,
+                key=caller.key_id,
             )
         )
         for kind in KINDS:

@@ -173,7 +173,7 @@ class Pipeline:
         if self.policy is not None:
             from serve.policy import RequestContext
 
-            job.policy_ctx = RequestContext(api_key=caller.api_key, user=req.user, model=self.engine.model_name)
+            job.policy_ctx = RequestContext(api_key=caller.key_id, user=caller.name, model=self.engine.model_name)
             checked = self.policy.check_input(messages, job.policy_ctx, max_tokens)
             job.input_decisions = list(checked.decisions)
             job.ruleset = checked.ruleset_version

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 import redis.asyncio as aioredis
@@ -26,6 +26,22 @@ class Writer(Protocol):
     def is_pending(self, index_key: str) -> bool: ...
 
 
+class CompletionRef(NamedTuple):
+    """What feedback needs to know about a completion: its number of choices and who made it."""
+
+    choices: int
+    """-1: it cannot be checked now (Redis down, written elsewhere in an unreadable shape); owner unknown too."""
+    key: str | None
+    """The key id of the identity that made it (`CompletionRecord.key`); None for an anonymous caller."""
+
+    @property
+    def checked(self) -> bool:
+        return self.choices >= 0
+
+
+UNCHECKED = CompletionRef(-1, None)
+
+
 class Recorder:
     """Builds stream entries and hands them to the writer; answers "does this completion exist?"."""
 
@@ -36,14 +52,14 @@ class Recorder:
         self.client = client
         self.keys = keys
         self._record_cls = record_cls
-        # id -> number of choices, for completions this process served recently: feedback
-        # can be validated without a Redis round trip, and while Redis is down.
-        self._recent: OrderedDict[str, int] = OrderedDict()
+        # id -> (number of choices, owner), for completions this process served recently: feedback
+        # can be validated (and its poster checked) without a Redis round trip, and while Redis is down.
+        self._recent: OrderedDict[str, CompletionRef] = OrderedDict()
         self._recent_max = recent
 
     def completion(self, record: CompletionRecord) -> None:
         data = encode_text(record)
-        self._remember(record.id, len(record.choices))
+        self._remember(record.id, CompletionRef(len(record.choices), record.key))
         self.writer.submit(
             self._record_cls(
                 stream=self.keys.completions,
@@ -81,30 +97,31 @@ class Recorder:
             )
         )
 
-    def _remember(self, completion_id: str, n: int) -> None:
-        self._recent[completion_id] = n
+    def _remember(self, completion_id: str, ref: CompletionRef) -> None:
+        self._recent[completion_id] = ref
         if len(self._recent) > self._recent_max:
             self._recent.popitem(last=False)
 
-    async def choices_of(self, completion_id: str) -> int | None:
-        """Number of choices of a completion; None if unknown; -1 if it cannot be checked now (Redis down)."""
+    async def lookup(self, completion_id: str) -> CompletionRef | None:
+        """A completion's choices and owner; None if unknown; `UNCHECKED` if it cannot be checked now (Redis down)."""
         if completion_id in self._recent:
             return self._recent[completion_id]
         key = self.keys.completion(completion_id)
         if self.writer.is_pending(key):
-            return -1
+            return UNCHECKED
         if self.client is None:
-            return -1
+            return UNCHECKED
         try:
             raw = await self.client.get(key)
         except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
             logger.warning("cannot check completion %s in Redis (%s); accepting feedback unverified", key, exc)
-            return -1
+            return UNCHECKED
         if raw is None:
             return None
         try:
-            return len(decode(raw, CompletionRecord).choices)
+            record = decode(raw, CompletionRecord)
         except RecordError as exc:
             # Written by a server with another schema, or damaged: let align decide when it reads it.
             logger.warning("cannot read completion %s (%s); accepting feedback unverified", key, exc)
-            return -1
+            return UNCHECKED
+        return CompletionRef(len(record.choices), record.key)

@@ -66,7 +66,9 @@ class Server:
         self.client = client
         self.keys = keys
 
-    def completion(self, prompt: str, *answers: str, user: str | None = None, cid: str | None = None) -> str:
+    def completion(
+        self, prompt: str, *answers: str, user: str | None = None, key: str | None = None, cid: str | None = None
+    ) -> str:
         cid = cid or f"chatcmpl-{uuid.uuid4().hex[:12]}"
         record = CompletionRecord(
             id=cid,
@@ -82,6 +84,7 @@ class Server:
             usage=Usage(prompt_tokens=5, completion_tokens=3 * len(answers), total_tokens=5 + 3 * len(answers)),
             latency_s=0.01,
             user=user,
+            key=key,
         )
         data = encode(record)
         self.client.set(self.keys.completion(cid), data)

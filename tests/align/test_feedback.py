@@ -16,14 +16,14 @@ def reader(client: redis.Redis, settings: AlignSettings, **kw: object) -> Feedba
 
 
 def test_read_joins_completion_and_dedupes_by_id(client: redis.Redis, settings: AlignSettings, server: Server) -> None:
-    cid = server.completion("What colour is the sky?", "Green.", user="alice")
-    server.feedback(cid, fb_id="fb-1", thumbs="down")
-    server.feedback(cid, fb_id="fb-1", thumbs="down")  # at-least-once logging wrote it twice
+    cid = server.completion("What colour is the sky?", "Green.", user="alice", key="k-alice")
+    server.feedback(cid, fb_id="fb-1", thumbs="down", key="k-alice")
+    server.feedback(cid, fb_id="fb-1", thumbs="down", key="k-alice")  # at-least-once logging wrote it twice
     server.feedback("chatcmpl-gone", fb_id="fb-2", thumbs="up")
     batch = reader(client, settings).read()
     assert [f.id for f in batch.feedback] == ["fb-1"]
     assert batch.feedback[0].completion.choices[0].text == "Green."
-    assert batch.feedback[0].user == "alice"
+    assert batch.feedback[0].user == "k-alice"  # the authenticated identity, not the client-set `user`
     assert batch.skipped == {"duplicate": 1, "missing_completion": 1}
     # Every delivered entry is acknowledged with the run, duplicates and orphans included.
     assert len(batch.to_ack[Keys(settings.redis_prefix).feedback]) == 3
@@ -92,12 +92,13 @@ def test_policy_pairs_are_read_unless_disabled(client: redis.Redis, settings: Al
 
 
 def test_per_user_cap_defers_the_rest(client: redis.Redis, settings: AlignSettings, server: Server) -> None:
+    """The cap keys on the API key that posted: a new client-set `user` per request does not escape it."""
     keys = Keys(settings.redis_prefix)
     for i in range(5):
-        cid = server.completion(f"Q{i}?", "A.", user="mallory")
-        server.feedback(cid, fb_id=f"m{i}", thumbs="down")
-    cid = server.completion("Q?", "A.", user="alice")
-    server.feedback(cid, fb_id="a0", thumbs="up")
+        cid = server.completion(f"Q{i}?", "A.", user=f"sock{i}", key="k-mallory")
+        server.feedback(cid, fb_id=f"m{i}", thumbs="down", user=f"sock{i}", key="k-mallory")
+    cid = server.completion("Q?", "A.", user="sock0", key="k-alice")
+    server.feedback(cid, fb_id="a0", thumbs="up", user="sock0", key="k-alice")
     r = reader(client, settings, max_rows_per_user=2)
     batch = r.read()
     assert [f.id for f in batch.feedback] == ["m0", "m1", "a0"]

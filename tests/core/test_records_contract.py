@@ -132,7 +132,9 @@ def test_serve_writes_what_align_reads(app: TestClient, rc: redis.Redis, setting
     assert batch.skipped == {}
     by_completion = {item.completion_id: item for item in batch.feedback}
     sky = by_completion[chat["id"]]
-    assert sky.user == "alice" and sky.feedback.thumbs == "down" and sky.feedback.choice_index == 1
+    # The body's `user` is metadata on the record; the identity (anonymous here: no keys) is what caps key on.
+    assert sky.user == "anonymous" and sky.completion.user == "alice"
+    assert sky.feedback.thumbs == "down" and sky.feedback.choice_index == 1
     record = sky.completion
     assert record.status == "ok" and record.endpoint == "chat" and record.version == "base"
     assert record.messages == [
@@ -154,7 +156,7 @@ def test_serve_writes_what_align_reads(app: TestClient, rc: redis.Redis, setting
     assert record.policy.ruleset == instruct.ruleset_version
 
     boil = by_completion[legacy["id"]]
-    assert boil.completion.endpoint == "completions" and boil.user == "bob"
+    assert boil.completion.endpoint == "completions" and boil.completion.user == "bob" and boil.user == "anonymous"
     assert boil.feedback.rating == 5 and boil.feedback.thumbs is None
 
     [pair] = batch.policy_pairs

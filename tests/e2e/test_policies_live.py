@@ -73,14 +73,16 @@ def test_live_rule_redacts_real_output_and_teaches(server: Server) -> None:
     expected = re.sub(rf"(?i)\b{word}\b", "[COLOUR]", before)
 
     (server.policies / "live.yaml").write_text(RULE.replace("{word}", word))
-    r = httpx.post(server.url + "/admin/policies/reload", timeout=30)
+    # Admin routes need the admin key serve generated into its var/ (docs/security.md).
+    admin = {"Authorization": f"Bearer {(server.var_dir / 'admin.key').read_text().strip()}"}
+    r = httpx.post(server.url + "/admin/policies/reload", headers=admin, timeout=30)
     assert r.status_code == 200, r.text
     cid, plain, _ = _chat(server, stream=False)
     sid, streamed, _ = _chat(server, stream=True)
     assert plain == expected == streamed, (before, word)
 
     (server.policies / "zz-broken.yaml").write_text(BROKEN)
-    r = httpx.post(server.url + "/admin/policies/reload", timeout=30)
+    r = httpx.post(server.url + "/admin/policies/reload", headers=admin, timeout=30)
     assert r.status_code == 422 and "max_len" in r.text
     assert _chat(server, stream=False)[1] == plain  # the last good set is still enforced
     (server.policies / "zz-broken.yaml").unlink()
@@ -101,7 +103,7 @@ def test_live_rule_redacts_real_output_and_teaches(server: Server) -> None:
 
     # The align job reads these pairs as DPO data (dry run: look, train nothing, ack nothing).
     (server.policies / "live.yaml").unlink()
-    httpx.post(server.url + "/admin/policies/reload", timeout=30)
+    httpx.post(server.url + "/admin/policies/reload", headers=admin, timeout=30)
     dry = server.cli("align", "run", "--dry-run", "--min-feedback", "1")
     assert dry.returncode == 0, dry.stdout + dry.stderr
     found = re.search(r"(\d+) policy pairs", dry.stderr)

@@ -145,7 +145,9 @@ def test_output_cap_larger_than_context_fits_itself(pclient: TestClient) -> None
     assert r.status_code == 400 and r.json()["error"]["param"] in ("messages", "max_tokens")
 
 
-def test_admin_policies_route(pclient: TestClient) -> None:
-    active = pclient.get("/admin/policies").json()
+def test_admin_policies_route(pclient: TestClient, settings: ServeSettings) -> None:
+    admin = {"Authorization": f"Bearer {settings.admin_key_path.read_text().strip()}"}
+    assert pclient.get("/admin/policies").status_code == 401  # admin routes need the admin key, also locally
+    active = pclient.get("/admin/policies", headers=admin).json()
     assert {r["id"] for r in active["rules"]} >= {"in.block", "out.email"}
-    assert pclient.post("/admin/policies/reload").status_code == 200
+    assert pclient.post("/admin/policies/reload", headers=admin).status_code == 200

@@ -24,7 +24,8 @@ from tests.fakes import FakeLLM
 
 MSG = [{"role": "user", "content": "hi"}]
 
-# Test keys and their limits: what the API-key store hands the limiter once keys are checked.
+# Test keys and their limits, standing in for the API-key store (tests/serve/auth/ covers the store; one test
+# below goes through it end to end).
 KEYS = {
     "key-rpm2": KeyLimits(rpm=2),
     "key-other": KeyLimits(rpm=100),
@@ -36,7 +37,7 @@ KEYS = {
 
 def _caller_with_limits(request: Request) -> Caller:
     key = request.headers.get("authorization", "").removeprefix("Bearer ").strip() or None
-    return Caller(api_key=key, limits=KEYS.get(key or "", KeyLimits()))
+    return Caller(api_key=key, scopes=frozenset({"chat", "feedback"}), limits=KEYS.get(key or "", KeyLimits()))
 
 
 def _client(settings: ServeSettings, engine: ModelEngine) -> TestClient:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from serve.caller import Caller
 from serve.errors import install_error_handlers
 from serve.policy import PolicyEngine
 from serve.routers.policies import router
@@ -14,11 +15,19 @@ from serve.routers.policies import router
 RULES = "rules:\n  - {id: a, description: alpha, kind: keywords, keywords: [alpha], action: redact}\n"
 
 
+class _AnyoneIsAdmin:
+    """Stands in for the authenticator: the matrix in tests/serve/test_auth.py covers who may call these."""
+
+    async def caller(self, key: str | None) -> Caller:
+        return Caller(api_key="admin", scopes=frozenset({"admin"}))
+
+
 def _client(engine: PolicyEngine | None) -> TestClient:
     app = FastAPI()
     install_error_handlers(app)
     app.include_router(router)
     app.state.policy = engine
+    app.state.auth = _AnyoneIsAdmin()
     return TestClient(app)
 
 
