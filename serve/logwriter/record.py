@@ -33,7 +33,14 @@ class Record:
 
     def to_json(self) -> str:
         return json.dumps(
-            {"s": self.stream, "f": self.fields, "k": self.index_key, "v": self.index_value, "m": self.maxlen, "t": self.ttl_s},
+            {
+                "s": self.stream,
+                "f": self.fields,
+                "k": self.index_key,
+                "v": self.index_value,
+                "m": self.maxlen,
+                "t": self.ttl_s,
+            },
             separators=(",", ":"),
             ensure_ascii=False,
             default=str,  # a stray non-str value must not make the record unspoolable
