@@ -6,8 +6,10 @@ secondstage policy check | test TEXT   # validate rules, try them on text       
 secondstage align run [--every 30m]    # feedback -> LoRA version -> publish                     [align]
 secondstage feedback export            # TRL datasets as JSONL                                   [align]
 secondstage versions list | activate V # what exists, and rollback/roll forward (also to `base`)  [core]
+secondstage data purge --key ID | --user ID [--dry-run]   # delete a person's records            [core]
 
-The core owns the root app and the `versions` commands (the registry is core's). serve and align
+The core owns the root app, the `versions` commands (the registry is core's) and `data purge`
+(it works on core's records and registry). serve and align
 add theirs through the `secondstage.commands` entry-point group declared in pyproject.toml: each
 names a `register(app)` function. The core therefore never imports serve or align (import-linter
 checks it), and a deployment that installs only one side gets only that side's commands.
@@ -27,6 +29,8 @@ from rich.table import Table
 app = typer.Typer(help="secondstage: serve a model, enforce rules, learn from users.", no_args_is_help=True)
 versions_app = typer.Typer(help="Model versions (LoRA adapters) and the active one.", no_args_is_help=True)
 app.add_typer(versions_app, name="versions")
+data_app = typer.Typer(help="Stored data: delete a person's records.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 console = Console()
 
 COMMANDS_GROUP = "secondstage.commands"
@@ -103,6 +107,45 @@ def versions_activate(version: Annotated[str, typer.Argument(help="A version nam
         if child is not None:
             child.stop()
     console.print(f"[green]active version: {version}[/] (running servers switch within seconds)")
+
+
+@data_app.command("purge")
+def data_purge(
+    key: Annotated[str | None, typer.Option(help="An API key id (the `key` field of its records).")] = None,
+    user: Annotated[str | None, typer.Option(help="A user id (the `user` field of completions and feedback).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be deleted; delete nothing.")] = False,
+) -> None:
+    """Delete an identity's completions, feedback and policy pairs; name the versions that trained on them."""
+    from core.purge import purge
+
+    if (key is None) == (user is None):
+        console.print("[red]give exactly one of --key ID and --user ID[/]")
+        raise typer.Exit(2)
+    registry, store, child = _registry()
+    try:
+        report = purge(registry.client, registry.keys, store, key=key, user=user, dry_run=dry_run)
+    finally:
+        if child is not None:
+            child.stop()
+    verb = "would delete" if dry_run else "deleted"
+    who = f"key {key}" if key is not None else f"user {user}"
+    console.print(
+        f"{who}: {verb} {len(report.completion_ids)} completions, {len(report.feedback_ids)} feedback, "
+        f"{len(report.policy_pair_ids)} policy pairs ({report.stream_entries} stream entries, "
+        f"{report.lookup_keys} lookup keys)"
+    )
+    for cid in report.completion_ids:
+        console.print(f"  completion {cid}")
+    for fid in report.feedback_ids:
+        console.print(f"  feedback {fid}")
+    for pid in report.policy_pair_ids:
+        console.print(f"  policy pair {pid}")
+    if report.versions:
+        console.print("[yellow]versions trained on this data (retrain without it, then roll back or delete them):[/]")
+        for name, ids in report.versions.items():
+            console.print(f"  {name}: {', '.join(ids)}")
+    else:
+        console.print("no version trained on this data")
 
 
 mount_commands(app)

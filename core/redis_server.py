@@ -8,6 +8,14 @@ get their Redis URL. `secondstage serve` also supervises it (core/redis_supervis
 with backoff, holds `supervisor.lock`); while it does, other commands never start a second server
 on the directory: they wait for serve's to come back, or fail saying why.
 
+Access: a password, generated on the first start into `var/redis/password` (mode 0600), is
+given to redis-server through a config file (`var/redis/redis.conf`, 0600; not the command line,
+where `ps` would show it); `url` carries it, so every client built from the URL authenticates, and
+one without it gets NOAUTH. Memory: `maxmemory` (SECONDSTAGE_REDIS_MAXMEMORY, default 1gb) with
+the policy `noeviction`: at the cap Redis refuses writes (OOM), which the log writer treats as an
+outage and spools to disk; an evicting policy would delete records, lookup keys or the registry
+silently. Retention keeps the data well below the cap (docs/security.md, "Data at rest").
+
 Tests use `PrivateRedis` directly as their Redis (start, `kill()` for an outage, `restart()`
 on the same directory keeps the data through the AOF).
 """
@@ -19,12 +27,14 @@ import fcntl
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 import redis
 from redis.backoff import NoBackoff
@@ -60,16 +70,27 @@ class PrivateRedis:
     """
 
     def __init__(
-        self, data_dir: Path | str, *, executable: str = "redis-server", appendfsync: str = "everysec"
+        self,
+        data_dir: Path | str,
+        *,
+        executable: str = "redis-server",
+        appendfsync: str = "everysec",
+        maxmemory: str = "1gb",
     ) -> None:
         if appendfsync not in ("always", "everysec", "no"):
             raise ValueError(f"appendfsync={appendfsync!r} must be 'always', 'everysec' or 'no'")
+        if not re.fullmatch(r"\d+(?:[kmg]b?)?", maxmemory.strip().lower()):
+            raise ValueError(f"maxmemory={maxmemory!r} must be a Redis memory size such as 512mb or 2gb")
         self.data_dir = Path(data_dir).absolute()
         self.executable = executable
         self.appendfsync = appendfsync
+        self.maxmemory = maxmemory.strip().lower()
         self.socket_path = self.data_dir / "redis.sock"
         self.pidfile = self.data_dir / "redis.pid"
         self.logfile = self.data_dir / "redis.log"
+        self.password_file = self.data_dir / "password"
+        self.config_file = self.data_dir / "redis.conf"
+        self._password: str | None = None
         self._lockfile = self.data_dir / "start.lock"
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0  # where the current child's lines start in the log
@@ -80,9 +101,43 @@ class PrivateRedis:
                 "use a shorter directory (e.g. set SECONDSTAGE_VAR_DIR)"
             )
 
+    @classmethod
+    def for_settings(cls, settings: CommonSettings) -> PrivateRedis:
+        """The private server of a deployment: its directory and memory cap from the settings."""
+        return cls(settings.redis_dir, maxmemory=settings.redis_maxmemory)
+
+    @property
+    def password(self) -> str | None:
+        """The server's password (read from `password_file`); None before the first start created it."""
+        if self._password is None:
+            try:
+                self._password = self.password_file.read_text().strip() or None
+            except FileNotFoundError:
+                return None
+        return self._password
+
     @property
     def url(self) -> str:
-        return f"unix://{self.socket_path}"
+        """The URL clients connect with; it carries the password, so never log it."""
+        password = self.password
+        if password is None:
+            return f"unix://{self.socket_path}"
+        return f"unix://:{quote(password, safe='')}@{self.socket_path}"
+
+    def _ensure_password(self) -> None:
+        """Create the password file (0600) on the first start, and the config file that hands it to redis-server."""
+        if self.password is None:
+            with contextlib.suppress(FileExistsError):  # O_EXCL: a racing start keeps the first one's password
+                fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_urlsafe(32) + "\n")
+        password = self.password
+        if password is None:
+            raise RedisServerError(f"the private Redis password file {self.password_file} is empty; delete it")
+        # Rewritten on every start (the password file is the source); never on the command line.
+        fd = os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f'requirepass "{password}"\n')
 
     @property
     def owned(self) -> bool:
@@ -101,6 +156,7 @@ class PrivateRedis:
         # No retries (a probe must answer now) and no CLIENT SETINFO handshake (refused while loading).
         return redis.Redis(
             unix_socket_path=str(self.socket_path),
+            password=self.password,
             socket_timeout=1.0,
             socket_connect_timeout=1.0,
             retry=Retry(NoBackoff(), 0),
@@ -124,6 +180,7 @@ class PrivateRedis:
     def _command(self) -> list[str]:
         return [
             self.executable,
+            str(self.config_file),  # the password; the rest is on the command line
             "--dir", str(self.data_dir),
             "--port", "0",
             "--unixsocket", str(self.socket_path),
@@ -135,6 +192,9 @@ class PrivateRedis:
             "--appendfsync", self.appendfsync,
             # The AOF is the persistence; RDB snapshots would only add forks.
             "--save", "",
+            # Refuse writes at the cap rather than evict: see the module docstring.
+            "--maxmemory", self.maxmemory,
+            "--maxmemory-policy", "noeviction",
         ]  # fmt: skip
 
     def start(self, timeout: float = 10.0) -> None:
@@ -156,6 +216,7 @@ class PrivateRedis:
                     f"{self.executable!r} not found on PATH; install it: apt-get install redis-server "
                     "(or set SECONDSTAGE_REDIS_URL to an existing Redis)"
                 )
+            self._ensure_password()
             with open(self.logfile, "ab") as out:
                 self._log_offset = out.tell()
                 # Own session: Ctrl-C on serve must not kill Redis before serve has flushed its log to it.
@@ -313,7 +374,7 @@ def resolve_redis(settings: CommonSettings) -> tuple[str, PrivateRedis | None]:
     """
     if settings.redis_url:
         return settings.redis_url, None
-    server = PrivateRedis(settings.redis_dir)
+    server = PrivateRedis.for_settings(settings)
     if not server.ping() and (holder := supervisor_holder(server.data_dir)) is not None:
         _wait_for_supervised(server, holder, settings.redis_wait_s)
     server.start()

@@ -92,7 +92,7 @@ async def _start(
         # The private Redis is serve's supervised child: restarted when it exits, for as long as serve runs.
         # Registered first, so it stops last: the log writer flushes into it before it shuts down.
         supervisor = RedisSupervisor(
-            PrivateRedis(settings.redis_dir),
+            PrivateRedis.for_settings(settings),
             min_delay_s=settings.redis_restart_delay_s,
             max_delay_s=settings.redis_restart_max_delay_s,
             on_restart=metrics.count_redis_restart,
@@ -102,7 +102,8 @@ async def _start(
         metrics.track_redis(lambda: supervisor.up)
         app.state.redis_supervisor = supervisor
         url = supervisor.url
-        logger.info("supervising the private redis-server at %s (data in %s)", url, settings.redis_dir)
+        # Not the URL: it carries the password.
+        logger.info("supervising the private redis-server in %s", settings.redis_dir)
 
     def client() -> aioredis.Redis:
         return aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
@@ -130,11 +131,23 @@ async def _start(
     recorder: Recorder | None = None
     if settings.logging_enabled:
         writer = LogWriter(
-            client, settings.var_dir / "spool", max_queue=settings.log_queue_size, registry=metrics.registry
+            client,
+            settings.var_dir / "spool",
+            max_queue=settings.log_queue_size,
+            registry=metrics.registry,
+            spool_max_bytes=int(settings.spool_max_mb * 2**20),
         )
         await writer.start()
         stack.push_async_callback(writer.stop)
-        recorder = Recorder(writer, lookup, keys, record_cls=Record)
+        recorder = Recorder(
+            writer,
+            lookup,
+            keys,
+            record_cls=Record,
+            maxlen=settings.stream_maxlen,
+            ttl_s=settings.retention_s,
+            store_raw_output=settings.store_raw_output,
+        )
         app.state.writer = writer
 
     if engine is None:

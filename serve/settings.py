@@ -32,6 +32,17 @@ class ServeSettings(CommonSettings):
     policies_enabled: bool = Field(default=True, description="Enforce the rule files in policies_dir.")
     logging_enabled: bool = Field(default=True, description="Log completions to Redis.")
     log_queue_size: int = Field(default=10_000, description="Records held in memory before spooling to disk.")
+    spool_max_mb: float = Field(
+        default=1024.0,
+        gt=0,
+        description="Largest disk spool (MiB) while Redis is away; past it new records are dropped, logged and "
+        "counted in secondstage_log_records_dropped_total.",
+    )
+    store_raw_output: bool = Field(
+        default=False,
+        description="Store the model's unfiltered text (`raw_text`, a policy pair's `rejected` side) in clear. Off: "
+        "what output rules redacted or blocked is never stored; pairs mask it (see docs/security.md).",
+    )
     redis_restart_delay_s: float = Field(
         default=0.25, description="Private Redis: wait before restarting it; doubles per restart in a row."
     )

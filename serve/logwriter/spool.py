@@ -8,6 +8,11 @@ Spool directory layout (one writer process per directory; a lock file enforces i
 Each line is a `Record.to_json()`. Appends reach the OS at once; `fsync` (run off the event loop)
 makes them durable. A missing or torn offset file replays its file from the start: duplicates,
 never loss.
+
+The spool is capped (`max_bytes`, the active and replay files together): a long outage must not fill
+the disk the server and its Redis share. Past the cap new records are dropped, never silently:
+`append` returns how many it kept (the writer counts the rest in `secondstage_log_records_dropped_total`),
+`dropped` totals them, and an error is logged at most every `DROP_LOG_INTERVAL_S`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import contextlib
 import fcntl
 import itertools
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -24,14 +30,26 @@ from pathlib import Path
 
 from serve.logwriter.record import Record
 
+log = logging.getLogger("secondstage.logwriter")
+
+DROP_LOG_INTERVAL_S = 10.0
+
 
 class Spool:
     """The spool directory: an append-only active file, rotated into replay files that are consumed in order."""
 
     ACTIVE = "spool.jsonl"
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, max_bytes: int | None = None) -> None:
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"Spool max_bytes={max_bytes} must be at least 1 (or None for no cap)")
         self.dir = Path(directory)
+        self.max_bytes = max_bytes
+        self.dropped = 0
+        """Records refused because the spool was at `max_bytes`."""
+        self._bytes: int | None = None  # on disk in the active and replay files; counted on first need
+        self._dropped_unlogged = 0
+        self._drop_logged_at = -DROP_LOG_INTERVAL_S
         self.records = 0
         """Records on disk not yet replayed (active file + replay files past their offsets)."""
         self._fd: int | None = None
@@ -65,18 +83,58 @@ class Spool:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def append(self, records: list[Record]) -> None:
-        """Write records to the active file (reaches the OS now; `fsync` makes it durable)."""
+    def append(self, records: list[Record]) -> int:
+        """Write records to the active file (reaches the OS now; `fsync` makes it durable).
+
+        Returns how many were written: those that would take the spool past `max_bytes` are dropped.
+        """
         if self._fd is None:
             self.lock()
             self._fd = os.open(self.active, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        data = "".join([r.to_json() + "\n" for r in records]).encode()
+        lines = [(r.to_json() + "\n").encode() for r in records]
+        if self.max_bytes is not None:
+            room = self.max_bytes - self.size
+            kept = 0
+            for line in lines:
+                if len(line) > room:
+                    break
+                room -= len(line)
+                kept += 1
+            if kept < len(lines):
+                self._drop(len(lines) - kept)
+                lines = lines[:kept]
+            if not lines:
+                return 0
+        data = b"".join(lines)
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view) :]
-        self.records += len(records)
-        self._active_records += len(records)
+        self._bytes = self.size + len(data)
+        self.records += len(lines)
+        self._active_records += len(lines)
         self._appended += 1
+        return len(lines)
+
+    @property
+    def size(self) -> int:
+        """Bytes on disk in the active and replay files."""
+        if self._bytes is None:
+            files = [self.active, *self.replay_files()]
+            self._bytes = sum(p.stat().st_size for p in files if p.exists())
+        return self._bytes
+
+    def _drop(self, n: int) -> None:
+        self.dropped += n
+        self._dropped_unlogged += n
+        now = time.monotonic()
+        if now - self._drop_logged_at >= DROP_LOG_INTERVAL_S:
+            log.error(
+                "log spool %s is full (%d bytes, cap %d): dropped %d log records (%d in all); "
+                "bring Redis back or raise SECONDSTAGE_SPOOL_MAX_MB",
+                self.dir, self.size, self.max_bytes, self._dropped_unlogged, self.dropped,
+            )  # fmt: skip
+            self._dropped_unlogged = 0
+            self._drop_logged_at = now
 
     @property
     def dirty(self) -> bool:
@@ -137,6 +195,8 @@ class Spool:
         os.replace(tmp, path.with_suffix(".offset"))
 
     def finish(self, path: Path) -> None:
+        if self._bytes is not None:
+            self._bytes = max(0, self._bytes - path.stat().st_size)
         path.unlink()
         with contextlib.suppress(FileNotFoundError):
             path.with_suffix(".offset").unlink()

@@ -1,7 +1,8 @@
 """One Redis round trip per batch of log records, and which Redis errors are worth a retry.
 
 `BatchTransport.send(batch)` appends a batch with one EVALSHA of a small Lua script that XADDs each
-record and SETs its index key (see _APPEND_BATCH_LUA for why), or — where scripting is not allowed, e.g.
+record and SETs its index key, applying each record's retention (stream MAXLEN and age, key TTL; see
+_APPEND_BATCH_LUA for why), or — where scripting is not allowed, e.g.
 an ACL without +@scripting on a managed Redis — with one pipeline of XADDs plus an MSET. It raises on
 a failure after which the same write can succeed later (`is_transient`: down, timing out, loading,
 read-only, out of memory) and returns the records Redis refused for good, which retrying cannot fix.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import msgspec
@@ -72,15 +74,20 @@ def _text(value: bytes | str) -> str:
 
 # Appends a whole batch in one round trip: redis-py spends 20-40 µs of Python per pipelined command, so a pipeline
 # of one XADD per record tops out near 10-20k records/s; one EVALSHA per batch moves that work into Redis.
-# ARGV[1]: msgpack array of [stream, maxlen or false, [field, value, ...], index_key or false, index_value or false]
-# (false, not nil: nil would punch holes in Lua arrays). An index_value that is a number is the 1-based position of
-# that value in the field list, so a completion's JSON, both a stream field and the lookup key's value, is sent once.
-# msgpack, not JSON: the values are JSON text themselves and would be escaped again (most of the writer's CPU).
+# ARGV[1]: msgpack array of [stream, maxlen or false, [field, value, ...], index_key or false, index_value or false,
+# ttl_s or false] (false, not nil: nil would punch holes in Lua arrays). An index_value that is a number is the
+# 1-based position of that value in the field list, so a completion's JSON, both a stream field and the lookup key's
+# value, is sent once. msgpack, not JSON: the values are JSON text themselves and would be escaped again (most of the
+# writer's CPU). Retention: MAXLEN ~ on each XADD; the index key gets EX ttl_s; once per stream and batch, entries
+# older than ttl_s are trimmed (XTRIM MINID ~, the cutoff from the server's clock, so a replayed spool trims by the
+# age at replay). Approximate trimming (`~`) frees whole radix-tree nodes: cheap, and at most a node more is kept.
 # Returns a flat array {position, error, ...} of the records Redis refused (1-based positions).
 _APPEND_BATCH_LUA = """
 local batch = cmsgpack.unpack(ARGV[1])
 local refused = {}
+local oldest = {}
 for i, r in ipairs(batch) do
+  if r[6] then oldest[r[1]] = r[6] end
   local reply
   if r[2] then
     reply = redis.pcall('XADD', r[1], 'MAXLEN', '~', r[2], '*', unpack(r[3]))
@@ -93,11 +100,21 @@ for i, r in ipairs(batch) do
   elseif r[4] then
     local value = r[5]
     if type(value) == 'number' then value = r[3][value] end
-    reply = redis.pcall('SET', r[4], value)
+    if r[6] then
+      reply = redis.pcall('SET', r[4], value, 'EX', r[6])
+    else
+      reply = redis.pcall('SET', r[4], value)
+    end
     if type(reply) == 'table' and reply.err then
       refused[#refused + 1] = i
       refused[#refused + 1] = 'index SET: ' .. reply.err
     end
+  end
+end
+if next(oldest) then
+  local now = tonumber(redis.call('TIME')[1])
+  for stream, ttl in pairs(oldest) do
+    redis.pcall('XTRIM', stream, 'MINID', '~', math.max(0, now - tonumber(ttl)) * 1000)
   end
 end
 return refused
@@ -147,7 +164,7 @@ class BatchTransport:
             payload = _MSGPACK.encode(
                 [
                     [r.stream, False if r.maxlen is None else str(r.maxlen), [x for kv in r.fields.items() for x in kv],
-                     r.index_key or False, _index_value(r)]
+                     r.index_key or False, _index_value(r), False if r.ttl_s is None else str(r.ttl_s)]
                     for r in batch
                 ]
             )  # fmt: skip
@@ -167,7 +184,11 @@ class BatchTransport:
     async def _pipeline(self, batch: list[Record]) -> list[tuple[int, str]]:
         pipe = self.client.pipeline(transaction=False)
         index: list[str] = []
+        expiring: list[tuple[str, int]] = []
+        oldest: dict[str, int] = {}
         for r in batch:
+            if r.ttl_s is not None:
+                oldest[r.stream] = r.ttl_s
             if r.maxlen is None:
                 args: list[Any] = ["XADD", r.stream, "*"]
             else:
@@ -178,15 +199,23 @@ class BatchTransport:
             if r.index_key is not None:
                 index.append(r.index_key)
                 index.append(r.index_value)  # type: ignore[arg-type]  # set together (Record.__post_init__)
+                if r.ttl_s is not None:
+                    expiring.append((r.index_key, r.ttl_s))
         if index:
             pipe.execute_command("MSET", *index)
+        # After the MSET: EXPIRE and XTRIM replies are not checked (a failed trim costs space, not records).
+        for key, ttl_s in expiring:
+            pipe.execute_command("EXPIRE", key, ttl_s)
+        for stream, ttl_s in oldest.items():
+            pipe.execute_command("XTRIM", stream, "MINID", "~", max(0, int(time.time()) - ttl_s) * 1000)
         async with asyncio.timeout(self._op_timeout):
             results = await pipe.execute(raise_on_error=False)
         for res in results:
             if isinstance(res, Exception) and is_transient(res):
                 raise res
         refusals = [(i, describe(res)) for i, res in enumerate(results[: len(batch)]) if isinstance(res, Exception)]
-        if len(results) > len(batch) and isinstance(results[-1], Exception):  # the batch's MSET
-            error = f"index SET: {describe(results[-1])}"
+        mset = len(batch) if index else None
+        if mset is not None and isinstance(results[mset], Exception):  # the batch's MSET
+            error = f"index SET: {describe(results[mset])}"
             refusals.extend((i, error) for i, r in enumerate(batch) if r.index_key is not None)
         return refusals

@@ -34,7 +34,8 @@ class LogWriter:
     The writer owns the client `client_factory` returns: it turns off the client's own retries
     (the writer retries, and a retrying client would hide an outage for seconds) and closes it on stop.
     `op_timeout` bounds each Redis call; `pending_cap` bounds is_pending's memory (default 10 × max_queue,
-    oldest forgotten first); `batch_script=False` writes with plain pipelines instead of the Lua script.
+    oldest forgotten first); `batch_script=False` writes with plain pipelines instead of the Lua script;
+    `spool_max_bytes` caps the disk spool (past it records are dropped and counted, see spool.py).
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class LogWriter:
         pending_cap: int | None = None,
         batch_script: bool = True,
         registry: prometheus_client.CollectorRegistry | None = None,
+        spool_max_bytes: int | None = None,
     ) -> None:
         for name, value in (("max_queue", max_queue), ("batch_size", batch_size)):
             if value < 1:
@@ -57,7 +59,7 @@ class LogWriter:
             if fvalue <= 0:
                 raise ValueError(f"LogWriter {name}={fvalue} must be positive (seconds)")
         self._client_factory = client_factory
-        self._spool = Spool(Path(spool_dir))
+        self._spool = Spool(Path(spool_dir), max_bytes=spool_max_bytes)
         self._max_queue = max_queue
         self._batch_size = batch_size
         self._retry_interval = retry_interval
@@ -94,6 +96,9 @@ class LogWriter:
         )
         self._m_spooled = prometheus_client.Counter(
             "secondstage_log_records_spooled", "Log records written to the disk spool.", registry=reg
+        )
+        self._m_dropped = prometheus_client.Counter(
+            "secondstage_log_records_dropped", "Log records dropped because the disk spool was full.", registry=reg
         )
         self._m_errors = prometheus_client.Counter(
             "secondstage_log_write_errors",
@@ -269,9 +274,11 @@ class LogWriter:
         return [q.popleft() for _ in range(n)]
 
     def _spool_append(self, records: list[Record]) -> None:
-        self._spool.append(records)
-        self.spooled_total += len(records)
-        self._m_spooled.inc(len(records))
+        kept = self._spool.append(records)  # past the spool's cap it drops (and logs) the rest
+        self.spooled_total += kept
+        self._m_spooled.inc(kept)
+        if kept < len(records):
+            self._m_dropped.inc(len(records) - kept)
 
     def _set_down(self, exc: BaseException) -> None:
         self.write_errors_total += 1

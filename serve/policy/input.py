@@ -2,7 +2,10 @@
 
 In order: limits (on what the client sent), invisible and control characters, keyword/regex/preset
 rules message by message, then the operators' instructions as one system message at the front.
-An enforced block stops the pipeline and answers with the rule's refusal.
+An enforced block stops the pipeline and answers with the rule's refusal; the blocked request's
+messages are then replaced by one `withheld_input` marker naming the rule, so what a rule blocked
+(and whatever later rules would have redacted) is never stored. The decisions keep the rule, the
+message index, the span and the limit's numbers.
 """
 
 from __future__ import annotations
@@ -57,6 +60,11 @@ def bad_chars(text: str, rule: UnicodeRule) -> list[int]:
     return out
 
 
+def withheld_input(rule_id: str) -> list[dict[str, Any]]:
+    """What a blocked request's messages become: one marker, never the text that was blocked."""
+    return [{"role": "user", "content": f"[withheld: input blocked by rule {rule_id}]"}]
+
+
 def limit_violations(
     rule: LimitRule, msgs: list[dict[str, Any]], tokenizer_count: Callable[[str], int] | None = None
 ) -> list[str]:
@@ -109,7 +117,8 @@ def check_input(
         return d
 
     def blocked(rule: Any) -> InputResult:
-        return InputResult(msgs, True, refusal_for(rule), max_tokens, decisions, ps.version)
+        # Not `msgs`: a block returns before later messages were checked and redacted.
+        return InputResult(withheld_input(rule.id), True, refusal_for(rule), max_tokens, decisions, ps.version)
 
     in_scope_rules = [r for r in ps.rules if in_scope(r, ctx)]
 
@@ -154,7 +163,10 @@ def check_input(
                 m.feed(text)
                 m.finish()
                 if m.stopped:
-                    return InputResult(msgs, True, m.refusal, max_tokens, decisions, ps.version)
+                    block = next(d for d in reversed(m.decisions) if d.action == "block")
+                    return InputResult(
+                        withheld_input(block.rule_id), True, m.refusal, max_tokens, decisions, ps.version
+                    )
                 if m.final_text != text:
                     _set_text(message, key, m.final_text)
 

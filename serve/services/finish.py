@@ -3,6 +3,13 @@
 Called once per request by the generation pipeline when its deltas end (finished,
 aborted by a disconnect, or failed) and after a refusal. The record is handed to
 the log writer, never awaited on the request path.
+
+What output rules caught never reaches storage in clear unless the operator asks for it
+(`store_raw_output`, see docs/security.md): without it a choice has no `raw_text`, and a policy
+pair's `rejected` side (the model's own text) has each span an enforced block/redact/rewrite rule
+matched replaced by `WITHHELD`. The marker differs from the redaction tag on purpose: the pair
+still prefers the enforced text (the tag, or the refusal) to the model's answer, and a reader can
+tell which side is which.
 """
 
 from __future__ import annotations
@@ -25,10 +32,34 @@ from core.records import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from serve.engine import ModelEngine
     from serve.metrics import Metrics
     from serve.services.generation import Job
     from serve.services.records import Recorder
+
+
+WITHHELD = "[withheld]"
+"""Stands for text an output rule caught, in a stored policy pair's `rejected` side."""
+
+
+def withhold(text: str, decisions: Iterable[Any]) -> str:
+    """`text` with every span an enforced block, redact or rewrite decision matched replaced by `WITHHELD`."""
+    spans = sorted(
+        d.span for d in decisions
+        if d.span is not None and d.mode == "enforce" and d.action in ("block", "redact", "rewrite")
+    )  # fmt: skip
+    out, done = [], 0
+    for start, end in spans:
+        if end <= done:
+            continue  # inside a span already withheld
+        if start >= done:
+            out.append(text[done:start])
+            out.append(WITHHELD)
+        done = end
+    out.append(text[done:])
+    return "".join(out)
 
 
 def finish_job(
@@ -67,7 +98,9 @@ def finish_job(
             ChoiceRecord(
                 index=c.index,
                 text="".join(c.text),
-                raw_text="".join(c.raw) if c.filter is not None and c.raw != c.text else None,
+                raw_text="".join(c.raw)
+                if recorder.store_raw_output and c.filter is not None and c.raw != c.text
+                else None,
                 finish_reason=cast("FinishReason | None", c.finish_reason),
                 completion_tokens=c.tokens,
             )
@@ -90,9 +123,12 @@ def finish_job(
         for choice in job.choices:
             if choice.filter is None:
                 continue
+            original = choice.filter.original_text
+            if not recorder.store_raw_output:
+                original = withhold(original, choice.filter.decisions)
             pair = policy.policy_pair(
                 job.messages,
-                choice.filter.original_text,
+                original,
                 choice.filter.final_text,
                 choice.filter.decisions,
                 refusal=choice.filter.refusal,

@@ -4,6 +4,10 @@ The records are the typed ones of core/records.py, JSON-encoded into the `data`
 field. They go through the bounded `LogWriter` (off the request path, spooled to
 disk while Redis is down). Each stream entry carries the schema version and the
 record's id, so at-least-once delivery can be deduplicated by readers.
+
+Retention is decided here, per record: every stream is trimmed to about `maxlen` entries and
+to `ttl_s` of age, and a completion's lookup key expires after `ttl_s` (see docs/security.md,
+"Data at rest"). `store_raw_output` says whether the model's unfiltered text may be stored.
 """
 
 from __future__ import annotations
@@ -46,12 +50,25 @@ class Recorder:
     """Builds stream entries and hands them to the writer; answers "does this completion exist?"."""
 
     def __init__(
-        self, writer: Writer, client: aioredis.Redis | None, keys: Keys, *, recent: int = 100_000, record_cls: Any
+        self,
+        writer: Writer,
+        client: aioredis.Redis | None,
+        keys: Keys,
+        *,
+        recent: int = 100_000,
+        record_cls: Any,
+        maxlen: int | None = None,
+        ttl_s: int | None = None,
+        store_raw_output: bool = False,
     ) -> None:
         self.writer = writer
         self.client = client
         self.keys = keys
         self._record_cls = record_cls
+        self.maxlen = maxlen
+        self.ttl_s = ttl_s
+        self.store_raw_output = store_raw_output
+        """Keep the model's unfiltered text (`raw_text`, a pair's `rejected`) in clear; read by finish.py."""
         # id -> (number of choices, owner), for completions this process served recently: feedback
         # can be validated (and its poster checked) without a Redis round trip, and while Redis is down.
         self._recent: OrderedDict[str, CompletionRef] = OrderedDict()
@@ -66,6 +83,8 @@ class Recorder:
                 fields={"schema": str(record.schema), "id": record.id, "data": data},
                 index_key=self.keys.completion(record.id),
                 index_value=data,
+                maxlen=self.maxlen,
+                ttl_s=self.ttl_s,
             )
         )
 
@@ -79,6 +98,8 @@ class Recorder:
                     "completion_id": record.completion_id,
                     "data": encode_text(record),
                 },
+                maxlen=self.maxlen,
+                ttl_s=self.ttl_s,
             )
         )
 
@@ -94,6 +115,8 @@ class Recorder:
                     "completion_id": completion_id,
                     "data": encode_text(pair),
                 },
+                maxlen=self.maxlen,
+                ttl_s=self.ttl_s,
             )
         )
 

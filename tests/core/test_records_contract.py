@@ -161,12 +161,13 @@ def test_serve_writes_what_align_reads(app: TestClient, rc: redis.Redis, setting
 
     [pair] = batch.policy_pairs
     assert (pair.id, pair.completion_id) == (f"pp-{mail_id}-0", mail_id)
-    assert pair.pair.rejected == REPLIES["mail"] and pair.pair.chosen == "Write to [EMAIL] today."
+    # The rejected side masks what the rule caught (store_raw_output keeps it in clear).
+    assert pair.pair.rejected == "Write to [withheld] today." and pair.pair.chosen == "Write to [EMAIL] today."
     assert pair.pair.rule_ids == ["out.email"]
     mail = decode(rc.get(keys.completion(mail_id)) or b"", CompletionRecord)
     [redact] = [d for d in mail.policy.decisions if d.stage == "output"]
     assert (redact.action, redact.mode, redact.choice, redact.span) == ("redact", "enforce", 0, (9, 29))
-    assert mail.choices[0].raw_text == REPLIES["mail"]
+    assert mail.choices[0].raw_text is None  # the unfiltered text only with store_raw_output
 
     data = build_datasets(batch)
     sky_prompt = [
@@ -186,7 +187,7 @@ def test_serve_writes_what_align_reads(app: TestClient, rc: redis.Redis, setting
     ]
     assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in data.dpo_rows] == [
         ("The sky is blue.", "The sky is green."),
-        ("Write to [EMAIL] today.", REPLIES["mail"]),
+        ("Write to [EMAIL] today.", "Write to [withheld] today."),
     ]
     assert sorted(data.feedback_ids) == sorted(item.id for item in batch.feedback)
     assert data.policy_pair_ids == [f"pp-{mail_id}-0"]

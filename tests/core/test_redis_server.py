@@ -31,7 +31,7 @@ def client(s: PrivateRedis) -> redis.Redis:
 
 def test_start_serves_on_a_private_unix_socket_only(server: PrivateRedis) -> None:
     assert server.owned and server.ping()
-    assert server.url == f"unix://{server.socket_path}"
+    assert server.url == f"unix://:{server.password}@{server.socket_path}"
     assert stat.S_IMODE(server.socket_path.stat().st_mode) == 0o700
     with client(server) as c:
         config = c.config_get("*")
@@ -115,7 +115,7 @@ def test_resolve_redis_starts_then_shares_the_private_server(tmp_path: Path) -> 
     url, handle = resolve_redis(settings)
     try:
         assert handle is not None and handle.owned
-        assert url == f"unix://{(tmp_path / 'var' / 'redis' / 'redis.sock').absolute()}"
+        assert url == f"unix://:{handle.password}@{(tmp_path / 'var' / 'redis' / 'redis.sock').absolute()}"
         # align starting beside serve finds the same server and gets no handle to stop.
         url2, handle2 = resolve_redis(settings)
         assert (url2, handle2) == (url, None)
