@@ -7,8 +7,9 @@ engine is dead or the private Redis cannot be brought back (records would pile u
 and align cannot read them), 200 while a restart is merely under way.
 
 `/health` also reports the log writer (`log_writer`: alive, Redis reachable, queue depth, age of the
-oldest queued record, spool, restarts, rejected records); a writer that is dead or cannot reach Redis
-makes the status `degraded` (still 200: chat goes on, records wait in memory or on disk).
+oldest queued record, spool, restarts, rejected records); a writer that is not running makes the status
+`degraded` (still 200: chat goes on, records wait in memory until shutdown spools them). Redis itself
+keeps its rule above: the writer's `redis_reachable` is reported, and lags the supervisor by a retry.
 """
 
 from __future__ import annotations
@@ -53,8 +54,6 @@ async def health(request: Request, engine: EngineDep, supervisor: RedisSuperviso
         body["log_writer"] = writer.health()
         if not writer.alive:
             reasons.append("the log writer is not running; completions wait in memory until shutdown spools them")
-        elif writer.redis_down:
-            reasons.append("the log writer cannot reach Redis; completions spool to disk meanwhile")
     if reasons:
         body["status"] = "degraded"
         body["reason"] = "; ".join(reasons)

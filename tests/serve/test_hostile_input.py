@@ -197,3 +197,13 @@ def test_after_the_whole_matrix_completions_and_feedback_still_reach_redis(
     writer = health["log_writer"]
     assert writer["alive"] and writer["redis_reachable"] and writer["restarts"] == 0, writer
     assert writer["rejected"] == 0, writer  # refused at the door: nothing had to be set aside
+
+
+def test_health_is_degraded_while_the_log_writer_is_not_running(app_client: TestClient) -> None:
+    writer = app_client.app.state.writer  # type: ignore[attr-defined]
+    assert app_client.get("/health").json()["status"] == "ok"
+    app_client.portal.call(writer.stop)  # type: ignore[union-attr]  # as if its task were gone
+    health = app_client.get("/health").json()
+    assert health["status"] == "degraded" and "log writer is not running" in health["reason"]
+    assert health["log_writer"]["alive"] is False
+    assert "secondstage_log_writer_up 0.0" in app_client.get("/metrics").text
