@@ -23,13 +23,20 @@ import redis
 from core.keys import Keys
 from core.records import BASE, Manifest, RecordError, decode, encode
 
-__all__ = ["BASE", "Manifest", "Registry", "VersionError", "VersionStore", "version_number"]
+__all__ = ["BASE", "Manifest", "Registry", "VersionError", "VersionStore", "check_name", "version_number"]
 
 _NAME = re.compile(r"^v(\d+)$")
 
 
 class VersionError(Exception):
     """A version that does not exist or cannot be used."""
+
+
+def check_name(name: str) -> str:
+    """`name` if it is `base` or a registry name (`v<number>`); VersionError otherwise (it may come from Redis)."""
+    if name != BASE and not _NAME.fullmatch(name):
+        raise VersionError(f"version name {name[:80]!r} is not `{BASE}` or v<number> (e.g. v3); refusing it")
+    return name
 
 
 def version_number(name: str) -> int:
@@ -44,7 +51,13 @@ class VersionStore:
         self.root = Path(root)
 
     def path(self, version: str) -> Path:
-        return self.root / version
+        """The version's directory; VersionError for a name that is not v<number> or a path leaving the root."""
+        check_name(version)
+        root = self.root.resolve()
+        path = (root / version).resolve()
+        if path.parent != root:  # e.g. a symlink pointing elsewhere
+            raise VersionError(f"version {version!r} resolves to {path}, outside the versions root {root}")
+        return path
 
     def adapter_path(self, version: str) -> Path:
         return self.path(version) / "adapter"

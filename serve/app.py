@@ -163,7 +163,7 @@ async def _start(
 
     pipeline = Pipeline(engine, recorder, metrics, policy)
     app.state.chat = ChatService(pipeline)
-    app.state.completions = CompletionService(pipeline)
+    app.state.completions = CompletionService(pipeline, max_choices=settings.max_completion_choices)
     if recorder is not None:
         app.state.feedback = FeedbackService(recorder, metrics)
 

@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from core.versions import BASE, VersionError, VersionStore, version_number
+from core.versions import BASE, VersionError, VersionStore, check_name, version_number
 from serve.errors import BadRequest, NotFound
 
 if TYPE_CHECKING:
@@ -158,8 +158,24 @@ class ModelEngine:
 
     # -- versions ------------------------------------------------------------------------------
 
+    def reject_version(self, name: str, reason: str) -> None:
+        """Log and count (`secondstage_swaps_total{result="rejected"}`) a version refused before loading it."""
+        logger.error("refusing to activate version %r: %s; still serving %s", name[:80], reason, self.current.name)
+        if self.metrics:
+            self.metrics.swaps.labels("rejected").inc()
+
     async def activate(self, name: str) -> float:
-        """Load `name` (if an adapter) and route new requests to it. Returns seconds taken."""
+        """Load `name` (if an adapter) and route new requests to it. Returns seconds taken.
+
+        The name may come from Redis: one that is not `base` or v<number>, or whose directory resolves
+        outside the versions root, is refused (BadRequest, counted as rejected) and nothing changes.
+        """
+        if name != BASE:
+            try:
+                self.store.path(check_name(name))
+            except VersionError as exc:
+                self.reject_version(name, str(exc))
+                raise BadRequest(str(exc), param="version") from exc
         async with self._swap_lock:
             if name == self.current.name:
                 return 0.0

@@ -106,6 +106,13 @@ class RateLimited(SecondstageError):
         self.retry_after_s = retry_after_s
 
 
+class ReloadInProgress(SecondstageError):
+    """A policy reload was asked for while another one runs (one at a time, off the event loop)."""
+
+    status = HTTPStatus.CONFLICT
+    type = "ConflictError"
+
+
 class Unauthorized(SecondstageError):
     """No API key, or one the server does not know (or that was revoked): 401 `invalid_api_key`, as OpenAI says."""
 

@@ -1,4 +1,9 @@
-"""ASGI middleware: body-size limit (413), x-request-id echo, request counts by route and status."""
+"""ASGI middleware: body-size limit (413), x-request-id echo, request counts by route and status.
+
+The `route` label never comes from the client: it is the path template of the route the app matched
+(e.g. `/admin/policies/reload`), one of the known routes for a request refused before routing (413),
+or `other` (unknown paths, 404s). A client sending a million distinct paths adds no label value.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +23,21 @@ _ROUTES = (
     "/tokenize",
     "/detokenize",
     "/health",
+    "/health/ready",
     "/metrics",
+    "/admin/policies",
+    "/admin/policies/reload",
 )
+
+
+def route_label(scope: Scope) -> str:
+    """The request's `route` label: the matched route's template, a known path, or `other`."""
+    route = scope.get("route")  # set by FastAPI's router on a (full or partial) match
+    template = getattr(route, "path_format", None) or getattr(route, "path", None)
+    if isinstance(template, str):
+        return template
+    path = scope["path"]
+    return path if path in _ROUTES else "other"
 
 
 class _TooLarge(BaseException):
@@ -38,8 +56,6 @@ class RequestMiddleware:
             return
         headers = dict(scope["headers"])
         request_id = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
-        path = scope["path"]
-        route = path if path in _ROUTES or path.startswith("/admin/") else "other"
         status_seen: list[int] = []
 
         async def send_wrapped(message: Message) -> None:
@@ -52,7 +68,7 @@ class RequestMiddleware:
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             await self._reject(send_wrapped)
-            self.metrics.requests.labels(route, "413").inc()
+            self.metrics.requests.labels(route_label(scope), "413").inc()
             return
 
         received = 0
@@ -72,7 +88,7 @@ class RequestMiddleware:
             if not status_seen:
                 await self._reject(send_wrapped)
         finally:
-            self.metrics.requests.labels(route, str(status_seen[0] if status_seen else 500)).inc()
+            self.metrics.requests.labels(route_label(scope), str(status_seen[0] if status_seen else 500)).inc()
 
     async def _reject(self, send: Send) -> None:
         status, body = to_error(

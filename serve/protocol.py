@@ -3,11 +3,19 @@
 Field names and types follow OpenAI's API as vLLM's server implements it; the
 extras vLLM accepts through `extra_body` (top_k, min_p, ...) are accepted too.
 Validation here is what turns bad input into a 400 that names the parameter.
+
+Limits on hostile input (docs/api.md, "Limits on input"): every list a client sends has a bound
+(`MAX_*` below; the body itself is bounded by SECONDSTAGE_MAX_BODY_BYTES), numbers the engine receives
+have ranges, floats must be finite, and text must be Unicode: a lone surrogate (JSON's `"\\ud800"`)
+anywhere in a request, extra fields included, is a 400 naming its dotted path (`messages.0.content`),
+because it cannot be encoded as UTF-8 and would fail the tokenizer or the log record later.
 """
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -20,6 +28,94 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
+
+MAX_MESSAGES = 2048
+"""Most messages in one chat request."""
+MAX_CONTENT_PARTS = 1024
+"""Most content parts in one message."""
+MAX_STOP = 4
+"""Most stop sequences (OpenAI's limit)."""
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024
+MAX_METADATA = 16
+"""Most metadata pairs; keys up to 64 characters, values up to 512 (OpenAI's limits)."""
+MAX_DETOKENIZE = 100_000
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _strings(value: Any) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """Every string of a parsed JSON value (object keys too) with its path; iterative, so depth costs no stack."""
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            yield path, v
+        elif isinstance(v, dict):
+            for k, item in reversed(v.items()):
+                if isinstance(k, str):
+                    yield (*path, k), k
+                stack.append(((*path, k), item))
+        elif isinstance(v, list):
+            stack.extend(((*path, i), item) for i, item in reversed(list(enumerate(v))))
+
+
+def _any_lone_surrogate(value: Any) -> bool:
+    """The fast pass: no paths kept (most requests have no surrogate, and some have 100k values)."""
+    stack = [value]
+    pop, extend = stack.pop, stack.extend
+    while stack:
+        v = pop()
+        if isinstance(v, str):
+            if not v.isascii() and _SURROGATE.search(v):
+                return True
+        elif isinstance(v, dict):
+            extend(v)  # the keys
+            extend(v.values())
+        elif isinstance(v, list):
+            extend(v)
+    return False
+
+
+def _refuse_lone_surrogates(data: Any, title: str) -> Any:
+    if not _any_lone_surrogate(data):
+        return data
+    for path, text in _strings(data):
+        if text.isascii():
+            continue
+        m = _SURROGATE.search(text)
+        if m is not None:
+            raise ValidationError.from_exception_data(
+                title,
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError(
+                            "lone_surrogate",
+                            "holds a lone UTF-16 surrogate (U+{code}) at position {position}, which is not Unicode "
+                            "text; send valid UTF-8 (a character beyond U+FFFF is one surrogate pair in JSON, "
+                            "e.g. \\ud83d\\ude00)",
+                            {"code": f"{ord(m.group()):04X}", "position": m.start()},
+                        ),
+                        # A key can be the culprit: its place in the path is written as its JSON escape.
+                        loc=tuple(
+                            p.encode("utf-8", "backslashreplace").decode() if isinstance(p, str) else p for p in path
+                        ),
+                        input=text,
+                    )
+                ],
+            )
+    return data
+
+
+class _Unicode(BaseModel):
+    """A request body: refuses lone surrogates anywhere in it, with the dotted path of the first one."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode_only(cls, data: Any) -> Any:
+        # A ValidationError raised here keeps its own locations: they are paths from the body's root.
+        return _refuse_lone_surrogates(data, cls.__name__)
 
 
 class _Base(BaseModel):
@@ -32,6 +128,14 @@ class ChatMessage(_Base):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+
+    # Before the union is tried, so the 400 names `messages.N.content`, not one of the union's members.
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_parts(cls, v: Any) -> Any:
+        if isinstance(v, list) and len(v) > MAX_CONTENT_PARTS:
+            raise ValueError(f"at most {MAX_CONTENT_PARTS} content parts per message (got {len(v)}); send fewer")
+        return v
 
     def text(self) -> str:
         if self.content is None:
@@ -54,30 +158,34 @@ class ResponseFormat(_Base):
 # Integers the engine receives must fit its int64 fields; beyond that they are a 400, not an engine error.
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 TokenId = Annotated[int, Field(ge=0, le=2**63 - 1)]
+# NaN and infinity parse from JSON (`NaN`, `1e999`) but mean nothing as a sampling parameter.
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+MetadataKey = Annotated[str, Field(max_length=64)]
+MetadataValue = Annotated[str, Field(max_length=512)]
 
 
-class SamplingRequest(_Base):
+class SamplingRequest(_Unicode, _Base):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model: str | None = None
     n: int = Field(1, ge=1, le=16)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    temperature: Finite | None = Field(None, ge=0.0, le=2.0)
+    top_p: Finite | None = Field(None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: Int64 | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Finite = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: Finite = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Finite] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     user: str | None = None
     # vLLM extensions (extra_body).
     top_k: int | None = Field(None, ge=-1, le=2**63 - 1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[TokenId] | None = None
+    min_p: Finite | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: Finite | None = Field(None, gt=0.0)
+    min_tokens: int = Field(0, ge=0, le=2**63 - 1)
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
     priority: Int64 = 0
 
@@ -87,8 +195,8 @@ class SamplingRequest(_Base):
         if v is None:
             return None
         stops = [v] if isinstance(v, str) else v
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences (got {len(stops)}); send fewer")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
         return stops
@@ -120,13 +228,13 @@ class SamplingRequest(_Base):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI: use max_completion_tokens.")
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    metadata: dict[str, str] | None = None
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(None, max_length=MAX_METADATA)
 
     @field_validator("top_logprobs")
     @classmethod
@@ -149,6 +257,17 @@ class CompletionRequest(SamplingRequest):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _token_ids(cls, v: Any) -> Any:
+        # Before the union is tried, so the 400 names `prompt` and says what is wrong, not "should be a string".
+        if isinstance(v, list):
+            ids = [t for p in v for t in (p if isinstance(p, list) else [p])]
+            bad = [t for t in ids if isinstance(t, int) and not 0 <= t <= 2**63 - 1]
+            if bad:
+                raise ValueError(f"token ids must be in [0, 2**63 - 1] (got {bad[:3]})")
+        return v
 
     @field_validator("prompt")
     @classmethod
@@ -275,10 +394,10 @@ class CompletionResponse(BaseModel):
     system_fingerprint: str
 
 
-class TokenizeRequest(_Base):
+class TokenizeRequest(_Unicode, _Base):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, max_length=MAX_MESSAGES)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -295,9 +414,9 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
 
 
-class DetokenizeRequest(_Base):
+class DetokenizeRequest(_Unicode, _Base):
     model: str | None = None
-    tokens: list[int] = Field(..., description="Token ids to turn back into text.")
+    tokens: list[TokenId] = Field(..., max_length=MAX_DETOKENIZE, description="Token ids to turn back into text.")
 
 
 class DetokenizeResponse(BaseModel):
@@ -333,7 +452,7 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
-class FeedbackRequest(BaseModel):
+class FeedbackRequest(_Unicode):
     model_config = ConfigDict(extra="forbid")
 
     completion_id: str = Field(..., min_length=1, description="The `id` of the chat completion this is about.")

@@ -28,6 +28,11 @@ class ServeSettings(CommonSettings):
         default=2, description="LoRA versions resident in one batch (active + the one being drained)."
     )
     max_body_bytes: int = Field(default=1_000_000, description="Largest request body accepted (413 above).")
+    max_completion_choices: int = Field(
+        default=256,
+        ge=1,
+        description="/v1/completions: most prompts × n in one request (400 above; each is an engine request).",
+    )
     policies_dir: Path = Field(default=Path("policies"), description="Directory of policy rule files.")
     policies_enabled: bool = Field(default=True, description="Enforce the rule files in policies_dir.")
     logging_enabled: bool = Field(default=True, description="Log completions to Redis.")

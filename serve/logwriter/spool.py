@@ -226,7 +226,8 @@ class Spool:
     def reject(self, items: list[tuple[str, str]]) -> None:
         """Keep refused records (raw JSON line, error) for an operator; they are not replayed."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / "rejected.jsonl", "a", encoding="utf-8") as f:
+        # backslashreplace: a lone surrogate in an error text is kept as its JSON escape, never a write error.
+        with open(self.dir / "rejected.jsonl", "a", encoding="utf-8", errors="backslashreplace") as f:
             for raw, error in items:
                 f.write(json.dumps({"error": error, "record": raw}, ensure_ascii=False) + "\n")
             f.flush()

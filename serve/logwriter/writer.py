@@ -5,6 +5,14 @@ and wakes the drain task, which writes `batch_size` records per round trip throu
 On a transient Redis failure the batch and everything queued after it go to the spool and the task
 pings Redis every `retry_interval`; when Redis answers, the spool is replayed first, then the queue.
 Records Redis refuses for good are moved to the spool's `rejected.jsonl` and count as done.
+
+No record can stop the writer: a batch that cannot even be sent is retried record by record; a record
+whose text UTF-8 cannot encode (a lone surrogate) is written sanitised (U+FFFD), counted in
+`secondstage_log_records_sanitised_total`; one that still cannot be written is set aside in
+`rejected.jsonl` (`secondstage_log_records_rejected_total`). Should the drain loop die anyway (a bug, a
+failing spool disk), a supervisor sets the batch it held aside and restarts it after `retry_interval`
+(`secondstage_log_writer_restarts_total`). `health()` and the gauges `secondstage_log_writer_up` and
+`secondstage_log_queue_oldest_seconds` show a writer that is not draining.
 See the package docstring for the whole design.
 """
 
@@ -78,9 +86,13 @@ class LogWriter:
         self._down = False
         self._down_since = 0.0
         self._closed = False
+        self._restart_delay = retry_interval
         self.written_total = 0
         self.spooled_total = 0
         self.write_errors_total = 0
+        self.rejected_total = 0
+        self.sanitised_total = 0
+        self.restarts = 0
 
         reg = prometheus_client.REGISTRY if registry is None else registry
         depth = prometheus_client.Gauge(
@@ -105,6 +117,31 @@ class LogWriter:
             "Failed Redis writes (whole batches) and records Redis refused.",
             registry=reg,
         )
+        self._m_rejected = prometheus_client.Counter(
+            "secondstage_log_records_rejected",
+            "Log records set aside in rejected.jsonl (Redis refused them, or they could not be written at all).",
+            registry=reg,
+        )
+        self._m_sanitised = prometheus_client.Counter(
+            "secondstage_log_records_sanitised",
+            "Log records written after replacing what Redis cannot take (lone surrogates became U+FFFD).",
+            registry=reg,
+        )
+        self._m_restarts = prometheus_client.Counter(
+            "secondstage_log_writer_restarts",
+            "Times the drain task died (a bug or a failing spool disk) and was restarted.",
+            registry=reg,
+        )
+        oldest = prometheus_client.Gauge(
+            "secondstage_log_queue_oldest_seconds",
+            "Age of the oldest log record waiting in memory (0 when none): grows when the writer is stuck.",
+            registry=reg,
+        )
+        oldest.set_function(self.oldest_queued_s)
+        up = prometheus_client.Gauge(
+            "secondstage_log_writer_up", "1 while the drain task runs, 0 when it is dead or stopped.", registry=reg
+        )
+        up.set_function(lambda: float(self.alive))
 
     # --- request path -------------------------------------------------------------------------
 
@@ -114,6 +151,7 @@ class LogWriter:
             if record.index_key is not None:
                 self._add_pending(record.index_key)
             if len(self._queue) < self._max_queue and not self._closed:
+                record.queued_at = time.monotonic()
                 self._queue.append(record)
                 if not self._wake.is_set():
                     self._wake.set()
@@ -144,6 +182,30 @@ class LogWriter:
     @property
     def redis_down(self) -> bool:
         return self._down
+
+    @property
+    def alive(self) -> bool:
+        """True while the drain task runs (between start and stop, and not dead)."""
+        return self._task is not None and not self._task.done()
+
+    def oldest_queued_s(self) -> float:
+        """Seconds the oldest record in memory (being written or queued) has waited; 0 when there is none."""
+        first = self._inflight[0] if self._inflight else self._queue[0] if self._queue else None
+        if first is None or not first.queued_at:
+            return 0.0
+        return max(0.0, time.monotonic() - first.queued_at)
+
+    def health(self) -> dict[str, object]:
+        """What /health reports about the writer: is it running, can it reach Redis, how far behind is it."""
+        return {
+            "alive": self.alive,
+            "redis_reachable": not self._down,
+            "queue_depth": len(self._queue),
+            "oldest_queued_s": round(self.oldest_queued_s(), 3),
+            "spool_records": self._spool.records,
+            "restarts": self.restarts,
+            "rejected": self.rejected_total,
+        }
 
     def _add_pending(self, key: str) -> None:
         pending = self._pending
@@ -185,7 +247,7 @@ class LogWriter:
         )
         self._closed = False
         self._stop_requested.clear()
-        self._task = asyncio.create_task(self._run(), name="secondstage-logwriter")
+        self._task = asyncio.create_task(self._supervise(), name="secondstage-logwriter")
         self._task.add_done_callback(self._task_done)
 
     async def stop(self, timeout: float = 5.0) -> None:
@@ -224,8 +286,34 @@ class LogWriter:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            # Only a bug or a failing spool disk gets here; records keep queueing and stop() spools them.
-            log.error("log writer drain task died; records now wait for stop()", exc_info=task.exception())
+            # _supervise restarts _run; only a bug in _supervise itself gets here. Records then wait for stop().
+            log.error("log writer supervisor died; records now wait for stop()", exc_info=task.exception())
+
+    async def _supervise(self) -> None:
+        """Run the drain loop; when it dies, set its batch aside and start it again (no record can stop the writer)."""
+        while True:
+            try:
+                await self._run()
+                return
+            except Exception as exc:
+                # Only a bug or a failing spool disk gets here. The batch in hand may be what killed the loop:
+                # set it aside (not back on the queue, where it would kill the loop again), and go on.
+                self.restarts += 1
+                self._m_restarts.inc()
+                batch, self._inflight = self._inflight or [], None
+                log.error(
+                    "log writer drain task died (restart %d); setting its batch of %d records aside",
+                    self.restarts, len(batch), exc_info=exc,
+                )  # fmt: skip
+                if batch:
+                    self._done_pending(batch)
+                    self._reject([(r.to_json(), f"drain task died on it: {describe(exc)}") for r in batch])
+                if self._stop_requested.is_set():
+                    return
+                # A loop that dies at once again (e.g. a disk that stays broken) must not spin the event loop.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._restart_delay):
+                        await self._stop_requested.wait()
 
     async def _run(self) -> None:
         while True:
@@ -341,7 +429,7 @@ class LogWriter:
             if is_transient(exc):
                 raise
             if len(batch) == 1:
-                self._reject([(batch[0].to_json(), describe(exc))])
+                await self._write_or_set_aside(batch[0], exc)
                 return
             # The batch could not even be sent (e.g. a field value that is not a str): find the culprits one by one.
             for record in batch:
@@ -350,6 +438,30 @@ class LogWriter:
         if refusals:
             self._reject([(batch[i].to_json(), error) for i, error in refusals])
         self._count_written(len(batch) - len({i for i, _ in refusals}))
+
+    async def _write_or_set_aside(self, record: Record, exc: Exception) -> None:
+        """A record that cannot be sent as it is: write its sanitised copy, or set it aside in rejected.jsonl."""
+        fixed = record.sanitised() if isinstance(exc, UnicodeError) else None
+        if fixed is not None:
+            try:
+                refusals = await self._started_transport().send([fixed])
+            except Exception as again:
+                if is_transient(again):
+                    raise
+                exc = again
+            else:
+                if not refusals:
+                    self.sanitised_total += 1
+                    self._m_sanitised.inc()
+                    log.warning(
+                        "log record %s had text Redis cannot take (%s); wrote it with U+FFFD",
+                        record.fields.get("id"),
+                        describe(exc),
+                    )
+                    self._count_written(1)
+                    return
+                exc = RuntimeError(refusals[0][1])
+        self._reject([(record.to_json(), describe(exc))])
 
     def _started_transport(self) -> BatchTransport:
         assert self._transport is not None  # the drain task runs between start() and stop()
@@ -362,6 +474,8 @@ class LogWriter:
     def _reject(self, items: list[tuple[str, str]]) -> None:
         self.write_errors_total += len(items)
         self._m_errors.inc(len(items))
+        self.rejected_total += len(items)
+        self._m_rejected.inc(len(items))
         log.error(
             "Redis refused %d log records (first: %s); kept in %s",
             len(items),

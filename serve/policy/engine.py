@@ -66,6 +66,13 @@ class PolicyEngine:
         """Build the set from the files again; on error keep the active one and report why."""
         return self._loader.reload()
 
+    async def reload_off_loop(self, *, wait: bool = True) -> ReloadResult:
+        """`reload` in a worker thread, one at a time (compiling takes seconds; streams must not stall).
+
+        With wait=False a reload already running raises `ReloadBusy` instead of queueing another.
+        """
+        return await self._loader.reload_off_loop(wait=wait)
+
     async def watch(self, stop_event: asyncio.Event, *, debounce_ms: int = 300) -> None:
         """Reload whenever a rule file in the directory changes, until `stop_event` is set."""
         await self._loader.watch(stop_event, debounce_ms=debounce_ms)

@@ -5,13 +5,18 @@ makes it answer 200 with `"status": "degraded"` and the reason, because chat goe
 spool to disk). `/health/ready` is what an orchestrator should route traffic by: 503 when the
 engine is dead or the private Redis cannot be brought back (records would pile up in the spool,
 and align cannot read them), 200 while a restart is merely under way.
+
+`/health` also reports the log writer (`log_writer`: alive, Redis reachable, queue depth, age of the
+oldest queued record, spool, restarts, rejected records); a writer that is not running makes the status
+`degraded` (still 200: chat goes on, records wait in memory until shutdown spools them). Redis itself
+keeps its rule above: the writer's `redis_reachable` is reported, and lags the supervisor by a retry.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from core.redis_supervisor import FAILED
@@ -31,17 +36,27 @@ async def _check_engine(engine: ModelEngine) -> None:
 
 
 @router.get("/health", responses=error_responses(503))
-async def health(engine: EngineDep, supervisor: RedisSupervisorDep) -> dict[str, Any]:
+async def health(request: Request, engine: EngineDep, supervisor: RedisSupervisorDep) -> dict[str, Any]:
     await _check_engine(engine)
     body: dict[str, Any] = {"status": "ok", "version": engine.current.name}
+    reasons: list[str] = []
     if supervisor is None:
         body["redis"] = "external"  # SECONDSTAGE_REDIS_URL: not ours to watch
-        return body
-    body["redis"] = supervisor.state
-    body["redis_restarts"] = supervisor.restarts
-    if not supervisor.up:
+    else:
+        body["redis"] = supervisor.state
+        body["redis_restarts"] = supervisor.restarts
+        if not supervisor.up:
+            reasons.append(
+                f"private Redis {supervisor.state}: {supervisor.reason}; completions spool to disk meanwhile"
+            )
+    writer = getattr(request.app.state, "writer", None)  # absent when logging is disabled
+    if writer is not None:
+        body["log_writer"] = writer.health()
+        if not writer.alive:
+            reasons.append("the log writer is not running; completions wait in memory until shutdown spools them")
+    if reasons:
         body["status"] = "degraded"
-        body["reason"] = f"private Redis {supervisor.state}: {supervisor.reason}; completions spool to disk meanwhile"
+        body["reason"] = "; ".join(reasons)
     return body
 
 

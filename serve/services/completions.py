@@ -21,16 +21,27 @@ from serve.services.sse import sse
 
 
 class CompletionService:
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, *, max_choices: int = 256) -> None:
         self.pipeline = pipeline
         self.engine = pipeline.engine
+        self.max_choices = max_choices
+        """Most prompts × n in one request (SECONDSTAGE_MAX_COMPLETION_CHOICES)."""
 
     def prepare(self, req: CompletionRequest, caller: Caller) -> list[Job]:
         check_model(self.engine, req.model)
+        prompts = req.prompts()
+        # Checked before any per-prompt work: tens of thousands of prompts would keep the event loop busy.
+        if len(prompts) * req.n > self.max_choices:
+            raise BadRequest(
+                f"prompt: {len(prompts)} prompts × n={req.n} is {len(prompts) * req.n} choices, more than this "
+                f"server's limit of {self.max_choices} (SECONDSTAGE_MAX_COMPLETION_CHOICES); send fewer prompts "
+                "per request or a smaller n",
+                param="prompt",
+            )
         request_id = f"cmpl-{uuid.uuid4().hex}"
         vocab = len(self.engine.tokenizer)
         jobs = []
-        for i, prompt in enumerate(req.prompts()):
+        for i, prompt in enumerate(prompts):
             if isinstance(prompt, list):
                 ids = list(prompt)
                 bad = [t for t in ids if not 0 <= t < vocab]

@@ -12,20 +12,25 @@ lax mode, which takes `"1"` or `true` where an integer is declared.
 
 Bounded: a fixed number of examples per operation and mode, and a handful of tokens per
 generation (`keep_small` caps `max_tokens`, `n` and prompt lists of schema-valid bodies).
-Run: `.venv/bin/python -m pytest tests/e2e/test_schemathesis.py`.
+After the fuzzing, a completion and its feedback must still reach Redis: no generated input may stop
+the log writer. Run: `.venv/bin/python -m pytest tests/e2e/test_schemathesis.py`.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
+import httpx
 import pytest
+import redis
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
+from core.keys import Keys
 from tests.e2e.conftest import Server
 
 pytestmark = pytest.mark.slow
@@ -108,3 +113,30 @@ def test_route_conforms_to_openapi(method: str, path: str, mode: GenerationMode,
         case.call_and_validate(excluded_checks=NOT_CHECKED, timeout=120)
 
     run()
+
+
+def test_after_the_fuzzing_a_completion_and_its_feedback_still_reach_redis(server: Server) -> None:
+    """Nothing the fuzzer sent stopped the log writer (issue 10: one lone surrogate used to)."""
+    # Runs after the fuzzing tests above (pytest keeps a module's order).
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        done = http.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        )
+        assert done.status_code == 200, done.text
+        cid = done.json()["id"]
+        fb = http.post("/v1/feedback", json={"completion_id": cid, "thumbs": "up"})
+        assert fb.status_code == 200, fb.text
+
+        keys = Keys(server.env.get("SECONDSTAGE_REDIS_PREFIX", "secondstage"))
+        rc = redis.Redis.from_url(server.redis.url)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            feedback = [f.get(b"completion_id") for _, f in rc.xrange(keys.feedback)]
+            if rc.exists(keys.completion(cid)) and cid.encode() in feedback:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"completion {cid} and its feedback did not reach Redis after the fuzzing")
+
+        writer = http.get("/health").json()["log_writer"]
+        assert writer["alive"] and writer["redis_reachable"] and writer["restarts"] == 0, writer

@@ -408,3 +408,104 @@ async def _measure(
         f"submit {submit_s / n * 1e6:.2f} µs/record; CPU per record: writer {cpu_s / n * 1e6:.1f} µs "
         f"(one core: {n / cpu_s:,.0f}/s), redis-server {server_s / n * 1e6:.1f} µs (one core: {n / server_s:,.0f}/s)"
     )
+
+
+# --- no record can stop the writer (issue 10) ---------------------------------------------------------------
+
+
+def surrogate_completion(i: int) -> Record:
+    """A record whose text UTF-8 cannot encode: JSON's `"\\ud800"` decodes to a lone surrogate."""
+    r = completion(i)
+    data = json.dumps({"id": r.fields["id"], "text": "a\ud800b"}, ensure_ascii=False)
+    r.fields["data"] = data
+    r.index_value = data
+    return r
+
+
+async def test_a_record_with_a_lone_surrogate_is_sanitised_and_the_rest_flows(
+    factory: Callable[[], redis.asyncio.Redis],
+    reader: redis.asyncio.Redis,
+    registry: prometheus_client.CollectorRegistry,
+    batch_script: bool,
+    tmp_path: Path,
+) -> None:
+    async with LogWriter(factory, tmp_path / "spool", batch_script=batch_script, registry=registry) as w:
+        w.submit(completion(1))
+        w.submit(surrogate_completion(2))
+        w.submit(completion(3))
+        await eventually(lambda: w.written_total == 3)
+        assert w.alive and w.health()["alive"] is True
+        w.submit(completion(4))  # the writer still drains after it
+        await eventually(lambda: w.written_total == 4)
+    assert await ids_in_stream(reader) == [f"chatcmpl-{i:06d}" for i in (1, 2, 3, 4)]
+    stored = json.loads(await reader.get(KEYS.completion("chatcmpl-000002")))
+    assert stored["text"] == "a\ufffdb"
+    assert registry.get_sample_value("secondstage_log_records_sanitised_total") == 1
+    assert registry.get_sample_value("secondstage_log_writer_restarts_total") == 0
+    assert w.restarts == 0 and w.spooled_total == 0
+
+
+async def test_a_spooled_record_with_a_lone_surrogate_survives_the_spool(
+    factory: Callable[[], redis.asyncio.Redis],
+    reader: redis.asyncio.Redis,
+    registry: prometheus_client.CollectorRegistry,
+    tmp_path: Path,
+) -> None:
+    w = LogWriter(factory, tmp_path / "spool", max_queue=1, registry=registry)
+    w.submit(completion(1))
+    w.submit(surrogate_completion(2))  # queue full: straight to the spool file
+    assert w.spool_records == 1 and w.write_errors_total == 0
+    await w.start()
+    await eventually(lambda: w.written_total == 2)
+    await w.stop()
+    assert sorted(await ids_in_stream(reader)) == ["chatcmpl-000001", "chatcmpl-000002"]
+
+
+async def test_the_drain_task_is_restarted_when_it_dies(
+    factory: Callable[[], redis.asyncio.Redis],
+    reader: redis.asyncio.Redis,
+    registry: prometheus_client.CollectorRegistry,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    w = LogWriter(factory, tmp_path / "spool", retry_interval=0.05, registry=registry)
+    real_write = w._write
+
+    async def write_with_a_bug(batch: list[Record]) -> None:
+        if any(r.fields["id"] == "chatcmpl-000002" for r in batch):
+            raise RuntimeError("a bug in the writer")
+        await real_write(batch)
+
+    monkeypatch.setattr(w, "_write", write_with_a_bug)
+    async with w:
+        w.submit(completion(1))
+        await eventually(lambda: w.written_total == 1)
+        w.submit(completion(2))
+        await eventually(lambda: w.restarts == 1)
+        w.submit(completion(3))
+        await eventually(lambda: w.written_total == 2)
+        assert w.alive
+    assert await ids_in_stream(reader) == ["chatcmpl-000001", "chatcmpl-000003"]
+    rejected = [json.loads(line) for line in (tmp_path / "spool" / "rejected.jsonl").read_text().splitlines()]
+    assert [json.loads(r["record"])["f"]["id"] for r in rejected] == ["chatcmpl-000002"]
+    assert "a bug in the writer" in rejected[0]["error"]
+    assert registry.get_sample_value("secondstage_log_writer_restarts_total") == 1
+    assert registry.get_sample_value("secondstage_log_records_rejected_total") == 1
+    assert not w.is_pending(KEYS.completion("chatcmpl-000002"))
+
+
+async def test_health_reports_a_writer_that_is_not_draining(
+    factory: Callable[[], redis.asyncio.Redis], registry: prometheus_client.CollectorRegistry, tmp_path: Path
+) -> None:
+    w = LogWriter(factory, tmp_path / "spool", registry=registry)
+    w.submit(completion(1))  # not started: nothing drains, as when the drain task is gone
+    await asyncio.sleep(0.05)
+    health = w.health()
+    assert health["alive"] is False and health["queue_depth"] == 1
+    assert 0.05 <= w.oldest_queued_s() < 5
+    assert registry.get_sample_value("secondstage_log_writer_up") == 0
+    assert (registry.get_sample_value("secondstage_log_queue_oldest_seconds") or 0) >= 0.05
+    async with w:
+        assert registry.get_sample_value("secondstage_log_writer_up") == 1
+        await eventually(lambda: w.written_total == 1)
+        assert w.oldest_queued_s() == 0
