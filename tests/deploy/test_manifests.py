@@ -24,9 +24,7 @@ KUBERNETES_VERSION = "1.33.0"
 """The oldest Kubernetes the manifests are written for (podFailurePolicy is GA since 1.31, preStop `sleep`
 since 1.30); bump it when using a newer field."""
 
-MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml") + [
-    DEPLOY / "secrets.example.yaml"
-]
+MANIFESTS = [*sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"), DEPLOY / "secrets.example.yaml"]
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")
 
 
