@@ -4,6 +4,7 @@ secondstage align run                  # one run: new feedback → LoRA version 
 secondstage align run --every 30m      # repeat every 30 minutes (s, m, h, d; combinable: 1h30m)
 secondstage align run --all            # train on all feedback ever logged, not only the unused
 secondstage align run --dry-run        # say what would be trained; change nothing
+    exit status: 0 published / nothing to do, 1 failed, 2 usage, 3 gate refused, 75 lock held (align/job.py)
 secondstage feedback export --out DIR  # dpo.jsonl + kto.jsonl (TRL conversational rows), no training
 """
 
@@ -78,7 +79,15 @@ def run(
         int | None, typer.Option("--min-feedback", min=1, help="Fewest usable rows worth a run (default 4).")
     ] = None,
 ) -> None:
-    """Train a LoRA version from new feedback, gate it, and publish it to the running servers."""
+    """Train a LoRA version from new feedback, gate it, and publish it to the running servers.
+
+    Exit status of one run (a scheduler should retry only 1):
+    0 published, nothing to do, or a dry run;
+    1 the run failed (Redis, disk, training): a retry may help;
+    2 usage (a flag or its value);
+    3 the gate refused the adapter;
+    75 another run holds the lock.
+    """
     from align.job import AlignError, run_every, run_once
     from align.train import TrainError
 

@@ -34,8 +34,10 @@ from core.versions import Registry, VersionError, VersionStore
 
 Status = Literal["published", "insufficient", "locked", "dry_run", "gate_failed"]
 
-EXIT_CODES: dict[str, int] = {"published": 0, "insufficient": 0, "dry_run": 0, "gate_failed": 1, "locked": 75}
-"""CLI exit status per outcome; 75 is sysexits' EX_TEMPFAIL ("another run holds the lock, try later")."""
+EXIT_CODES: dict[str, int] = {"published": 0, "insufficient": 0, "dry_run": 0, "gate_failed": 3, "locked": 75}
+"""CLI exit status per outcome. Each refusal has its own, apart from 1 (the run failed: retrying may help) and 2
+(usage), so a scheduler can tell them apart (deploy/k8s/align.yaml does not retry either): 3 the gate refused the
+adapter, 75 sysexits' EX_TEMPFAIL ("another run holds the lock, try later")."""
 
 
 class AlignError(Exception):

@@ -81,3 +81,24 @@ def test_export_writes_trl_jsonl_without_consuming(env: AlignSettings, server: S
     # Export only looks: the feedback is still there for `align run`.
     assert not client.exists(keys.policy_pairs)
     assert client.xinfo_stream(keys.feedback)["groups"] == 0
+
+
+def test_run_with_the_lock_held_exits_75(env: AlignSettings, server: Server, client: redis.Redis) -> None:
+    from align.job import align_lock
+
+    other = align_lock(client, Keys(env.redis_prefix).align_lock, 60)
+    assert other.acquire()
+    result = CliRunner().invoke(align_app, ["run"])
+    assert result.exit_code == 75, result.output
+    assert "holds the lock" in result.output
+
+
+def test_refusals_exit_apart_from_failures_and_the_help_says_so() -> None:
+    from align.job import EXIT_CODES
+
+    # 1 is a failed run and 2 a usage error: a scheduler retries those, not a refused gate or a held lock.
+    assert EXIT_CODES["gate_failed"] == 3 and EXIT_CODES["locked"] == 75
+    result = CliRunner().invoke(align_app, ["run", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "3 the gate refused the adapter" in text and "75 another run holds the lock" in text

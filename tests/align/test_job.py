@@ -70,7 +70,7 @@ def test_lock_held_refuses_a_second_run(client: redis.Redis, settings: AlignSett
     other = align_lock(client, keys.align_lock, 60)
     assert other.acquire()
     result = run_once(settings, console=QUIET, client=client)
-    assert result.status == "locked" and result.exit_code != 0
+    assert result.status == "locked" and result.exit_code == 75
     assert keys.align_lock in result.message
     assert client.get(keys.align_lock) == other.local.token  # not released by the refused run
     assert pending(client, keys) == 0  # the feedback was not even read
@@ -217,7 +217,7 @@ def test_gate_failure_publishes_nothing_and_keeps_feedback(
     settings = train_settings.model_copy(update={"gate_min_margin_gain": 1e9, "max_steps": 2})
     ids = seed_corrections(server)
     result = run_once(settings, console=QUIET, client=client)
-    assert result.status == "gate_failed" and result.exit_code == 1
+    assert result.status == "gate_failed" and result.exit_code == 3
     assert result.gate["failed"] == ["margin_gain"]
     assert "margin_gain" in result.message
     assert not settings.versions_dir.exists() or VersionStore(settings.versions_dir).names() == []
