@@ -81,11 +81,12 @@ def serve(
 ) -> None:
     """Run the OpenAI-compatible API with vLLM in-process."""
     import logging.config
+    import os
 
     import uvicorn
 
     from serve.app import build_app
-    from serve.logs import logging_config
+    from serve.logs import logging_config, vllm_logging_env
 
     given = {
         "model": model,
@@ -110,6 +111,9 @@ def serve(
     settings = ServeSettings(**overrides)  # type: ignore[arg-type]
     config = logging_config(log_level, settings.log_format)
     logging.config.dictConfig(config)
+    if settings.log_format == "json" and "VLLM_LOGGING_CONFIG_PATH" not in os.environ:
+        # vLLM's own lines (and its engine processes') in the same JSON; an operator's own vLLM config wins.
+        os.environ.update(vllm_logging_env(config, settings.var_dir / "logging.json"))
     if settings.model is None:
         from serve.demo.build import ensure_demo_model
 

@@ -22,6 +22,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -129,7 +130,8 @@ class RequestIdFilter(logging.Filter):
 
 
 # Fields of a LogRecord itself; anything else on a record came from `extra=` (or the filter) and is data.
-_RECORD_FIELDS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+# color_message: uvicorn's copy of the message with terminal colours.
+_RECORD_FIELDS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -161,11 +163,12 @@ def logging_config(level: str = "info", fmt: str = "text") -> dict[str, Any]:
     """A dictConfig for the root logger and uvicorn's loggers: one stderr handler, text or JSON, request ids on."""
     if fmt not in ("text", "json"):
         raise ValueError(f"log format: {fmt!r} is not one of text, json")
-    formatter: dict[str, Any] = {"()": JsonFormatter} if fmt == "json" else {"format": TEXT_FORMAT}
+    # Classes by name, so the config is plain JSON: vLLM's processes load it too (`vllm_logging_env`).
+    formatter: dict[str, Any] = {"()": f"{__name__}.JsonFormatter"} if fmt == "json" else {"format": TEXT_FORMAT}
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"request": {"()": RequestIdFilter}},
+        "filters": {"request": {"()": f"{__name__}.RequestIdFilter"}},
         "formatters": {"default": formatter},
         "handlers": {
             "default": {
@@ -184,3 +187,14 @@ def logging_config(level: str = "info", fmt: str = "text") -> dict[str, Any]:
             "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
         },
     }
+
+
+def vllm_logging_env(config: dict[str, Any], path: Path) -> dict[str, str]:
+    """Environment that makes vLLM log through `config` (written to `path`) in every process it starts.
+
+    vLLM installs its own handler and format on its loggers, in the server and in its engine-core processes,
+    which our dictConfig never reaches; VLLM_LOGGING_CONFIG_PATH is its documented way to replace them.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=1))
+    return {"VLLM_CONFIGURE_LOGGING": "1", "VLLM_LOGGING_CONFIG_PATH": str(path)}

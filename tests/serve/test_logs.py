@@ -5,14 +5,23 @@ from __future__ import annotations
 import io
 import json
 import logging
+import logging.config
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from serve.app import build_app
 from serve.engine import ModelEngine
-from serve.logs import ACCESS_LOGGER, JsonFormatter, RequestIdFilter, current_request, logging_config
+from serve.logs import (
+    ACCESS_LOGGER,
+    JsonFormatter,
+    RequestIdFilter,
+    current_request,
+    logging_config,
+    vllm_logging_env,
+)
 from serve.settings import ServeSettings
 
 MSG = [{"role": "user", "content": "hello"}]
@@ -101,7 +110,7 @@ def test_logging_config_text_and_json() -> None:
     assert "%(request_id)s" in text["formatters"]["default"]["format"]
     assert text["root"]["level"] == "WARNING"
     assert text["loggers"]["uvicorn.access"]["propagate"] is False  # ours replace uvicorn's access lines
-    assert logging_config("info", "json")["formatters"]["default"]["()"] is JsonFormatter
+    assert logging_config("info", "json")["formatters"]["default"]["()"] == "serve.logs.JsonFormatter"
     with pytest.raises(ValueError, match="log format: 'xml'"):
         logging_config("info", "xml")
 
@@ -120,3 +129,14 @@ def test_text_lines_carry_the_request_id() -> None:
         logger.removeHandler(handler)
         logger.propagate = True
     assert "[-]: outside" in out.getvalue()
+
+
+def test_vllm_gets_the_same_config_as_a_file(tmp_path: Path) -> None:
+    config = logging_config("info", "json")
+    env = vllm_logging_env(config, tmp_path / "logging.json")
+    assert env["VLLM_CONFIGURE_LOGGING"] == "1"
+    loaded = json.loads(Path(env["VLLM_LOGGING_CONFIG_PATH"]).read_text())
+    assert loaded == config  # plain JSON, loadable by vLLM's processes
+    resolve = logging.config.BaseConfigurator({}).resolve  # what dictConfig does with "()" names
+    assert resolve(loaded["formatters"]["default"]["()"]) is JsonFormatter
+    assert resolve(loaded["filters"]["request"]["()"]) is RequestIdFilter
