@@ -5,15 +5,22 @@ Only one run works at a time, across machines: it holds redis-py's Redis lock, r
 publishes only if it still owns the lock then.
 A run publishes a version only when the gate passes; only then does it acknowledge the feedback it used, so
 anything that fails (training, gate, disk, Redis) leaves the feedback to the next run.
+
+Under `accelerate launch` (or torchrun) every process runs this job; only the main one (rank 0) takes the lock,
+gates, publishes and acknowledges. The others (`process_rank() > 0`) read the same feedback without consuming
+it and train — their share of each step — and return status "worker". They read at about the same moment as the
+main process; feedback arriving between the reads can make their datasets differ by those rows (a known limit:
+no collective exchange of the batch is done here).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,12 +39,20 @@ from core.keys import Keys
 from core.records import BASE, Manifest
 from core.versions import Registry, VersionError, VersionStore
 
-Status = Literal["published", "insufficient", "locked", "dry_run", "gate_failed"]
+Status = Literal["published", "insufficient", "locked", "dry_run", "gate_failed", "worker"]
 
-EXIT_CODES: dict[str, int] = {"published": 0, "insufficient": 0, "dry_run": 0, "gate_failed": 3, "locked": 75}
+EXIT_CODES: dict[str, int] = {
+    "published": 0,
+    "insufficient": 0,
+    "dry_run": 0,
+    "worker": 0,
+    "gate_failed": 3,
+    "locked": 75,
+}
 """CLI exit status per outcome. Each refusal has its own, apart from 1 (the run failed: retrying may help) and 2
 (usage), so a scheduler can tell them apart (deploy/k8s/align.yaml does not retry either): 3 the gate refused the
-adapter, 75 sysexits' EX_TEMPFAIL ("another run holds the lock, try later")."""
+adapter, 75 sysexits' EX_TEMPFAIL ("another run holds the lock, try later"). `worker`: a non-main rank under
+`accelerate launch` trained its share and left publishing to rank 0."""
 
 
 class AlignError(Exception):
@@ -58,6 +73,23 @@ class RunResult:
     @property
     def exit_code(self) -> int:
         return EXIT_CODES[self.status]
+
+
+def process_rank(environ: Mapping[str, str] | None = None) -> int:
+    """This process's global rank under a distributed launcher; 0 when it runs alone.
+
+    Read from the environment accelerate launch and torchrun set (RANK, global; LOCAL_RANK, per node), not from
+    accelerate's `PartialState`: building that state initialises the process group, a side effect the job must
+    not have before training does it.
+    """
+    environ = os.environ if environ is None else environ
+    for name in ("RANK", "LOCAL_RANK"):  # RANK first: on several nodes each has a LOCAL_RANK 0
+        value = environ.get(name, "").strip()
+        if value:
+            if not value.isdigit():
+                raise AlignError(f"{name}={value!r} is not a process rank (a number ≥ 0); unset it or fix the launcher")
+            return int(value)
+    return 0
 
 
 def align_lock(client: redis.Redis, key: str, ttl_s: int) -> Lock:
@@ -153,6 +185,9 @@ def run_once(
             return run_once(settings, all_feedback=all_feedback, dry_run=dry_run, console=console, client=c)
 
     keys = Keys(settings.redis_prefix)
+    rank = process_rank()
+    if rank > 0:
+        return _run_worker(settings, client, keys, rank, all_feedback=all_feedback, dry_run=dry_run, console=console)
     lock = align_lock(client, keys.align_lock, settings.lock_ttl_s)
     if not lock.acquire():
         msg = (
@@ -182,6 +217,53 @@ def _run_locked(
     dry_run: bool,
     console: Console,
 ) -> RunResult:
+    reader, batch, data, skip = _read_feedback(
+        settings, client, keys, all_feedback=all_feedback, consume=not dry_run, dry_run=dry_run, console=console
+    )
+    if skip is not None:
+        return skip
+
+    registry = Registry(client, keys)
+    store = VersionStore(settings.versions_dir)
+    parent = registry.active()
+    parent_adapter = _parent_adapter(settings, registry, store, parent)
+    work_root = settings.var_dir / "align"
+    work_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="run-", dir=work_root) as tmp:
+        trained = _train(settings, data, Path(tmp), parent_adapter=parent_adapter, console=console)
+        if settings.gate_enabled:
+            with console.status("gating the adapter"):
+                gate = evaluate_gate(
+                    settings, data, trained.adapter_dir, trained.metrics, parent_adapter=parent_adapter
+                )
+        else:
+            gate = {"passed": True, "failed": [], "checks": {}, "skipped": "gate_enabled=false"}
+        if not gate["passed"]:
+            msg = f"gate failed, nothing published, feedback left for the next run: {describe_failure(gate)}"
+            console.print(f"[red]{msg}")
+            return RunResult(
+                "gate_failed", msg, parent=parent, counts=data.summary(), metrics=trained.metrics, gate=gate
+            )
+        # Publish only while this run owns the lock: one that lost it may be overlapping a newer run.
+        if not lock.owned():
+            raise AlignError(
+                f"lost the align lock {keys.align_lock} during the run (it expired or was deleted while it could "
+                "not be renewed; check Redis); nothing published, feedback left for the next run"
+            )
+        return _publish(settings, registry, store, reader, batch, data, trained, gate, parent, parent_adapter, console)
+
+
+def _read_feedback(
+    settings: AlignSettings,
+    client: redis.Redis,
+    keys: Keys,
+    *,
+    all_feedback: bool,
+    consume: bool,
+    dry_run: bool,
+    console: Console,
+) -> tuple[FeedbackReader, FeedbackBatch, AlignData, RunResult | None]:
+    """Read and shape the feedback; the last item is the run's result when there is nothing to train."""
     reader = FeedbackReader(
         client,
         keys,
@@ -190,7 +272,7 @@ def _run_locked(
         include_policy_pairs=settings.include_policy_pairs,
     )
     with console.status("reading feedback"):
-        batch = reader.read(all_feedback=all_feedback, consume=not dry_run)
+        batch = reader.read(all_feedback=all_feedback, consume=consume)
         data = build_datasets(batch)
     counts = data.summary()
     console.print(
@@ -204,38 +286,45 @@ def _run_locked(
             "(SECONDSTAGE_MIN_FEEDBACK / --min-feedback); nothing published"
         )
         console.print(f"[yellow]{msg}")
-        return RunResult("insufficient", msg, counts=counts)
+        return reader, batch, data, RunResult("insufficient", msg, counts=counts)
     if dry_run:
         msg = f"dry run: would train on {data.usable} rows; nothing trained, published or acknowledged"
         console.print(msg)
-        return RunResult("dry_run", msg, counts=counts)
+        return reader, batch, data, RunResult("dry_run", msg, counts=counts)
+    return reader, batch, data, None
 
+
+def _run_worker(
+    settings: AlignSettings,
+    client: redis.Redis,
+    keys: Keys,
+    rank: int,
+    *,
+    all_feedback: bool,
+    dry_run: bool,
+    console: Console,
+) -> RunResult:
+    """A non-main process of a distributed run: read without consuming, train; no lock, gate, publish or ack."""
+    _, _, data, skip = _read_feedback(
+        settings, client, keys, all_feedback=all_feedback, consume=False, dry_run=dry_run, console=console
+    )
+    if skip is not None:
+        return skip
     registry = Registry(client, keys)
-    store = VersionStore(settings.versions_dir)
     parent = registry.active()
-    parent_adapter = _parent_adapter(settings, registry, store, parent)
+    parent_adapter = _parent_adapter(settings, registry, VersionStore(settings.versions_dir), parent)
     work_root = settings.var_dir / "align"
     work_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="run-", dir=work_root) as tmp:
-        trained = train_adapter(settings, data, Path(tmp), parent_adapter=parent_adapter, console=console)
-        if settings.gate_enabled:
-            with console.status("gating the adapter"):
-                gate = evaluate_gate(
-                    settings, data, trained.adapter_dir, trained.metrics, parent_adapter=parent_adapter
-                )
-        else:
-            gate = {"passed": True, "failed": [], "checks": {}, "skipped": "gate_enabled=false"}
-        if not gate["passed"]:
-            msg = f"gate failed, nothing published, feedback left for the next run: {describe_failure(gate)}"
-            console.print(f"[red]{msg}")
-            return RunResult("gate_failed", msg, parent=parent, counts=counts, metrics=trained.metrics, gate=gate)
-        # Publish only while this run owns the lock: one that lost it may be overlapping a newer run.
-        if not lock.owned():
-            raise AlignError(
-                f"lost the align lock {keys.align_lock} during the run (it expired or was deleted while it could "
-                "not be renewed; check Redis); nothing published, feedback left for the next run"
-            )
-        return _publish(settings, registry, store, reader, batch, data, trained, gate, parent, parent_adapter, console)
+    with tempfile.TemporaryDirectory(prefix=f"run-rank{rank}-", dir=work_root) as tmp:
+        trained = _train(settings, data, Path(tmp), parent_adapter=parent_adapter, console=console)
+    msg = f"process rank {rank} trained its share; the main process (rank 0) gates, publishes and acknowledges"
+    console.print(msg)
+    return RunResult("worker", msg, parent=parent, counts=data.summary(), metrics=trained.metrics)
+
+
+def _train(settings: AlignSettings, data: AlignData, work_dir: Path, **kw: Any) -> Any:
+    # One indirection, so the rank tests can replace training (minutes of CPU) with a fake.
+    return train_adapter(settings, data, work_dir, **kw)
 
 
 def _publish(

@@ -13,6 +13,11 @@ The core owns the root app, the `versions` commands (the registry is core's) and
 add theirs through the `secondstage.commands` entry-point group declared in pyproject.toml: each
 names a `register(app)` function. The core therefore never imports serve or align (import-linter
 checks it), and a deployment that installs only one side gets only that side's commands.
+
+Before any command runs, the root checks the environment: a `SECONDSTAGE_*` variable that no installed
+side's settings read is reported by name with the closest known one (`--strict-env` or
+SECONDSTAGE_STRICT_ENV=true: refused, exit 2). Each side's `register` module imports its settings class,
+so the check knows every installed side's names, whichever command runs.
 """
 
 from __future__ import annotations
@@ -34,6 +39,28 @@ app.add_typer(data_app, name="data")
 console = Console()
 
 COMMANDS_GROUP = "secondstage.commands"
+
+
+@app.callback()
+def _root(
+    strict_env: Annotated[
+        bool | None,
+        typer.Option(
+            "--strict-env/--no-strict-env",
+            help="Refuse to run when a SECONDSTAGE_* variable is not a known setting (default: warn; "
+            "SECONDSTAGE_STRICT_ENV).",
+        ),
+    ] = None,
+) -> None:
+    """secondstage: serve a model, enforce rules, learn from users."""
+    from core.settings import UnknownSettingError, check_environment
+
+    # Logging is not configured yet (serve does it later): the warnings reach stderr through logging's last resort.
+    try:
+        check_environment(strict=strict_env)
+    except UnknownSettingError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from exc
 
 
 def mount_commands(root: typer.Typer) -> list[str]:

@@ -5,18 +5,36 @@ var/ directory are, which base model is served); each deployable extends it with
 own class (`serve.settings.ServeSettings`, `align.settings.AlignSettings`). Retention
 (`retention_days`, `stream_maxlen`) lives here because it bounds the data both sides share:
 serve applies it when it writes, align must consume feedback before it expires.
+
+`check_environment` reports `SECONDSTAGE_*` variables that no settings class reads: pydantic-settings
+ignores them (`extra="ignore"`, because serve and align share the prefix and often one environment), so a
+typo such as `SECONDSTAGE_MAX_MODEL_LENGTH` would otherwise change nothing, silently.
 """
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+ENV_PREFIX = "SECONDSTAGE_"
+
+KNOWN_EXTRA_ENV: dict[str, str] = {
+    "SECONDSTAGE_REDIS_PASSWORD": "read by the deploy/ manifests to build SECONDSTAGE_REDIS_URL, not by Python",
+}
+"""Variables with the prefix that no settings class reads but that are meant (name → who reads it)."""
+
+logger = logging.getLogger("secondstage.settings")
+
 
 class CommonSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SECONDSTAGE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     var_dir: Path = Field(default=Path("var"), description="Runtime data: models, versions, Redis data, spool.")
     model: str | None = Field(
@@ -49,6 +67,11 @@ class CommonSettings(BaseSettings):
         "trimmed on append (XADD MAXLEN ~, so a stream may briefly hold a little more).",
     )
 
+    strict_env: bool = Field(
+        default=False,
+        description="Refuse to start when a SECONDSTAGE_* variable is not a known setting (default: warn only).",
+    )
+
     @property
     def demo_model_dir(self) -> Path:
         return self.var_dir / "models" / "demo"
@@ -69,3 +92,84 @@ class CommonSettings(BaseSettings):
     def model_path(self) -> str:
         """The base model to load: the configured one, else the demo model."""
         return self.model if self.model else str(self.demo_model_dir)
+
+
+class UnknownSettingError(ValueError):
+    """A SECONDSTAGE_* variable names no setting while strict_env is on; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class UnknownVariable:
+    name: str
+    closest: str | None
+
+    def describe(self) -> str:
+        hint = f"did you mean {self.closest}?" if self.closest else "no setting has a similar name"
+        return f"{self.name} is not a secondstage setting and is ignored; {hint}"
+
+
+def _settings_classes(roots: Iterable[type[BaseSettings]]) -> set[type[BaseSettings]]:
+    """`roots` and every subclass of them imported so far (the root CLI imports each installed side's)."""
+    found: set[type[BaseSettings]] = set()
+    todo = list(roots)
+    while todo:
+        cls = todo.pop()
+        if cls not in found:
+            found.add(cls)
+            todo.extend(cls.__subclasses__())
+    return found
+
+
+def known_env_names(classes: Iterable[type[BaseSettings]] = (CommonSettings,)) -> set[str]:
+    """Every SECONDSTAGE_* name the given settings classes (and their loaded subclasses) read, plus the extras."""
+    names = set(KNOWN_EXTRA_ENV)
+    for cls in _settings_classes(classes):
+        prefix = str(cls.model_config.get("env_prefix", "")).upper()
+        names.update(prefix + field.upper() for field in cls.model_fields)
+    return names
+
+
+def unknown_env(
+    classes: Iterable[type[BaseSettings]] = (CommonSettings,), environ: Mapping[str, str] | None = None
+) -> list[UnknownVariable]:
+    """The SECONDSTAGE_* variables in `environ` (default: the process's) that no known setting reads."""
+    environ = os.environ if environ is None else environ
+    known = sorted(known_env_names(classes))
+    unknown = []
+    for name in sorted(environ):
+        upper = name.upper()  # pydantic-settings matches names case-insensitively
+        if upper.startswith(ENV_PREFIX) and upper not in known:
+            closest = difflib.get_close_matches(upper, known, n=1, cutoff=0.6)
+            unknown.append(UnknownVariable(name, closest[0] if closest else None))
+    return unknown
+
+
+def check_environment(
+    classes: Iterable[type[BaseSettings]] = (CommonSettings,),
+    *,
+    strict: bool | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> list[UnknownVariable]:
+    """Warn about each unknown SECONDSTAGE_* variable; raise `UnknownSettingError` instead when strict.
+
+    Pass the settings classes of the deployable that starts (the subclasses of `CommonSettings` already imported
+    count too, so the root CLI knows serve's and align's names at once). `strict` None reads SECONDSTAGE_STRICT_ENV.
+    """
+    environ = os.environ if environ is None else environ
+    found = unknown_env(classes, environ)
+    if strict is None:
+        strict = _truthy(environ)
+    if found and strict:
+        raise UnknownSettingError(
+            "; ".join(v.describe() for v in found) + " Fix or remove the variable, or unset SECONDSTAGE_STRICT_ENV "
+            "(or drop --strict-env) to only warn"
+        )
+    for variable in found:
+        logger.warning("%s", variable.describe())
+    return found
+
+
+def _truthy(environ: Mapping[str, str]) -> bool:
+    # Read directly, not through CommonSettings: this check runs before (and apart from) the settings' validation.
+    value = next((v for k, v in environ.items() if k.upper() == ENV_PREFIX + "STRICT_ENV"), "false")
+    return value.strip().lower() in ("1", "true", "yes", "on")

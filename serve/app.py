@@ -28,6 +28,7 @@ from serve.caller import KeyLimits
 from serve.engine import ModelEngine
 from serve.errors import install_error_handlers
 from serve.limits import RateLimiter
+from serve.logs import RequestLogMiddleware
 from serve.logwriter import LogWriter, Record
 from serve.metrics import Metrics
 from serve.middleware import RequestMiddleware
@@ -73,6 +74,8 @@ def build_app(
     if settings.admin_port is not None:
         app.add_middleware(SurfaceGuard, admin_port=settings.admin_port)
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    # Added last, so outermost: it picks the request id RequestMiddleware echoes, and its access line times it all.
+    app.add_middleware(RequestLogMiddleware)
     for module in (chat, completions, feedback, models, tokenize, ops, policies):
         app.include_router(module.router)
     return app

@@ -1,6 +1,7 @@
 """serve's commands, mounted into the root `secondstage` CLI (core/cli.py) by `register`.
 
 secondstage serve                      # the API on 127.0.0.1:8000 (demo model unless --model)
+secondstage serve -tp 2 --no-enforce-eager --log-format json   # vLLM's engine arguments; JSON logs
 secondstage model demo                 # build the offline demo model into var/models/demo
 secondstage policy check | test TEXT   # validate rules, try them on text
 secondstage keys create | list | revoke  # API keys (serve/auth/cli.py)
@@ -8,12 +9,15 @@ secondstage keys create | list | revoke  # API keys (serve/auth/cli.py)
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+
+# Imported here, not in `serve`: the root CLI's environment check must know serve's settings names before any
+# command runs (core/cli.py).
+from serve.settings import ServeSettings
 
 model_app = typer.Typer(help="Base models.", no_args_is_help=True)
 console = Console()
@@ -41,30 +45,87 @@ def serve(
     admin_port: Annotated[
         int | None, typer.Option(help="Serve /admin/* and /metrics only on this port (404 on the public one).")
     ] = None,
+    tensor_parallel_size: Annotated[
+        int | None, typer.Option("--tensor-parallel-size", "-tp", min=1, help="GPUs each layer is split across.")
+    ] = None,
+    pipeline_parallel_size: Annotated[
+        int | None, typer.Option("--pipeline-parallel-size", "-pp", min=1, help="Pipeline stages.")
+    ] = None,
+    dtype: Annotated[str | None, typer.Option(help="Weights dtype (auto, float32, bfloat16, float16).")] = None,
+    max_model_len: Annotated[
+        int | None, typer.Option(min=1, help="Context length, prompt + completion (default 1024).")
+    ] = None,
+    kv_cache_memory_fraction: Annotated[
+        float | None,
+        typer.Option(
+            "--kv-cache-memory-fraction",
+            "--gpu-memory-utilization",
+            min=0.0,
+            max=1.0,
+            help="Share of GPU memory (CPU: host RAM) vLLM reserves for weights and KV cache (default 0.2).",
+        ),
+    ] = None,
+    max_loras: Annotated[int | None, typer.Option(min=1, help="LoRA versions resident in one batch.")] = None,
+    max_lora_rank: Annotated[int | None, typer.Option(help="Largest LoRA rank a version may have.")] = None,
+    enforce_eager: Annotated[
+        bool | None,
+        typer.Option(help="Skip CUDA graphs (default: on for CPU, off with a GPU)."),
+    ] = None,
+    enable_prefix_caching: Annotated[
+        bool | None, typer.Option(help="Reuse KV cache across shared prompt prefixes (default: vLLM's).")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+    log_format: Annotated[
+        str | None, typer.Option(help="text or json (one object per line, for log shippers).")
+    ] = None,
 ) -> None:
     """Run the OpenAI-compatible API with vLLM in-process."""
+    import logging.config
+    import os
+
     import uvicorn
 
     from serve.app import build_app
-    from serve.settings import ServeSettings
+    from serve.logs import logging_config, vllm_logging_env
 
     given = {
         "model": model,
         "host": host,
         "port": port,
         "redis_url": redis_url,
-        "allow_anonymous": allow_anonymous,
+        "allow_anonymous": allow_anonymous or None,  # the flag can turn it on; off leaves the environment's value
         "admin_port": admin_port,
+        "tensor_parallel_size": tensor_parallel_size,
+        "pipeline_parallel_size": pipeline_parallel_size,
+        "dtype": dtype,
+        "max_model_len": max_model_len,
+        "kv_cache_memory_fraction": kv_cache_memory_fraction,
+        "max_loras": max_loras,
+        "max_lora_rank": max_lora_rank,
+        "enforce_eager": enforce_eager,
+        "enable_prefix_caching": enable_prefix_caching,
+        "log_format": log_format,
     }
-    overrides = {k: v for k, v in given.items() if v}
+    # Flags override the environment; flags not given leave it alone.
+    overrides = {k: v for k, v in given.items() if v is not None}
     settings = ServeSettings(**overrides)  # type: ignore[arg-type]
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = logging_config(log_level, settings.log_format)
+    logging.config.dictConfig(config)
+    if settings.log_format == "json" and "VLLM_LOGGING_CONFIG_PATH" not in os.environ:
+        # vLLM's own lines (and its engine processes') in the same JSON; an operator's own vLLM config wins.
+        os.environ.update(vllm_logging_env(config, settings.var_dir / "logging.json"))
     if settings.model is None:
         from serve.demo.build import ensure_demo_model
 
         ensure_demo_model(settings.demo_model_dir)
-    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+    uvicorn.run(
+        build_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        log_config=config,
+        access_log=False,  # serve/logs.py writes the access lines (with request id, version and latency)
+    )
 
 
 @model_app.command("demo")

@@ -18,12 +18,42 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from core.versions import BASE, VersionError, VersionStore, check_name, version_number
 from serve.errors import BadRequest, NotFound
+from serve.logs import note_version
 
 if TYPE_CHECKING:
     from serve.metrics import Metrics
     from serve.settings import ServeSettings
 
 logger = logging.getLogger("secondstage.engine")
+
+
+def engine_kwargs(settings: ServeSettings, *, cuda: bool) -> dict[str, Any]:
+    """vLLM's `AsyncEngineArgs` for these settings; `cuda` says whether a CUDA (or ROCm) GPU runs the model.
+
+    Settings left unset (None) are left out, so vLLM applies its own default for the platform; the exception
+    is enforce_eager, whose default here depends on the device (see `ServeSettings.enforce_eager`).
+    """
+    kwargs: dict[str, Any] = {
+        "model": settings.model_path,
+        "served_model_name": [settings.model_name],
+        "max_model_len": settings.max_model_len,
+        "gpu_memory_utilization": settings.kv_cache_memory_fraction,
+        "max_num_seqs": settings.max_num_seqs,
+        "enable_lora": True,
+        "max_lora_rank": settings.max_lora_rank,
+        "max_loras": settings.max_loras,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "pipeline_parallel_size": settings.pipeline_parallel_size,
+        "enforce_eager": (not cuda) if settings.enforce_eager is None else settings.enforce_eager,
+        "seed": settings.seed,
+        "dtype": settings.engine_dtype,
+        "disable_log_stats": False,
+    }
+    if settings.enable_prefix_caching is not None:
+        kwargs["enable_prefix_caching"] = settings.enable_prefix_caching
+    if settings.distributed_executor_backend is not None:
+        kwargs["distributed_executor_backend"] = settings.distributed_executor_backend
+    return kwargs
 
 
 class LLM(Protocol):
@@ -74,22 +104,12 @@ class ModelEngine:
         """Start vLLM's engine on the configured base model (15-20 s on CPU)."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.lora.request import LoRARequest
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(
-            model=settings.model_path,
-            served_model_name=[settings.model_name],
-            max_model_len=settings.max_model_len,
-            gpu_memory_utilization=settings.kv_cache_memory_fraction,
-            max_num_seqs=settings.max_num_seqs,
-            enable_lora=True,
-            max_lora_rank=settings.max_lora_rank,  # type: ignore[arg-type]  # validated by vLLM
-            max_loras=settings.max_loras,
-            enforce_eager=settings.enforce_eager,
-            seed=settings.seed,
-            dtype=settings.engine_dtype,  # type: ignore[arg-type]  # validated by vLLM
-            disable_log_stats=False,
-        )
+        kwargs = engine_kwargs(settings, cuda=current_platform.is_cuda_alike())
+        logger.info("vLLM engine arguments: %s", kwargs)
+        args = AsyncEngineArgs(**kwargs)
         llm = AsyncLLM.from_engine_args(args)
         return cls(
             llm,  # type: ignore[arg-type]  # AsyncLLM satisfies LLM; its generate() is just more specific
@@ -131,6 +151,7 @@ class ModelEngine:
         """Bind one request to the version active now; it keeps it to the end, whatever swaps happen."""
         version = self.current
         version.inflight += 1
+        note_version(version.name)  # the request's log lines name the version that served it
         try:
             yield version
         finally:

@@ -6,6 +6,7 @@ Extends `core.settings.CommonSettings` (Redis, var/, base model) with what only 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -26,6 +27,32 @@ class ServeSettings(CommonSettings):
     max_lora_rank: int = Field(default=16, description="Largest LoRA rank an adapter version may have.")
     max_loras: int = Field(
         default=2, description="LoRA versions resident in one batch (active + the one being drained)."
+    )
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="GPUs each layer is split across (vLLM tensor parallelism, within one node)."
+    )
+    pipeline_parallel_size: int = Field(
+        default=1, ge=1, description="Pipeline stages the layers are split into (vLLM pipeline parallelism)."
+    )
+    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = Field(
+        default=None,
+        description="How vLLM runs its workers when parallel: `mp` (processes on this node), `ray` (across "
+        "nodes, needs a Ray cluster), `uni` (one process). Unset: vLLM's choice (mp on one node).",
+    )
+    enforce_eager: bool | None = Field(
+        default=None,
+        description="Skip CUDA graph capture and compilation. Unset: on for CPU (a fast start; graphs do not "
+        "apply there), off with a CUDA GPU (graphs make small batches much faster; the start takes longer).",
+    )
+    enable_prefix_caching: bool | None = Field(
+        default=None,
+        description="Reuse the KV cache of shared prompt prefixes (system prompts, the policy instructions). "
+        "Unset: vLLM's default for the platform.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="`json`: one JSON object per log line (request id, version, route, status, latency on "
+        "access lines) for log shippers; `text`: human-readable lines.",
     )
     max_body_bytes: int = Field(default=1_000_000, description="Largest request body accepted (413 above).")
     max_completion_choices: int = Field(
@@ -99,7 +126,6 @@ class ServeSettings(CommonSettings):
         description="How long a replica trusts an API key lookup; a revoke takes effect within this on every replica.",
     )
     reconcile_interval_s: float = Field(default=5.0, description="How often to re-read the active version from Redis.")
-    enforce_eager: bool = Field(default=True, description="Skip vLLM graph compilation (fast start on CPU).")
     seed: int = Field(default=0, description="Engine seed.")
     dtype: str = Field(
         default="auto",
@@ -112,6 +138,16 @@ class ServeSettings(CommonSettings):
         if self.admin_port is not None and self.admin_port == self.port:
             raise ValueError(
                 f"admin_port: must differ from port (both {self.port}); unset it to serve everything on one port"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _parallel_fits(self) -> ServeSettings:
+        if self.distributed_executor_backend == "uni" and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
+            raise ValueError(
+                f"distributed_executor_backend: `uni` runs one worker, but tensor_parallel_size × "
+                f"pipeline_parallel_size is {self.tensor_parallel_size * self.pipeline_parallel_size}; "
+                "use `mp` (one node) or `ray` (several), or unset it"
             )
         return self
 

@@ -58,7 +58,8 @@ class OperatorServer:
         import uvicorn
 
         # lifespan off: the app's lifespan already runs under the main server and built what we share.
-        config = uvicorn.Config(app, host=host, port=port, lifespan="off", log_level=log_level)
+        # log_config None: keep the logging serve configured (serve/logs.py), not reset uvicorn's defaults.
+        config = uvicorn.Config(app, host=host, port=port, lifespan="off", log_level=log_level, log_config=None)
         self.server = uvicorn.Server(config)
         self._task: asyncio.Task[None] | None = None
 

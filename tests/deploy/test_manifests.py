@@ -218,3 +218,21 @@ def test_images_are_pinned() -> None:
     redis = container(find("StatefulSet", "secondstage-redis"), "redis")
     assert redis["image"].count(".") == 2, "Redis by its full version (x.y.z)"
     assert "secretKeyRef" in str(redis["env"])
+
+
+def test_every_secondstage_variable_in_the_manifests_is_a_setting() -> None:
+    """A misspelt SECONDSTAGE_* variable would be ignored by the pods (serve warns at start; this fails first)."""
+    from align.settings import AlignSettings
+    from core.settings import known_env_names
+    from serve.settings import ServeSettings
+
+    known = known_env_names((ServeSettings, AlignSettings))
+    used = {
+        name
+        for workload in workloads()
+        for c in pod_template(workload)["spec"]["containers"]
+        for name in env_of(c)
+        if name.startswith("SECONDSTAGE_")
+    }
+    assert used, "the manifests configure secondstage through SECONDSTAGE_* variables"
+    assert not used - known, f"not settings: {sorted(used - known)}"
