@@ -16,7 +16,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from core.keys import Keys
 from core.redis_server import PrivateRedis
@@ -50,6 +50,9 @@ def build_app(
     registry: CollectorRegistry | None = None,
 ) -> FastAPI:
     settings = settings or ServeSettings()
+    # No `_created` series: a sample per counter and histogram child that no dashboard or rule reads
+    # (process-wide, so vLLM's metrics lose theirs too; called here, not at import, like everything else).
+    disable_created_metrics()
     metrics = Metrics(registry or CollectorRegistry(), settings.model_name)
 
     @contextlib.asynccontextmanager

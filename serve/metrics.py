@@ -10,6 +10,10 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+ROUTE_LABELS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+"""A job's route (the record's `endpoint`) as the `route` label: the HTTP path, the value
+`secondstage_requests_total` carries, so a dashboard can join counts and latencies on one set of values."""
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -22,15 +26,15 @@ class Metrics:
         )
         self.request_latency = Histogram(
             "secondstage_request_latency_seconds",
-            "End-to-end latency of completion requests.",
-            ["route", "stream"],
+            "End-to-end latency of completion requests, by route, stream and the model version that served them.",
+            ["route", "stream", "version"],
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
         self.ttft = Histogram(
             "secondstage_time_to_first_token_seconds",
-            "Time from request arrival to the first content sent.",
-            ["route"],
+            "Time from request arrival to the first content sent, by route and model version.",
+            ["route", "version"],
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
@@ -43,7 +47,12 @@ class Metrics:
             ["model_name", "version"],
             registry=registry,
         )
-        self.feedback = Counter("secondstage_feedback_total", "Feedback events by kind.", ["kind"], registry=registry)
+        self.feedback = Counter(
+            "secondstage_feedback_total",
+            "Feedback events by kind and the version that made the completion (`unknown`: it could not be looked up).",
+            ["kind", "version"],
+            registry=registry,
+        )
         self.active_version = Gauge(
             "secondstage_active_version_info",
             "1 for the model version new requests are served with.",
