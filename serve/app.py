@@ -142,6 +142,7 @@ async def _start(
         )
         await writer.start()
         stack.push_async_callback(writer.stop)
+        metrics.track_log_writer(lambda: writer.redis_down)
         recorder = Recorder(
             writer,
             lookup,

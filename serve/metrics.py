@@ -76,11 +76,10 @@ class Metrics:
             ["result"],
             registry=registry,
         )
-        self.redis_up = Gauge(
-            "secondstage_redis_up",
-            "1 while the private redis-server answers, 0 while it is being restarted or cannot be.",
-            registry=registry,
-        )
+        # Registered by `track_redis` / `track_log_writer` only: a gauge nobody sets reads 0, and a replica
+        # on an external Redis (or without a log writer) would report a Redis that is down.
+        self.redis_up: Gauge | None = None
+        self.log_redis_up: Gauge | None = None
 
         self.rate_limited = Counter(
             "secondstage_rate_limited_total",
@@ -99,7 +98,21 @@ class Metrics:
 
     def track_redis(self, is_up: Callable[[], bool]) -> None:
         """Report the supervised private Redis' state in `secondstage_redis_up` (read at each scrape)."""
+        self.redis_up = Gauge(
+            "secondstage_redis_up",
+            "1 while the private redis-server answers, 0 while it is being restarted or cannot be.",
+            registry=self.registry,
+        )
         self.redis_up.set_function(lambda: float(is_up()))
+
+    def track_log_writer(self, redis_down: Callable[[], bool]) -> None:
+        """Report whether the log writer reaches Redis in `secondstage_log_redis_up` (read at each scrape)."""
+        self.log_redis_up = Gauge(
+            "secondstage_log_redis_up",
+            "1 while the log writer reaches Redis, 0 while it cannot and records go to the disk spool.",
+            registry=self.registry,
+        )
+        self.log_redis_up.set_function(lambda: float(not redis_down()))
 
     def set_active_version(self, version: str) -> None:
         self.active_version.clear()
