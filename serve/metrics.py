@@ -98,20 +98,22 @@ class Metrics:
 
     def track_redis(self, is_up: Callable[[], bool]) -> None:
         """Report the supervised private Redis' state in `secondstage_redis_up` (read at each scrape)."""
-        self.redis_up = Gauge(
-            "secondstage_redis_up",
-            "1 while the private redis-server answers, 0 while it is being restarted or cannot be.",
-            registry=self.registry,
-        )
+        if self.redis_up is None:  # an app started twice (tests) registers it once
+            self.redis_up = Gauge(
+                "secondstage_redis_up",
+                "1 while the private redis-server answers, 0 while it is being restarted or cannot be.",
+                registry=self.registry,
+            )
         self.redis_up.set_function(lambda: float(is_up()))
 
     def track_log_writer(self, redis_down: Callable[[], bool]) -> None:
         """Report whether the log writer reaches Redis in `secondstage_log_redis_up` (read at each scrape)."""
-        self.log_redis_up = Gauge(
-            "secondstage_log_redis_up",
-            "1 while the log writer reaches Redis, 0 while it cannot and records go to the disk spool.",
-            registry=self.registry,
-        )
+        if self.log_redis_up is None:
+            self.log_redis_up = Gauge(
+                "secondstage_log_redis_up",
+                "1 while the log writer reaches Redis, 0 while it cannot and records go to the disk spool.",
+                registry=self.registry,
+            )
         self.log_redis_up.set_function(lambda: float(not redis_down()))
 
     def set_active_version(self, version: str) -> None:
