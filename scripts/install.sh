@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up everything secondstage needs on a fresh Debian machine: redis-server (apt),
+# Set up everything secondstage needs on a fresh Debian machine: redis-server and prometheus (apt),
 # the .venv, the project with the right vLLM build (CUDA if a GPU answers, else CPU),
 # and the test tools. Idempotent; `make` calls it when pyproject.toml changes.
 set -euo pipefail
@@ -8,11 +8,16 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "== installing redis-server (apt)"
+# redis-server: the private Redis and the tests'; prometheus: its promtool checks the alert rules and
+# the monitoring tests run the real server against secondstage (deploy/prometheus/).
+APT=()
+command -v redis-server >/dev/null 2>&1 || APT+=(redis-server)
+command -v promtool >/dev/null 2>&1 || APT+=(prometheus)
+if [ ${#APT[@]} -gt 0 ]; then
+  echo "== installing ${APT[*]} (apt)"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q redis-server
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${APT[@]}"
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

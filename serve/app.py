@@ -16,7 +16,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from core.keys import Keys
 from core.redis_server import PrivateRedis
@@ -51,6 +51,9 @@ def build_app(
     registry: CollectorRegistry | None = None,
 ) -> FastAPI:
     settings = settings or ServeSettings()
+    # No `_created` series: a sample per counter and histogram child that no dashboard or rule reads
+    # (process-wide, so vLLM's metrics lose theirs too; called here, not at import, like everything else).
+    disable_created_metrics()
     metrics = Metrics(registry or CollectorRegistry(), settings.model_name)
 
     @contextlib.asynccontextmanager
@@ -142,6 +145,7 @@ async def _start(
         )
         await writer.start()
         stack.push_async_callback(writer.stop)
+        metrics.track_log_writer(lambda: writer.redis_down)
         recorder = Recorder(
             writer,
             lookup,

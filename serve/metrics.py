@@ -10,6 +10,10 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+ROUTE_LABELS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+"""A job's route (the record's `endpoint`) as the `route` label: the HTTP path, the value
+`secondstage_requests_total` carries, so a dashboard can join counts and latencies on one set of values."""
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -22,15 +26,15 @@ class Metrics:
         )
         self.request_latency = Histogram(
             "secondstage_request_latency_seconds",
-            "End-to-end latency of completion requests.",
-            ["route", "stream"],
+            "End-to-end latency of completion requests, by route, stream and the model version that served them.",
+            ["route", "stream", "version"],
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
         self.ttft = Histogram(
             "secondstage_time_to_first_token_seconds",
-            "Time from request arrival to the first content sent.",
-            ["route"],
+            "Time from request arrival to the first content sent, by route and model version.",
+            ["route", "version"],
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
@@ -43,7 +47,12 @@ class Metrics:
             ["model_name", "version"],
             registry=registry,
         )
-        self.feedback = Counter("secondstage_feedback_total", "Feedback events by kind.", ["kind"], registry=registry)
+        self.feedback = Counter(
+            "secondstage_feedback_total",
+            "Feedback events by kind and the version that made the completion (`unknown`: it could not be looked up).",
+            ["kind", "version"],
+            registry=registry,
+        )
         self.active_version = Gauge(
             "secondstage_active_version_info",
             "1 for the model version new requests are served with.",
@@ -67,11 +76,10 @@ class Metrics:
             ["result"],
             registry=registry,
         )
-        self.redis_up = Gauge(
-            "secondstage_redis_up",
-            "1 while the private redis-server answers, 0 while it is being restarted or cannot be.",
-            registry=registry,
-        )
+        # Registered by `track_redis` / `track_log_writer` only: a gauge nobody sets reads 0, and a replica
+        # on an external Redis (or without a log writer) would report a Redis that is down.
+        self.redis_up: Gauge | None = None
+        self.log_redis_up: Gauge | None = None
 
         self.rate_limited = Counter(
             "secondstage_rate_limited_total",
@@ -90,7 +98,23 @@ class Metrics:
 
     def track_redis(self, is_up: Callable[[], bool]) -> None:
         """Report the supervised private Redis' state in `secondstage_redis_up` (read at each scrape)."""
+        if self.redis_up is None:  # an app started twice (tests) registers it once
+            self.redis_up = Gauge(
+                "secondstage_redis_up",
+                "1 while the private redis-server answers, 0 while it is being restarted or cannot be.",
+                registry=self.registry,
+            )
         self.redis_up.set_function(lambda: float(is_up()))
+
+    def track_log_writer(self, redis_down: Callable[[], bool]) -> None:
+        """Report whether the log writer reaches Redis in `secondstage_log_redis_up` (read at each scrape)."""
+        if self.log_redis_up is None:
+            self.log_redis_up = Gauge(
+                "secondstage_log_redis_up",
+                "1 while the log writer reaches Redis, 0 while it cannot and records go to the disk spool.",
+                registry=self.registry,
+            )
+        self.log_redis_up.set_function(lambda: float(not redis_down()))
 
     def set_active_version(self, version: str) -> None:
         self.active_version.clear()

@@ -69,5 +69,5 @@ class FeedbackService:
         for kind in KINDS:
             if getattr(req, kind) is not None:
                 label = f"thumbs_{req.thumbs}" if kind == "thumbs" else kind
-                self.metrics.feedback.labels(label).inc()
+                self.metrics.feedback.labels(label, ref.version or "unknown").inc()
         return FeedbackResponse(id=feedback_id, completion_id=req.completion_id, created=int(now))

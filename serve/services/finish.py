@@ -30,6 +30,7 @@ from core.records import (
     Status,
     Usage,
 )
+from serve.metrics import ROUTE_LABELS
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -65,12 +66,15 @@ def withhold(text: str, decisions: Iterable[Any]) -> str:
 def finish_job(
     job: Job, *, engine: ModelEngine, recorder: Recorder | None, metrics: Metrics, policy: Any | None
 ) -> None:
-    now = time.time()
+    # Durations on the monotonic clock (a wall-clock step must not make a latency negative or huge);
+    # `created` stays the wall-clock time the request arrived.
+    latency = time.perf_counter() - job.clock
+    ttft = None if job.first_token_at is None else job.first_token_at - job.clock
     usage = job.usage()
-    route = job.route
-    metrics.request_latency.labels(route, str(job.request.stream).lower()).observe(now - job.started)
-    if job.first_token_at is not None:
-        metrics.ttft.labels(route).observe(job.first_token_at - job.started)
+    route = ROUTE_LABELS.get(job.route, job.route)
+    metrics.request_latency.labels(route, str(job.request.stream).lower(), job.version).observe(latency)
+    if ttft is not None:
+        metrics.ttft.labels(route, job.version).observe(ttft)
     metrics.prompt_tokens.labels(engine.model_name, job.version).inc(usage.prompt_tokens)
     metrics.completion_tokens.labels(engine.model_name, job.version).inc(usage.completion_tokens)
     if recorder is None:
@@ -111,8 +115,8 @@ def finish_job(
             completion_tokens=usage.completion_tokens,
             total_tokens=usage.total_tokens,
         ),
-        latency_s=now - job.started,
-        ttft_s=None if job.first_token_at is None else job.first_token_at - job.started,
+        latency_s=latency,
+        ttft_s=ttft,
         user=req.user,
         key=job.caller.key_id,
         metadata=getattr(req, "metadata", None),

@@ -100,7 +100,10 @@ class Job:
     ruleset: str | None = None
     policy_ctx: Any = None
     choices: list[Choice] = field(default_factory=list)
+    clock: float = field(default_factory=time.perf_counter)
+    """When the job began on the monotonic clock; durations count from here (`started` is wall-clock)."""
     first_token_at: float | None = None
+    """On the monotonic clock, like `clock`."""
     status: str = "ok"
     route: str = "chat"
     index_offset: int = 0  # /v1/completions numbers choices across prompts
@@ -228,7 +231,7 @@ class Pipeline:
 
     async def _refused(self, job: Job) -> AsyncGenerator[Delta, None]:
         job.choices = [Choice(i, None) for i in range(job.request.n)]
-        job.first_token_at = time.time()
+        job.first_token_at = time.perf_counter()
         for choice in job.choices:
             choice.text.append(job.refusal or "")
             choice.finish_reason = CONTENT_FILTER
@@ -247,7 +250,7 @@ class Pipeline:
                         if choice.done:
                             continue
                         if job.first_token_at is None:
-                            job.first_token_at = time.time()
+                            job.first_token_at = time.perf_counter()
                         delta = self._advance(choice, comp)
                         if delta is not None:
                             yield delta

@@ -37,6 +37,8 @@ class CompletionRef(NamedTuple):
     """-1: it cannot be checked now (Redis down, written elsewhere in an unreadable shape); owner unknown too."""
     key: str | None
     """The key id of the identity that made it (`CompletionRecord.key`); None for an anonymous caller."""
+    version: str | None = None
+    """The model version that made it (`CompletionRecord.version`); None when it cannot be checked now."""
 
     @property
     def checked(self) -> bool:
@@ -76,7 +78,7 @@ class Recorder:
 
     def completion(self, record: CompletionRecord) -> None:
         data = encode_text(record)
-        self._remember(record.id, CompletionRef(len(record.choices), record.key))
+        self._remember(record.id, CompletionRef(len(record.choices), record.key, record.version))
         self.writer.submit(
             self._record_cls(
                 stream=self.keys.completions,
@@ -147,4 +149,4 @@ class Recorder:
             # Written by a server with another schema, or damaged: let align decide when it reads it.
             logger.warning("cannot read completion %s (%s); accepting feedback unverified", key, exc)
             return UNCHECKED
-        return CompletionRef(len(record.choices), record.key)
+        return CompletionRef(len(record.choices), record.key, record.version)

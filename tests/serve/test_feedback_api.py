@@ -38,8 +38,8 @@ def test_feedback_recorded_and_linked(client: TestClient, settings: ServeSetting
     assert entry["completion_id"] == cid and entry["correction"] == "Hello!" and entry["preferred_choice"] == 1
     assert entry["schema"] == 1 and entry["kind"] == "feedback"
     metrics = client.get("/metrics").text
-    assert 'secondstage_feedback_total{kind="thumbs_down"} 1.0' in metrics
-    assert 'secondstage_feedback_total{kind="correction"} 1.0' in metrics
+    assert 'secondstage_feedback_total{kind="thumbs_down",version="base"} 1.0' in metrics
+    assert 'secondstage_feedback_total{kind="correction",version="base"} 1.0' in metrics
 
 
 def test_feedback_errors(client: TestClient) -> None:
