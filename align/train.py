@@ -11,12 +11,18 @@ the RPO recipe): preference margins alone can grow while the chosen answer's pro
 expect their corrections to show up in the answers.
 
 Runs on CPU with fp32 (the demo model is tiny); on a CUDA machine TRL/accelerate pick the GPU.
+
+What a phase prints: one rich progress bar with the current loss (align/progress.py) on an interactive stderr, else
+one line per phase — not transformers' per-step log dicts and tqdm bars (its printing callbacks are removed and
+the datasets' map bars switched off while training); the figures themselves stay in `TrainResult.metrics`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,7 +97,7 @@ def _common_args(settings: AlignSettings, work_dir: Path, epochs: float, learnin
         "use_cpu": cpu,
         "bf16": not cpu,
         "fp16": False,
-        "report_to": [],
+        "report_to": "none",
         "save_strategy": "no",
         "eval_strategy": "no",
         "dataloader_num_workers": 0,
@@ -103,13 +109,30 @@ def _common_args(settings: AlignSettings, work_dir: Path, epochs: float, learnin
         "lr_scheduler_type": "constant",
         "num_train_epochs": epochs,
         "max_steps": settings.max_steps if settings.max_steps > 0 else -1,
+        # Every step is logged (into state.log_history, read by _phase_metrics, and the progress bar's loss);
+        # printing the logs is LossProgress's job, see _run_phase.
+        "logging_strategy": "steps",
         "logging_steps": 1,
         "seed": settings.seed,
         "data_seed": settings.seed,
         "max_length": settings.max_length,
-        "disable_tqdm": False,
+        "disable_tqdm": True,
         "save_only_model": True,
     }
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No `datasets` map bars while the trainers tokenize (restored afterwards: the setting is process-wide)."""
+    from datasets.utils import logging as ds_logging
+
+    was_enabled = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            ds_logging.enable_progress_bars()
 
 
 def _phase_metrics(prefix: str, trainer: Any, output: Any, seconds: float) -> dict[str, float]:
@@ -168,8 +191,9 @@ def _train_dpo(
         loss_type=losses,
         loss_weights=weights,
     )
-    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    return _run_phase("dpo", trainer, metrics)
+    with _quiet_datasets():
+        trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    return _run_phase("dpo", trainer, metrics, console)
 
 
 def _train_kto(
@@ -195,14 +219,24 @@ def _train_kto(
         desirable_weight=d_weight,
         undesirable_weight=u_weight,
     )
-    trainer = KTOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    return _run_phase("kto", trainer, metrics)
+    with _quiet_datasets():
+        trainer = KTOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    return _run_phase("kto", trainer, metrics, console)
 
 
-def _run_phase(name: str, trainer: Any, metrics: dict[str, float]) -> Any:
+def _run_phase(name: str, trainer: Any, metrics: dict[str, float], console: Console) -> Any:
     """Train one phase; record its metrics; return the model without the trainer's reference copy."""
+    from transformers import PrinterCallback, ProgressCallback
+
+    from align.progress import LossProgress
+
+    # transformers adds one of these (PrinterCallback under disable_tqdm): both print every log dict.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LossProgress(name.upper(), console))
     t0 = time.monotonic()
-    output = trainer.train()
+    with _quiet_datasets():
+        output = trainer.train()
     metrics.update(_phase_metrics(name, trainer, output, time.monotonic() - t0))
     model = trainer.accelerator.unwrap_model(trainer.model)
     _drop_ref_adapter(model)
