@@ -122,17 +122,24 @@ def _common_args(settings: AlignSettings, work_dir: Path, epochs: float, learnin
 
 
 @contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
-    """No `datasets` map bars while the trainers tokenize (restored afterwards: the setting is process-wide)."""
-    from datasets.utils import logging as ds_logging
+def _no_tqdm_bars() -> Iterator[None]:
+    """No tqdm bars from transformers (loading weights) or datasets (the trainers' tokenizing maps) meanwhile.
 
-    was_enabled = ds_logging.is_progress_bar_enabled()
-    ds_logging.disable_progress_bars()
+    Both switches are process-wide, so each is restored as it was found.
+    """
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets_bars, hf_bars = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        if was_enabled:
-            ds_logging.enable_progress_bars()
+        if datasets_bars:
+            datasets.enable_progress_bars()
+        if hf_bars:
+            hf_logging.enable_progress_bar()
 
 
 def _phase_metrics(prefix: str, trainer: Any, output: Any, seconds: float) -> dict[str, float]:
@@ -191,8 +198,7 @@ def _train_dpo(
         loss_type=losses,
         loss_weights=weights,
     )
-    with _quiet_datasets():
-        trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     return _run_phase("dpo", trainer, metrics, console)
 
 
@@ -219,8 +225,7 @@ def _train_kto(
         desirable_weight=d_weight,
         undesirable_weight=u_weight,
     )
-    with _quiet_datasets():
-        trainer = KTOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = KTOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     return _run_phase("kto", trainer, metrics, console)
 
 
@@ -235,8 +240,7 @@ def _run_phase(name: str, trainer: Any, metrics: dict[str, float], console: Cons
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossProgress(name.upper(), console))
     t0 = time.monotonic()
-    with _quiet_datasets():
-        output = trainer.train()
+    output = trainer.train()
     metrics.update(_phase_metrics(name, trainer, output, time.monotonic() - t0))
     model = trainer.accelerator.unwrap_model(trainer.model)
     _drop_ref_adapter(model)
@@ -252,11 +256,18 @@ def train_adapter(
     console: Console | None = None,
 ) -> TrainResult:
     """Train on `data` and save the adapter to `work_dir/adapter`. Raises TrainError when there is nothing to train."""
+    console = console or Console(stderr=True)
+    with _no_tqdm_bars():
+        return _train_adapter(settings, data, work_dir, parent_adapter=parent_adapter, console=console)
+
+
+def _train_adapter(
+    settings: AlignSettings, data: AlignData, work_dir: Path, *, parent_adapter: Path | None, console: Console
+) -> TrainResult:
     import torch
     from peft import PeftModel, get_peft_model
     from transformers import set_seed
 
-    console = console or Console(stderr=True)
     dpo = data.dpo_dataset()
     kto = data.kto_dataset()
     if kto is not None and len(kto) < settings.batch_size:
