@@ -4,20 +4,29 @@ secondstage align run                  # one run: new feedback → LoRA version 
 secondstage align run --every 30m      # repeat every 30 minutes (s, m, h, d; combinable: 1h30m)
 secondstage align run --all            # train on all feedback ever logged, not only the unused
 secondstage align run --dry-run        # say what would be trained; change nothing
+secondstage align run --json           # one JSON object per run on stdout (logs stay on stderr), for scripts
     exit status: 0 published / nothing to do, 1 failed, 2 usage, 3 gate refused, 75 lock held (align/job.py)
 secondstage feedback export --out DIR  # dpo.jsonl + kto.jsonl (TRL conversational rows), no training
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
 import re
+import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 from rich.console import Console
 
 from align.settings import AlignSettings
+
+if TYPE_CHECKING:
+    from align.job import RunResult
 
 align_app = typer.Typer(help="Turn feedback into new model versions (TRL + LoRA).", no_args_is_help=True)
 feedback_app = typer.Typer(help="Logged user feedback.", no_args_is_help=True)
@@ -59,6 +68,53 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+def _plain(value: Any) -> Any:
+    """`value` with non-finite floats as strings ("inf", "nan"): strict JSON has no Infinity or NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def run_report(result: RunResult) -> dict[str, Any]:
+    """The `--json` object of one run: outcome and exit code, version, rows by kind, duration, each gate check."""
+    gate = result.gate or {}
+    checks = {
+        name: {k: check[k] for k in ("value", "threshold", "passed") if k in check}
+        for name, check in (gate.get("checks") or {}).items()
+    }
+    return _plain(
+        {
+            "outcome": result.status,
+            "exit_code": result.exit_code,
+            "message": result.message,
+            "version": result.version,
+            "parent": result.parent,
+            "rows": result.counts,
+            "duration_s": result.duration_s,
+            # passed is null when the run did not reach the gate (nothing to train, lock held, dry run).
+            "gate": {"passed": gate.get("passed"), "failed": gate.get("failed", []), "checks": checks},
+            "training": result.metrics,
+            "acked": result.acked,
+        }
+    )
+
+
+@contextlib.contextmanager
+def _stdout_for_json(enabled: bool) -> Iterator[TextIO]:
+    """Yield the real stdout and send everything else printed to stdout (a library's print) to stderr meanwhile,
+    so that with --json stdout holds only the JSON objects."""
+    out = sys.stdout
+    if not enabled:
+        yield out
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield out
+
+
 def _settings(**overrides: Any) -> AlignSettings:
     # Flags override the environment; unset flags leave it alone.
     return AlignSettings(**{k: v for k, v in overrides.items() if v is not None})
@@ -78,6 +134,12 @@ def run(
     min_feedback: Annotated[
         int | None, typer.Option("--min-feedback", min=1, help="Fewest usable rows worth a run (default 4).")
     ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print one JSON object per run on stdout (outcome, version, rows, gate checks, exit code)."
+        ),
+    ] = False,
 ) -> None:
     """Train a LoRA version from new feedback, gate it, and publish it to the running servers.
 
@@ -88,27 +150,44 @@ def run(
     3 the gate refused the adapter;
     75 another run holds the lock.
     """
-    from align.job import AlignError, run_every, run_once
+    from align.job import AlignError, RunResult, run_every, run_once
     from align.train import TrainError
 
-    console = Console(stderr=True)
+    # With --json the logs stay plain (no live progress bar: one line per training phase), on stderr.
+    console = Console(stderr=True, force_interactive=False if as_json else None)
     settings = _settings(min_feedback=min_feedback)
-    try:
-        if every is None:
-            result = run_once(settings, all_feedback=all_feedback, dry_run=dry_run, console=console)
-            raise typer.Exit(result.exit_code)
+    with _stdout_for_json(as_json) as stdout:
+
+        def emit(result: RunResult) -> None:
+            if as_json:
+                stdout.write(json.dumps(run_report(result), allow_nan=False) + "\n")
+                stdout.flush()
+
         try:
-            interval = parse_duration(every)
-        except ValueError as e:
-            raise typer.BadParameter(str(e), param_hint="--every") from e
-        console.print(f"running every {every} ({interval:.0f}s); Ctrl-C to stop")
-        try:
-            run_every(settings, interval, all_feedback=all_feedback, dry_run=dry_run, console=console)
-        except KeyboardInterrupt:
-            console.print("stopped")
-    except (AlignError, TrainError) as e:
-        console.print(f"[red]align run failed: {e}")
-        raise typer.Exit(1) from e
+            if every is None:
+                try:
+                    result = run_once(settings, all_feedback=all_feedback, dry_run=dry_run, console=console)
+                except Exception as e:
+                    # Scripts get their object for any failure; the exception goes on (AlignError and TrainError
+                    # to the message below, others to a traceback on stderr), exiting 1 either way.
+                    emit(RunResult("failed", f"{type(e).__name__}: {e}"))
+                    raise
+                emit(result)
+                raise typer.Exit(result.exit_code)
+            try:
+                interval = parse_duration(every)
+            except ValueError as e:
+                raise typer.BadParameter(str(e), param_hint="--every") from e
+            console.print(f"running every {every} ({interval:.0f}s); Ctrl-C to stop")
+            try:
+                run_every(
+                    settings, interval, all_feedback=all_feedback, dry_run=dry_run, console=console, on_result=emit
+                )
+            except KeyboardInterrupt:
+                console.print("stopped")
+        except (AlignError, TrainError) as e:
+            console.print(f"[red]align run failed: {e}")
+            raise typer.Exit(1) from e
 
 
 @feedback_app.command("export")

@@ -11,6 +11,9 @@ gates, publishes and acknowledges. The others (`process_rank() > 0`) read the sa
 it and train — their share of each step — and return status "worker". They read at about the same moment as the
 main process; feedback arriving between the reads can make their datasets differ by those rows (a known limit:
 no collective exchange of the batch is done here).
+
+Every run ends with its figures (outcome, duration, rows, gate checks) recorded in align/metrics.py and pushed to
+the Pushgateway when `SECONDSTAGE_PUSHGATEWAY_URL` is set — by rank 0 only.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,13 +36,14 @@ from rich.console import Console
 from align.datasets import AlignData, build_datasets
 from align.feedback import FeedbackBatch, FeedbackReader
 from align.gate import describe_failure, evaluate_gate
+from align.metrics import AlignMetrics
 from align.settings import AlignSettings
 from align.train import train_adapter
 from core.keys import Keys
 from core.records import BASE, Manifest
 from core.versions import Registry, VersionError, VersionStore
 
-Status = Literal["published", "insufficient", "locked", "dry_run", "gate_failed", "worker"]
+Status = Literal["published", "insufficient", "locked", "dry_run", "gate_failed", "worker", "failed"]
 
 EXIT_CODES: dict[str, int] = {
     "published": 0,
@@ -48,11 +52,13 @@ EXIT_CODES: dict[str, int] = {
     "worker": 0,
     "gate_failed": 3,
     "locked": 75,
+    "failed": 1,
 }
 """CLI exit status per outcome. Each refusal has its own, apart from 1 (the run failed: retrying may help) and 2
 (usage), so a scheduler can tell them apart (deploy/k8s/align.yaml does not retry either): 3 the gate refused the
 adapter, 75 sysexits' EX_TEMPFAIL ("another run holds the lock, try later"). `worker`: a non-main rank under
-`accelerate launch` trained its share and left publishing to rank 0."""
+`accelerate launch` trained its share and left publishing to rank 0. `failed`: the run raised; `run_once` raises
+rather than return it, but it is recorded as an outcome (metrics, `align run --json`)."""
 
 
 class AlignError(Exception):
@@ -69,6 +75,7 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)
     gate: dict[str, Any] = field(default_factory=dict)
     acked: int = 0
+    duration_s: float = 0.0
 
     @property
     def exit_code(self) -> int:
@@ -177,12 +184,48 @@ def run_once(
     dry_run: bool = False,
     console: Console | None = None,
     client: redis.Redis | None = None,
+    metrics: AlignMetrics | None = None,
 ) -> RunResult:
-    """One align run; see the module docstring. Pass `client` to reuse a connection (tests, `run_every`)."""
+    """One align run; see the module docstring. Pass `client` to reuse a connection (tests, `run_every`).
+
+    Its figures go to `metrics` (a fresh `AlignMetrics` by default) and, when settings.pushgateway_url is set,
+    to the Pushgateway — also when the run raises (outcome "failed"); a failed push does not change the result.
+    """
     console = console or Console(stderr=True)
+    metrics = metrics if metrics is not None else AlignMetrics()
+    started = time.monotonic()
+    try:
+        result = _run_once(settings, all_feedback=all_feedback, dry_run=dry_run, console=console, client=client)
+    except BaseException:
+        # BaseException: a Ctrl-C mid-run is a failed run too; the exception goes on unchanged.
+        metrics.record("failed", duration_s=time.monotonic() - started)
+        _push(settings, metrics, console)
+        raise
+    result.duration_s = round(time.monotonic() - started, 3)
+    metrics.record(
+        result.status, duration_s=result.duration_s, counts=result.counts, gate=result.gate, version=result.version
+    )
+    _push(settings, metrics, console)
+    return result
+
+
+def _push(settings: AlignSettings, metrics: AlignMetrics, console: Console) -> None:
+    # Only rank 0 pushes: N ranks pushing to one Pushgateway group would overwrite one another's figures.
+    if settings.pushgateway_url and process_rank() == 0:
+        metrics.push(settings.pushgateway_url, console)
+
+
+def _run_once(
+    settings: AlignSettings,
+    *,
+    all_feedback: bool,
+    dry_run: bool,
+    console: Console,
+    client: redis.Redis | None,
+) -> RunResult:
     if client is None:
         with open_redis(settings) as c:
-            return run_once(settings, all_feedback=all_feedback, dry_run=dry_run, console=console, client=c)
+            return _run_once(settings, all_feedback=all_feedback, dry_run=dry_run, console=console, client=c)
 
     keys = Keys(settings.redis_prefix)
     rank = process_rank()
@@ -383,10 +426,12 @@ def run_every(
     console: Console | None = None,
     stop: threading.Event | None = None,
     max_runs: int | None = None,
+    on_result: Callable[[RunResult], None] | None = None,
 ) -> list[RunResult]:
     """Run, then wait `interval_s`, until `stop` is set or `max_runs` runs are done. `all_feedback` applies once.
 
     A run that raises is reported and the loop goes on: the next run retries the same unacknowledged feedback.
+    `on_result` sees each run as it ends, a failed one as a "failed" result (`align run --every --json`).
     """
     console = console or Console(stderr=True)
     stop = stop or threading.Event()
@@ -396,17 +441,21 @@ def run_every(
         while not stop.is_set():
             started = time.monotonic()
             try:
-                results.append(
-                    run_once(
-                        settings,
-                        all_feedback=all_feedback and runs == 0,
-                        dry_run=dry_run,
-                        console=console,
-                        client=client,
-                    )
+                result = run_once(
+                    settings,
+                    all_feedback=all_feedback and runs == 0,
+                    dry_run=dry_run,
+                    console=console,
+                    client=client,
                 )
+                results.append(result)
             except (AlignError, redis.RedisError, OSError, RuntimeError, ValueError) as e:
                 console.print(f"[red]align run failed: {type(e).__name__}: {e}; retrying in {interval_s:.0f}s")
+                result = RunResult(
+                    "failed", f"{type(e).__name__}: {e}", duration_s=round(time.monotonic() - started, 3)
+                )
+            if on_result is not None:
+                on_result(result)
             runs += 1
             if max_runs is not None and runs >= max_runs:
                 break

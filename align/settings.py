@@ -81,3 +81,8 @@ class AlignSettings(CommonSettings):
         ge=10,
         description="Expiry of the Redis lock that keeps align runs one at a time (covers a crash).",
     )
+    pushgateway_url: str | None = Field(
+        default=None,
+        description="Prometheus Pushgateway each run pushes its metrics to (job secondstage_align), e.g. "
+        "http://pushgateway:9091; unset = no push. A failed push is logged and never fails the run.",
+    )

@@ -11,12 +11,18 @@ the RPO recipe): preference margins alone can grow while the chosen answer's pro
 expect their corrections to show up in the answers.
 
 Runs on CPU with fp32 (the demo model is tiny); on a CUDA machine TRL/accelerate pick the GPU.
+
+What a phase prints: one rich progress bar with the current loss (align/progress.py) on an interactive stderr, else
+one line per phase — not transformers' per-step log dicts and tqdm bars (its printing callbacks are removed and
+the datasets' map bars switched off while training); the figures themselves stay in `TrainResult.metrics`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,7 +97,7 @@ def _common_args(settings: AlignSettings, work_dir: Path, epochs: float, learnin
         "use_cpu": cpu,
         "bf16": not cpu,
         "fp16": False,
-        "report_to": [],
+        "report_to": "none",
         "save_strategy": "no",
         "eval_strategy": "no",
         "dataloader_num_workers": 0,
@@ -103,13 +109,37 @@ def _common_args(settings: AlignSettings, work_dir: Path, epochs: float, learnin
         "lr_scheduler_type": "constant",
         "num_train_epochs": epochs,
         "max_steps": settings.max_steps if settings.max_steps > 0 else -1,
+        # Every step is logged (into state.log_history, read by _phase_metrics, and the progress bar's loss);
+        # printing the logs is LossProgress's job, see _run_phase.
+        "logging_strategy": "steps",
         "logging_steps": 1,
         "seed": settings.seed,
         "data_seed": settings.seed,
         "max_length": settings.max_length,
-        "disable_tqdm": False,
+        "disable_tqdm": True,
         "save_only_model": True,
     }
+
+
+@contextlib.contextmanager
+def _no_tqdm_bars() -> Iterator[None]:
+    """No tqdm bars from transformers (loading weights) or datasets (the trainers' tokenizing maps) meanwhile.
+
+    Both switches are process-wide, so each is restored as it was found.
+    """
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets_bars, hf_bars = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if datasets_bars:
+            datasets.enable_progress_bars()
+        if hf_bars:
+            hf_logging.enable_progress_bar()
 
 
 def _phase_metrics(prefix: str, trainer: Any, output: Any, seconds: float) -> dict[str, float]:
@@ -169,7 +199,7 @@ def _train_dpo(
         loss_weights=weights,
     )
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    return _run_phase("dpo", trainer, metrics)
+    return _run_phase("dpo", trainer, metrics, console)
 
 
 def _train_kto(
@@ -196,11 +226,19 @@ def _train_kto(
         undesirable_weight=u_weight,
     )
     trainer = KTOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    return _run_phase("kto", trainer, metrics)
+    return _run_phase("kto", trainer, metrics, console)
 
 
-def _run_phase(name: str, trainer: Any, metrics: dict[str, float]) -> Any:
+def _run_phase(name: str, trainer: Any, metrics: dict[str, float], console: Console) -> Any:
     """Train one phase; record its metrics; return the model without the trainer's reference copy."""
+    from transformers import PrinterCallback, ProgressCallback
+
+    from align.progress import LossProgress
+
+    # transformers adds one of these (PrinterCallback under disable_tqdm): both print every log dict.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LossProgress(name.upper(), console))
     t0 = time.monotonic()
     output = trainer.train()
     metrics.update(_phase_metrics(name, trainer, output, time.monotonic() - t0))
@@ -218,11 +256,18 @@ def train_adapter(
     console: Console | None = None,
 ) -> TrainResult:
     """Train on `data` and save the adapter to `work_dir/adapter`. Raises TrainError when there is nothing to train."""
+    console = console or Console(stderr=True)
+    with _no_tqdm_bars():
+        return _train_adapter(settings, data, work_dir, parent_adapter=parent_adapter, console=console)
+
+
+def _train_adapter(
+    settings: AlignSettings, data: AlignData, work_dir: Path, *, parent_adapter: Path | None, console: Console
+) -> TrainResult:
     import torch
     from peft import PeftModel, get_peft_model
     from transformers import set_seed
 
-    console = console or Console(stderr=True)
     dpo = data.dpo_dataset()
     kto = data.kto_dataset()
     if kto is not None and len(kto) < settings.batch_size:

@@ -9,10 +9,12 @@ PY=${PYTHON:-python3}
 VENV=.venv
 
 # redis-server: the private Redis and the tests'; prometheus: its promtool checks the alert rules and
-# the monitoring tests run the real server against secondstage (deploy/prometheus/).
+# the monitoring tests run the real server against secondstage (deploy/prometheus/);
+# prometheus-pushgateway: where align pushes its run metrics (the tests start the real one).
 APT=()
 command -v redis-server >/dev/null 2>&1 || APT+=(redis-server)
 command -v promtool >/dev/null 2>&1 || APT+=(prometheus)
+command -v prometheus-pushgateway >/dev/null 2>&1 || APT+=(prometheus-pushgateway)
 if [ ${#APT[@]} -gt 0 ]; then
   echo "== installing ${APT[*]} (apt)"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

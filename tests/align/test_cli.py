@@ -102,3 +102,83 @@ def test_refusals_exit_apart_from_failures_and_the_help_says_so() -> None:
     assert result.exit_code == 0
     text = " ".join(result.output.split())
     assert "3 the gate refused the adapter" in text and "75 another run holds the lock" in text
+
+
+def json_runs(stdout: str) -> list[dict[str, object]]:
+    """`align run --json` stdout: every line is one JSON object, and nothing else is there."""
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def test_run_json_prints_one_object_and_only_that_on_stdout(env: AlignSettings, server: Server) -> None:
+    cid = server.completion("Q?", "A.")
+    server.feedback(cid, thumbs="up")
+    result = CliRunner().invoke(align_app, ["run", "--json"])
+    assert result.exit_code == 0, result.output
+    [run] = json_runs(result.stdout)
+    assert run["outcome"] == "insufficient" and run["exit_code"] == 0
+    assert run["rows"] == {"dpo": 0, "kto": 1, "kto_desirable": 1}
+    assert isinstance(run["duration_s"], float)
+    assert run["gate"] == {"passed": None, "failed": [], "checks": {}}
+    assert "not enough feedback" in result.stderr  # the logs went to stderr
+
+
+def test_run_json_reports_a_refused_gate_check_by_check(
+    env: AlignSettings, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import align.job
+
+    from .test_job import seed_corrections
+    from .test_metrics import GATE
+
+    seed_corrections(server)
+    monkeypatch.setattr(
+        align.job,
+        "_train",
+        lambda *a, **k: SimpleNamespace(metrics={"dpo_final_loss": float("nan")}, adapter_dir=Path()),
+    )
+    monkeypatch.setattr(align.job, "evaluate_gate", lambda *a, **k: GATE)
+    result = CliRunner().invoke(align_app, ["run", "--json"])
+    assert result.exit_code == 3, result.output
+    [run] = json_runs(result.stdout)
+    assert run["outcome"] == "gate_failed" and run["exit_code"] == 3 and run["version"] is None
+    assert run["gate"] == {
+        "passed": False,
+        "failed": ["margin_gain"],
+        "checks": {
+            "metrics_finite": {"value": "all finite", "passed": True},
+            "weights_finite": {"value": True, "passed": True},
+            "weights_changed": {"value": 0.25, "threshold": 0.0, "passed": True},
+            "margin_gain": {"value": -0.5, "threshold": 0.0, "passed": False},
+        },
+    }
+    assert run["training"] == {"dpo_final_loss": "nan"}  # strict JSON: no NaN literal
+
+
+def test_run_json_reports_a_failed_run(env: AlignSettings, server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    import align.job
+
+    from .test_job import seed_corrections
+
+    seed_corrections(server)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise align.job.AlignError("disk full")
+
+    monkeypatch.setattr(align.job, "_train", broken)
+    result = CliRunner().invoke(align_app, ["run", "--json"])
+    assert result.exit_code == 1, result.output
+    [run] = json_runs(result.stdout)
+    assert run["outcome"] == "failed" and run["exit_code"] == 1 and "disk full" in str(run["message"])
+
+
+def test_run_every_json_prints_one_object_per_run(env: AlignSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    import align.job
+
+    real = align.job.run_every
+    monkeypatch.setattr(align.job, "run_every", lambda *a, **k: real(*a, **{**k, "max_runs": 2}))
+    result = CliRunner().invoke(align_app, ["run", "--every", "0.1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [r["outcome"] for r in json_runs(result.stdout)] == ["insufficient", "insufficient"]

@@ -87,5 +87,13 @@ def test_dashboard_panels_are_complete() -> None:
         "secondstage_swaps_total",
         "secondstage_rate_limited_total",
         "secondstage_redis_up",
+        # align runs, pushed to the Pushgateway (issue 9, section 5)
+        "secondstage_align_last_run_timestamp_seconds",
+        "secondstage_align_last_success_timestamp_seconds",
+        "secondstage_align_run_duration_seconds",
+        "secondstage_align_rows",
+        "secondstage_align_gate_check_value",
+        "secondstage_align_gate_check_passed",
+        "secondstage_align_published_version_info",
     ):
         assert metric in queries, f"no panel shows {metric}"
