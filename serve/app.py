@@ -178,7 +178,12 @@ async def _start(
 
     stop = asyncio.Event()
     watcher = VersionWatcher(
-        engine, client, keys, interval_s=settings.reconcile_interval_s, retry_max_s=settings.version_retry_max_s
+        engine,
+        client,
+        keys,
+        interval_s=settings.reconcile_interval_s,
+        retry_initial_s=min(1.0, settings.version_retry_max_s),
+        retry_max_s=settings.version_retry_max_s,
     )
     app.state.version_watcher = watcher
     metrics.track_version_skew(lambda: watcher.skew)
