@@ -69,10 +69,12 @@ def test_two_replicas_share_one_var_directory_each_with_its_own_spool(settings: 
 
 def test_a_second_replica_with_the_same_name_is_refused(settings: ServeSettings) -> None:
     a = settings.model_copy(update={"replica_name": "serve-0"})
-    with TestClient(build_app(a, engine=fake_engine(FakeLLM(), a))):
-        with pytest.raises(RuntimeError, match="in use by another LogWriter"):
-            with TestClient(build_app(a, engine=fake_engine(FakeLLM(), a))):
-                pass
+    with (
+        TestClient(build_app(a, engine=fake_engine(FakeLLM(), a))),
+        pytest.raises(RuntimeError, match="in use by another LogWriter"),
+        TestClient(build_app(a, engine=fake_engine(FakeLLM(), a))),
+    ):
+        pass
 
 
 @pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "-x"])
@@ -90,10 +92,7 @@ def test_the_replica_name_defaults_to_the_hostname() -> None:
 def _spool_records(directory: Path, keys: Keys, ids: list[str]) -> None:
     spool = Spool(directory)
     spool.append(
-        [
-            Record(stream=keys.completions, fields={"id": i}, index_key=keys.completion(i), index_value="{}")
-            for i in ids
-        ]
+        [Record(stream=keys.completions, fields={"id": i}, index_key=keys.completion(i), index_value="{}") for i in ids]
     )
     spool.close()
 
