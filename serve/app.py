@@ -136,6 +136,15 @@ async def _start(
 
     recorder: Recorder | None = None
     if settings.logging_enabled:
+        legacy = settings.var_dir / "spool"
+        if (legacy / "spool.jsonl").is_file() or any(legacy.glob("replay-*.jsonl")):
+            # Spooled before spools were per replica: no replica replays it by itself.
+            logger.warning(
+                "log records spooled by an older serve are in %s; write them to Redis with "
+                "`secondstage data replay-spool --dir %s`",
+                legacy,
+                legacy,
+            )
         writer = LogWriter(
             client,
             # Each replica its own spool (a LogWriter locks its directory): replicas may share one var/ volume.

@@ -76,7 +76,7 @@ class PolicyFanout:
                 await pubsub.subscribe(self.keys.policy_events)
                 if lost:
                     log.info("policy channel back; reloading once in case an announcement was missed")
-                    await self.engine.reload_off_loop(announce=False)
+                    await self._reload()
                     lost = False
                 while not stop.is_set():
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
@@ -103,4 +103,12 @@ class PolicyFanout:
             return
         log.info("replica %s reloaded policies (%s); reloading here", event.get("origin"), event.get("version"))
         self.received += 1
-        await self.engine.reload_off_loop(announce=False)
+        await self._reload()
+
+    async def _reload(self) -> None:
+        # A rejected rule file is reported by the reload itself (the last good set stays); anything else it
+        # raises (an unreadable directory) is logged here, so that this replica keeps listening.
+        try:
+            await self.engine.reload_off_loop(announce=False)
+        except Exception:
+            log.exception("policy reload announced by another replica failed; keeping the active rule set")

@@ -120,6 +120,21 @@ def test_replay_spool_writes_a_dead_replicas_records(monkeypatch: pytest.MonkeyP
     assert not list((settings.var_dir / "spool" / "serve-2").glob("replay-*.jsonl"))
 
 
+def test_a_spool_from_before_replica_names_is_reported_and_replays_with_dir(
+    monkeypatch: pytest.MonkeyPatch, settings: ServeSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = Keys(settings.redis_prefix)
+    legacy = settings.var_dir / "spool"
+    ids = [new_completion_id("chatcmpl")]
+    _spool_records(legacy, keys, ids)
+    with TestClient(build_app(settings, engine=fake_engine(FakeLLM(), settings))):
+        pass
+    assert any("replay-spool --dir" in r.getMessage() for r in caplog.records)
+    code, out = _cli(monkeypatch, settings, "data", "replay-spool", "--dir", str(legacy))
+    assert code == 0, out
+    assert redis.Redis.from_url(str(settings.redis_url)).exists(keys.completion(ids[0]))
+
+
 def test_replay_spool_refuses_a_running_replicas_spool(
     monkeypatch: pytest.MonkeyPatch, settings: ServeSettings
 ) -> None:
