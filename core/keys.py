@@ -50,6 +50,12 @@ class Keys:
         return f"{self.prefix}:events"
 
     @property
+    def policy_events(self) -> str:
+        """Pub/sub channel: JSON {"type": "reload", "origin": replica, "version": ...} after a policy reload
+        through the admin API, so every replica reloads its rule files (serve/policy/fanout.py)."""
+        return f"{self.prefix}:policy_events"
+
+    @property
     def align_lock(self) -> str:
         """String with TTL: held by the one align job allowed to run."""
         return f"{self.prefix}:align:lock"

@@ -136,9 +136,19 @@ async def _start(
 
     recorder: Recorder | None = None
     if settings.logging_enabled:
+        legacy = settings.var_dir / "spool"
+        if (legacy / "spool.jsonl").is_file() or any(legacy.glob("replay-*.jsonl")):
+            # Spooled before spools were per replica: no replica replays it by itself.
+            logger.warning(
+                "log records spooled by an older serve are in %s; write them to Redis with "
+                "`secondstage data replay-spool --dir %s`",
+                legacy,
+                legacy,
+            )
         writer = LogWriter(
             client,
-            settings.var_dir / "spool",
+            # Each replica its own spool (a LogWriter locks its directory): replicas may share one var/ volume.
+            settings.spool_dir,
             max_queue=settings.log_queue_size,
             registry=metrics.registry,
             spool_max_bytes=int(settings.spool_max_mb * 2**20),
@@ -154,6 +164,7 @@ async def _start(
             maxlen=settings.stream_maxlen,
             ttl_s=settings.retention_s,
             store_raw_output=settings.store_raw_output,
+            unverified_window_s=settings.feedback_unverified_window_s,
         )
         app.state.writer = writer
 
@@ -175,13 +186,27 @@ async def _start(
         app.state.feedback = FeedbackService(recorder, metrics)
 
     stop = asyncio.Event()
-    watcher = VersionWatcher(engine, client, keys, interval_s=settings.reconcile_interval_s)
+    watcher = VersionWatcher(
+        engine,
+        client,
+        keys,
+        interval_s=settings.reconcile_interval_s,
+        retry_initial_s=min(1.0, settings.version_retry_max_s),
+        retry_max_s=settings.version_retry_max_s,
+    )
+    app.state.version_watcher = watcher
+    metrics.track_version_skew(lambda: watcher.skew)
     # Serve the active version from the first request on, when Redis can tell us which.
     with contextlib.suppress(Exception):
         await watcher.reconcile(lookup)
     tasks = [asyncio.create_task(watcher.run(stop), name="version-watcher")]
     if policy is not None:
         tasks.append(asyncio.create_task(policy.watch(stop), name="policy-watcher"))
+        from serve.policy.fanout import PolicyFanout  # with the policy engine: only when policies are on
+
+        fanout = PolicyFanout(policy, client, keys, settings.replica_name)
+        fanout.attach()
+        tasks.append(asyncio.create_task(fanout.run(stop), name="policy-fanout"))
 
     async def stop_tasks() -> None:
         stop.set()

@@ -5,6 +5,7 @@ secondstage serve -tp 2 --no-enforce-eager --log-format json   # vLLM's engine a
 secondstage model demo                 # build the offline demo model into var/models/demo
 secondstage policy check | test TEXT   # validate rules, try them on text
 secondstage keys create | list | revoke  # API keys (serve/auth/cli.py)
+secondstage data replay-spool --replica NAME   # write a dead replica's spooled records to Redis
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ def register(root: typer.Typer) -> None:
     root.add_typer(model_app, name="model")
     root.add_typer(policy_app, name="policy")
     root.add_typer(keys_app, name="keys")
+    # Beside the core's `data purge`: the group is the core's, the command serve's (the spool is the log writer's).
+    data = next((g.typer_instance for g in root.registered_groups if g.name == "data"), None)
+    if data is not None:
+        data.command("replay-spool")(replay_spool)
 
 
 def serve(
@@ -144,3 +149,83 @@ def model_demo(
         return
     path = build_demo_model(target, seed=seed)
     console.print(f"[green]demo model written to {path}[/]")
+
+
+def replay_spool(
+    replica: Annotated[
+        str | None, typer.Option(help="The replica whose spool to replay: var/spool/<replica>/ (its pod name).")
+    ] = None,
+    spool_dir: Annotated[
+        Path | None, typer.Option("--dir", help="A spool directory elsewhere (e.g. var/spool/ of older versions).")
+    ] = None,
+    timeout_s: Annotated[float, typer.Option(help="Give up after this many seconds if Redis does not take them.")] = 60,
+) -> None:
+    """Write the records a replica that is gone left in its log spool to Redis; without options, list the spools.
+
+    A replica replays its own spool when it starts; this is for one that will not come back under its name
+    (scaled down, renamed). It refuses a spool that a running replica holds.
+    """
+    import asyncio
+
+    from core.redis_server import RedisServerError, resolve_redis
+
+    settings = ServeSettings()
+    root = settings.var_dir / "spool"
+    if replica is None and spool_dir is None:
+        spools = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        for path in spools:
+            files = [f for f in path.glob("*.jsonl") if f.name != "rejected.jsonl"]
+            size = sum(f.stat().st_size for f in files)
+            console.print(f"{path.name}\t{size} bytes waiting\t{path}")
+        if not spools:
+            console.print(f"no replica spools under {root}")
+        return
+    if replica is not None and spool_dir is not None:
+        console.print("[red]--replica and --dir name the same thing; give one[/]")
+        raise typer.Exit(2)
+    if replica is not None:
+        directory = root / replica
+    else:
+        assert spool_dir is not None
+        directory = spool_dir
+    if not directory.is_dir():
+        console.print(f"[red]no spool directory {directory}[/] (`secondstage data replay-spool` lists them)")
+        raise typer.Exit(1)
+    try:
+        url, child = resolve_redis(settings)
+    except RedisServerError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+    try:
+        left = asyncio.run(_replay(url, directory, timeout_s))
+    except RuntimeError as exc:  # the spool's lock: a running replica replays its own
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+    finally:
+        if child is not None:
+            child.stop()
+    if left:
+        console.print(f"[red]{left} records still in {directory}: Redis did not take them within {timeout_s:.0f}s[/]")
+        raise typer.Exit(1)
+    console.print(f"[green]spool {directory} replayed into Redis[/]")
+
+
+async def _replay(url: str, directory: Path, timeout_s: float) -> int:
+    """Replay a spool directory with a LogWriter of its own (it locks the directory); records left after timeout_s."""
+    import asyncio
+    import time
+
+    import redis.asyncio as aioredis
+    from prometheus_client import CollectorRegistry
+
+    from serve.logwriter import LogWriter
+
+    writer = LogWriter(lambda: aioredis.Redis.from_url(url), directory, registry=CollectorRegistry())
+    await writer.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while writer.spool_records and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+    finally:
+        await writer.stop()
+    return writer.spool_records

@@ -59,6 +59,12 @@ class Metrics:
             ["model_name", "version"],
             registry=registry,
         )
+        self.version_skew = Gauge(
+            "secondstage_version_skew",
+            "1 while this replica serves another version than the active one in Redis (it failed to load it and "
+            "retries with backoff), else 0.",
+            registry=registry,
+        )
         self.swaps = Counter("secondstage_swaps_total", "Version activations by result.", ["result"], registry=registry)
         self.swap_duration = Histogram(
             "secondstage_swap_duration_seconds",
@@ -115,6 +121,10 @@ class Metrics:
                 registry=self.registry,
             )
         self.log_redis_up.set_function(lambda: float(not redis_down()))
+
+    def track_version_skew(self, skewed: Callable[[], bool]) -> None:
+        """Report in `secondstage_version_skew` whether this replica lags the active version (read at each scrape)."""
+        self.version_skew.set_function(lambda: float(skewed()))
 
     def set_active_version(self, version: str) -> None:
         self.active_version.clear()

@@ -432,6 +432,11 @@ class ModelCard(BaseModel):
     parent: str | None = None
     max_model_len: int | None = None
     version: str | None = Field(None, description="secondstage: the model version new requests are served with.")
+    wanted_version: str | None = Field(
+        None,
+        description="secondstage: the active version in Redis; differs from `version` while this replica has not "
+        "loaded it (version skew: it retries with backoff).",
+    )
 
 
 class ModelList(BaseModel):

@@ -5,12 +5,16 @@ Extends `core.settings.CommonSettings` (Redis, var/, base model) with what only 
 
 from __future__ import annotations
 
+import re
+import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from core.settings import CommonSettings
+
+_REPLICA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 
 
 class ServeSettings(CommonSettings):
@@ -126,12 +130,39 @@ class ServeSettings(CommonSettings):
         description="How long a replica trusts an API key lookup; a revoke takes effect within this on every replica.",
     )
     reconcile_interval_s: float = Field(default=5.0, description="How often to re-read the active version from Redis.")
+    version_retry_max_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A version that failed to load is retried after 1s, doubling per failure up to this; "
+        "meanwhile /health, /v1/models and secondstage_version_skew report the skew.",
+    )
+    replica_name: str = Field(
+        default_factory=socket.gethostname,
+        description="This replica's name: its log spool is var/spool/<name>/. Default: the hostname (in "
+        "Kubernetes the pod name; a StatefulSet keeps it across restarts, so a replacement replays the spool).",
+    )
+    feedback_unverified_window_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="Feedback on a completion id not (yet) in Redis is accepted unverified when the id was made "
+        "less than this long ago (another replica may not have written it yet); older unknown ids are a 404. 0: never.",
+    )
     seed: int = Field(default=0, description="Engine seed.")
     dtype: str = Field(
         default="auto",
         description="Weights dtype for vLLM. `auto` means the model's own, except float32 for the demo model "
         "(vLLM's CPU default, bfloat16, makes LoRA outputs drift from what training measured).",
     )
+
+    @field_validator("replica_name")
+    @classmethod
+    def _replica_name_is_a_directory_name(cls, value: str) -> str:
+        if not _REPLICA_NAME.fullmatch(value):
+            raise ValueError(
+                f"replica_name: {value!r} must be 1-253 letters, digits, `.`, `_` or `-`, starting with a letter or "
+                "digit (it names the replica's spool directory); set SECONDSTAGE_REPLICA_NAME, e.g. to the pod name"
+            )
+        return value
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> ServeSettings:
@@ -150,6 +181,11 @@ class ServeSettings(CommonSettings):
                 "use `mp` (one node) or `ray` (several), or unset it"
             )
         return self
+
+    @property
+    def spool_dir(self) -> Path:
+        """This replica's log spool: var/spool/<replica_name>/ (one LogWriter per directory)."""
+        return self.var_dir / "spool" / self.replica_name
 
     @property
     def admin_key_path(self) -> Path:

@@ -8,13 +8,13 @@ the last good set stays active.
 
 This class is the facade; the work lives in one module per concept: loading.py (rule files →
 `PolicySet`, reloads), input.py (the input stage), stream.py (the output stage), scope.py (which
-rules apply to a caller), results.py and metrics.py.
+rules apply to a caller), results.py and metrics.py; fanout.py carries a reload to every replica.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,8 @@ class PolicyEngine:
         self._metrics = PolicyMetrics.create(registry if registry is not None else CollectorRegistry())
         self._tokenizer_count = tokenizer_count
         self._loader = RuleSetLoader(self.policies_dir, self._metrics)
+        self.on_reload: Callable[[ReloadResult], Awaitable[None]] | None = None
+        """Called after a successful `reload_off_loop(announce=True)`: the fan-out to other replicas (fanout.py)."""
 
     # -- loading --
 
@@ -66,12 +68,17 @@ class PolicyEngine:
         """Build the set from the files again; on error keep the active one and report why."""
         return self._loader.reload()
 
-    async def reload_off_loop(self, *, wait: bool = True) -> ReloadResult:
+    async def reload_off_loop(self, *, wait: bool = True, announce: bool = True) -> ReloadResult:
         """`reload` in a worker thread, one at a time (compiling takes seconds; streams must not stall).
 
         With wait=False a reload already running raises `ReloadBusy` instead of queueing another.
+        A successful reload is announced through `on_reload` (every replica reloads) unless `announce` is False,
+        as for reloads that an announcement itself caused.
         """
-        return await self._loader.reload_off_loop(wait=wait)
+        result = await self._loader.reload_off_loop(wait=wait)
+        if announce and result.ok and self.on_reload is not None:
+            await self.on_reload(result)
+        return result
 
     async def watch(self, stop_event: asyncio.Event, *, debounce_ms: int = 300) -> None:
         """Reload whenever a rule file in the directory changes, until `stop_event` is set."""

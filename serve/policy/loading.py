@@ -210,13 +210,24 @@ class RuleSetLoader:
         return ReloadResult(ok=True, version=new.version, previous_version=previous)
 
     async def watch(self, stop_event: asyncio.Event, *, debounce_ms: int = 300) -> None:
-        """Reload whenever a rule file in the directory changes, until `stop_event` is set."""
+        """Reload whenever a rule file in the directory changes, until `stop_event` is set.
+
+        Also when Kubernetes updates a mounted ConfigMap: it writes the files into a new `..<timestamp>/`
+        directory and renames a new `..data` symlink over the old one, while `a.yaml` stays a symlink to
+        `..data/a.yaml`, so no `.yaml` path changes; the swap shows only as `..data` (and `..<timestamp>`)
+        changing, which this filter lets through.
+        """
         import watchfiles
 
-        def yaml_only(_change: watchfiles.Change, path: str) -> bool:
-            return path.endswith((".yaml", ".yml"))
+        def rule_files_or_configmap(_change: watchfiles.Change, path: str) -> bool:
+            name = Path(path).name
+            return name.endswith((".yaml", ".yml")) or name == "..data"
 
         async for _changes in watchfiles.awatch(
-            self.policies_dir, watch_filter=yaml_only, stop_event=stop_event, debounce=debounce_ms, recursive=False
+            self.policies_dir,
+            watch_filter=rule_files_or_configmap,
+            stop_event=stop_event,
+            debounce=debounce_ms,
+            recursive=False,
         ):
             await self.reload_off_loop()

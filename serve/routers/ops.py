@@ -10,6 +10,10 @@ and align cannot read them), 200 while a restart is merely under way.
 oldest queued record, spool, restarts, rejected records); a writer that is not running makes the status
 `degraded` (still 200: chat goes on, records wait in memory until shutdown spools them). Redis itself
 keeps its rule above: the writer's `redis_reachable` is reported, and lags the supervisor by a retry.
+
+With replicas, `/health` names this one (`replica`) and reports version skew: `wanted` is the active version
+in Redis, `skew` is true while this replica serves another (it failed to load it and retries with backoff;
+serve/swap.py); the status is then `degraded` (still 200: it serves, just not the version it should).
 """
 
 from __future__ import annotations
@@ -48,6 +52,16 @@ async def health(request: Request, engine: EngineDep, supervisor: RedisSuperviso
         if not supervisor.up:
             reasons.append(
                 f"private Redis {supervisor.state}: {supervisor.reason}; completions spool to disk meanwhile"
+            )
+    body["replica"] = request.app.state.settings.replica_name
+    watcher = getattr(request.app.state, "version_watcher", None)
+    if watcher is not None:
+        body["wanted"] = watcher.wanted if watcher.wanted is not None else engine.current.name
+        body["skew"] = watcher.skew
+        if watcher.skew:
+            reasons.append(
+                f"serving version {engine.current.name} but the active one is {watcher.wanted}: it failed to "
+                "load (see the log and secondstage_swaps_total); retrying with backoff"
             )
     writer = getattr(request.app.state, "writer", None)  # absent when logging is disabled
     if writer is not None:

@@ -9,7 +9,6 @@ given and turns its deltas into one `ChatCompletionResponse` or a stream of
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -26,6 +25,7 @@ from serve.protocol import (
     UsageInfo,
 )
 from serve.services.generation import Delta, Job, Pipeline, Prompt, check_model
+from serve.services.records import new_completion_id
 from serve.services.sse import sse
 
 
@@ -37,7 +37,7 @@ class ChatService:
     def prepare(self, req: ChatCompletionRequest, caller: Caller) -> Job:
         check_model(self.engine, req.model)
         messages: list[dict[str, Any]] = [{"role": m.role, "content": m.text()} for m in req.messages]
-        return self.pipeline.prepare(req, caller, Prompt.chat(messages), f"chatcmpl-{uuid.uuid4().hex}")
+        return self.pipeline.prepare(req, caller, Prompt.chat(messages), new_completion_id("chatcmpl"))
 
     async def complete(self, job: Job) -> ChatCompletionResponse:
         async for _ in await self.pipeline.start(job):

@@ -9,7 +9,6 @@ objects, streamed through the shared SSE framing (`serve/services/sse.py`).
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from serve.caller import Caller
@@ -17,6 +16,7 @@ from serve.errors import BadRequest
 from serve.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
 from serve.services.generation import Delta, Job, Pipeline, Prompt, check_model
 from serve.services.logprobs import legacy
+from serve.services.records import new_completion_id
 from serve.services.sse import sse
 
 
@@ -38,7 +38,7 @@ class CompletionService:
                 "per request or a smaller n",
                 param="prompt",
             )
-        request_id = f"cmpl-{uuid.uuid4().hex}"
+        request_id = new_completion_id("cmpl")
         vocab = len(self.engine.tokenizer)
         jobs = []
         for i, prompt in enumerate(prompts):

@@ -3,7 +3,8 @@
 Only the identity that made the completion (its API key; anonymous for anonymous ones) or an admin
 key may post feedback on it. Anyone else gets the same 404 as for an id that does not exist, not a
 403: a 403 would confirm to a stranger that the id is real, and there is nothing they could do with
-that answer except probe. When the completion cannot be checked now (Redis down), feedback is accepted
+that answer except probe. When the completion cannot be checked now (Redis down, or an id made moments ago
+whose record another replica has not written yet: see serve/services/records.py), feedback is accepted
 and recorded with the poster's key, as before; align joins it to the completion later.
 """
 

@@ -8,11 +8,21 @@ record's id, so at-least-once delivery can be deduplicated by readers.
 Retention is decided here, per record: every stream is trimmed to about `maxlen` entries and
 to `ttl_s` of age, and a completion's lookup key expires after `ttl_s` (see docs/security.md,
 "Data at rest"). `store_raw_output` says whether the model's unfiltered text may be stored.
+
+Completion ids carry the time they were made (`chatcmpl-<uuid7 hex>`: a UUIDv7's first 48 bits are the Unix
+time in ms). With several replicas on one Redis, feedback may reach a replica before the completion's record
+does: the replica that made it may still be draining its queue, or replaying its spool after an outage. So
+`lookup` answers `UNCHECKED` (accepted, verified by align when it joins feedback to completions) for an id that
+is not in Redis but was made less than `unverified_window_s` ago; an older unknown id is a 404. A made-up id
+with a recent time gains nothing: it is accepted as feedback on nothing, exactly as while Redis is down.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import secrets
+import time
 from collections import OrderedDict
 from typing import Any, NamedTuple, Protocol
 
@@ -23,6 +33,26 @@ from core.keys import Keys
 from core.records import CompletionRecord, FeedbackRecord, PolicyPair, RecordError, decode, encode_text
 
 logger = logging.getLogger("secondstage.records")
+
+
+_ID = re.compile(r"^[a-z]+-([0-9a-f]{32})(?:-[0-9]+)?$")
+# How far ahead of this replica's clock an id's time may be (another replica's clock may run ahead).
+_CLOCK_SKEW_S = 60.0
+
+
+def new_completion_id(prefix: str, now: float | None = None) -> str:
+    """`<prefix>-<32 hex>`: a UUIDv7 (48 bits of Unix ms, version 7, 74 random bits), so the id tells its time."""
+    ms = int((time.time() if now is None else now) * 1000) & ((1 << 48) - 1)
+    value = (ms << 80) | (0x7 << 76) | (secrets.randbits(12) << 64) | (0b10 << 62) | secrets.randbits(62)
+    return f"{prefix}-{value:032x}"
+
+
+def completion_id_time(completion_id: str) -> float | None:
+    """When a completion id was made (Unix seconds), or None for ids without a time (older uuid4 ids, others)."""
+    match = _ID.match(completion_id)
+    if match is None or match.group(1)[12] != "7":
+        return None
+    return int(match.group(1)[:12], 16) / 1000
 
 
 class Writer(Protocol):
@@ -62,8 +92,11 @@ class Recorder:
         maxlen: int | None = None,
         ttl_s: int | None = None,
         store_raw_output: bool = False,
+        unverified_window_s: float = 0.0,
     ) -> None:
         self.writer = writer
+        self.unverified_window_s = unverified_window_s
+        """An unknown completion id made less than this long ago is accepted unverified (see the module docstring)."""
         self.client = client
         self.keys = keys
         self._record_cls = record_cls
@@ -142,7 +175,7 @@ class Recorder:
             logger.warning("cannot check completion %s in Redis (%s); accepting feedback unverified", key, exc)
             return UNCHECKED
         if raw is None:
-            return None
+            return UNCHECKED if self._maybe_elsewhere(completion_id) else None
         try:
             record = decode(raw, CompletionRecord)
         except RecordError as exc:
@@ -150,3 +183,16 @@ class Recorder:
             logger.warning("cannot read completion %s (%s); accepting feedback unverified", key, exc)
             return UNCHECKED
         return CompletionRef(len(record.choices), record.key, record.version)
+
+    def _maybe_elsewhere(self, completion_id: str) -> bool:
+        """True if another replica may have made this id and not written its record yet (it is recent)."""
+        made = completion_id_time(completion_id)
+        if made is None or self.unverified_window_s <= 0:
+            return False
+        age = time.time() - made
+        if -_CLOCK_SKEW_S <= age <= self.unverified_window_s:
+            logger.info(
+                "completion %s is not in Redis yet (made %.1fs ago); accepting feedback unverified", completion_id, age
+            )
+            return True
+        return False

@@ -1,0 +1,181 @@
+"""Two replicas on one Redis, real parts: one redis-server, two `secondstage serve` processes (real vLLM on the
+demo model) on different ports sharing one var/ directory, each with its own SECONDSTAGE_REPLICA_NAME.
+
+Chat on both; feedback on one for a completion the other made; a policy reload on one reaches the other;
+both report the same active version; Redis restarted under both (records spool, then replay); one replica
+SIGKILLed mid-stream while the other keeps serving, then started again under its name. At the end every
+completion id either replica answered is in Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from bench.harness import ROOT, ServerProcess, ensure_demo_model, running, secondstage_server, short_tmpdir
+from core.keys import Keys
+from core.redis_server import PrivateRedis
+
+pytestmark = pytest.mark.slow
+
+RULE = """\
+version: 1
+rules:
+  - id: replicas.zebra
+    description: added while both replicas run
+    kind: keywords
+    keywords: [zebra]
+    stages: [input]
+    action: block
+"""
+
+
+def _chat(server: ServerProcess, i: int) -> str:
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": f"What is {i % 10} plus 1?"}], "max_tokens": 16},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    return str(r.json()["id"])
+
+
+def _wait(what: str, check, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[tuple[PrivateRedis, ServerProcess, ServerProcess, Path]]:
+    model = ensure_demo_model()
+    base = short_tmpdir("replicas-")
+    redis_server = PrivateRedis(base / "redis", appendfsync="always")
+    redis_server.start()
+    policies = tmp_path / "policies"
+    shutil.copytree(ROOT / "policies", policies)
+    var = tmp_path / "var"
+    servers = [
+        secondstage_server(
+            redis_url=redis_server.url,
+            var_dir=var,
+            log=tmp_path / f"{name}.log",
+            model=model,
+            policies=policies,
+            engine=None,
+            log_level="info",
+            extra_env={
+                "SECONDSTAGE_REPLICA_NAME": name,
+                "SECONDSTAGE_RECONCILE_INTERVAL_S": "1",
+                "SECONDSTAGE_KV_CACHE_MEMORY_FRACTION": "0.05",
+            },
+        )
+        for name in ("serve-0", "serve-1")
+    ]
+    try:
+        # One after the other, as a StatefulSet starts them (the first creates var/admin.key).
+        with running(servers[0]), running(servers[1]):
+            yield redis_server, servers[0], servers[1], var
+    finally:
+        redis_server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_two_replicas_on_one_redis(fleet: tuple[PrivateRedis, ServerProcess, ServerProcess, Path]) -> None:
+    redis_server, a, b, var = fleet
+    keys = Keys("secondstage")
+    rc = redis.Redis.from_url(redis_server.url)
+    ids: list[str] = []
+
+    # Each replica its own spool in the shared var/.
+    assert {p.name for p in (var / "spool").iterdir()} == {"serve-0", "serve-1"}
+    for server, name in ((a, "serve-0"), (b, "serve-1")):
+        health = httpx.get(server.url + "/health", timeout=10).json()
+        assert health["replica"] == name and health["skew"] is False
+
+    # Chat on both; feedback on B for a completion A made (at once: A's writer may not have written it yet).
+    made_on_a = _chat(a, 1)
+    fb = httpx.post(b.url + "/v1/feedback", json={"completion_id": made_on_a, "thumbs": "up"}, timeout=10)
+    assert fb.status_code == 200, fb.text
+    ids += [made_on_a, _chat(b, 2)]
+
+    # Both serve the active version (the registry's, read from Redis).
+    out = subprocess.run(
+        [sys.executable, "-m", "core.cli", "versions", "activate", "base"],
+        env=a.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    for server in (a, b):
+        card = httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]
+        assert card["version"] == card["wanted_version"] == "base"
+
+    # A policy reload on A reaches B through Redis (B logs that it reloads for A).
+    admin = {"Authorization": f"Bearer {(var / 'admin.key').read_text().strip()}"}
+    (Path(a.env["SECONDSTAGE_POLICIES_DIR"]) / "zz-replicas.yaml").write_text(RULE)
+    reload = httpx.post(a.url + "/admin/policies/reload", headers=admin, timeout=120)
+    if reload.status_code == 409:  # A's own file watcher got there first; the admin reload is what announces
+        time.sleep(3)
+        reload = httpx.post(a.url + "/admin/policies/reload", headers=admin, timeout=120)
+    assert reload.status_code == 200, reload.text
+    version = reload.json()["version"]
+    _wait(
+        "B to reload for A",
+        lambda: (
+            "replica serve-0 reloaded policies" in b.log.read_text(errors="replace")
+            and httpx.get(b.url + "/admin/policies", headers=admin, timeout=10).json()["version"] == version
+        ),
+    )
+
+    # Redis restarted under both: chat goes on (records spool), and both replay when it is back.
+    redis_server.kill()
+    ids += [_chat(a, 3), _chat(b, 4)]
+    redis_server.restart()
+    ids += [_chat(a, 5), _chat(b, 6)]
+
+    # A SIGKILLed mid-stream: B keeps serving.
+    with httpx.stream(
+        "POST",
+        a.url + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 200, "stream": True},
+        timeout=120,
+    ) as stream:
+        lines = stream.iter_lines()
+        next(line for line in lines if line.startswith("data:"))
+        assert a.proc is not None
+        os.killpg(a.proc.pid, signal.SIGKILL)  # the server and its engine workers, as when a pod dies
+        with contextlib.suppress(httpx.HTTPError):  # the stream breaks (unless the rest was already sent)
+            for _ in lines:
+                pass
+    a.proc.wait()
+    a.stop()
+    ids += [_chat(b, i) for i in range(7, 10)]
+
+    # A back under its name (a StatefulSet's pod): it takes its spool again and serves.
+    a.start()
+    ids.append(_chat(a, 10))
+
+    def all_in_redis() -> bool:
+        return all(rc.get(keys.completion(cid)) is not None for cid in ids)
+
+    _wait("every completion in Redis", all_in_redis)
+    streamed = {f[b"id"].decode() for _, f in rc.xrange(keys.completions)}
+    assert set(ids) <= streamed
+    feedback = [json.loads(f[b"data"]) for _, f in rc.xrange(keys.feedback)]
+    assert any(f["completion_id"] == made_on_a for f in feedback)
