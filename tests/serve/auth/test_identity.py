@@ -180,3 +180,13 @@ def test_a_keys_stored_limits_are_enforced(auth_settings: ServeSettings, engine:
         ]
         assert codes == [200, 200, 429]
         assert c.post("/v1/chat/completions", json={"messages": MSG}, headers=bearer(other)).status_code == 200
+
+
+def test_two_replicas_creating_the_admin_key_at_once_share_one(tmp_path: Path) -> None:
+    """The second replica to start on a fresh var/ reads the key the first wrote instead of failing."""
+    from serve.auth import credential
+
+    path = tmp_path / "admin.key"
+    first = credential._create(path)
+    assert first is not None and credential._create(path) is None
+    assert credential._read(path) == first
