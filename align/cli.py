@@ -214,6 +214,7 @@ def export(
             consumer=settings.consumer_name,
             max_rows_per_user=settings.max_rows_per_user,
             include_policy_pairs=settings.include_policy_pairs,
+            missing_completion_wait_s=settings.missing_completion_wait_s,
         )
         data = build_datasets(reader.read(all_feedback=all_feedback, consume=False))
     paths = export_jsonl(data, out)

@@ -20,8 +20,9 @@ identity cannot dominate a version.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,8 +67,8 @@ class FeedbackBatch:
     to_ack: dict[str, list[str]] = field(default_factory=dict)
     """Stream key → entry ids delivered through the group, to XACK once the run is published."""
     skipped: Counter[str] = field(default_factory=Counter)
-    """Why entries were left out: duplicate, malformed, missing_completion, malformed_completion, user_cap (deferred
-    to a later run)."""
+    """Why entries were left out: duplicate, malformed, missing_completion, malformed_completion, user_cap and
+    completion_pending (both deferred to a later run)."""
 
     @property
     def entries(self) -> int:
@@ -107,6 +108,8 @@ class FeedbackReader:
         consumer: str = "align",
         max_rows_per_user: int = 50,
         include_policy_pairs: bool = True,
+        missing_completion_wait_s: float = 3600.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
         self.keys = keys
@@ -114,6 +117,8 @@ class FeedbackReader:
         self.consumer = consumer
         self.max_rows_per_user = max_rows_per_user
         self.include_policy_pairs = include_policy_pairs
+        self.missing_completion_wait_s = missing_completion_wait_s
+        self.clock = clock
 
     @property
     def streams(self) -> list[str]:
@@ -239,7 +244,14 @@ class FeedbackReader:
         for entry_id, record in candidates:
             completion = completions.get(record.completion_id)
             if completion is None:
-                batch.skipped["missing_completion"] += 1
+                # Serve accepts feedback it cannot check yet (Redis down, or the completion made on another
+                # replica whose writer is still backlogged): keep such feedback pending for later runs, and
+                # drop it only once its completion had time to arrive.
+                if self.clock() - record.created < self.missing_completion_wait_s:
+                    batch.skipped["completion_pending"] += 1
+                    deferred.add(entry_id)
+                else:
+                    batch.skipped["missing_completion"] += 1
                 continue
             # The authenticated identity, never the client-set `user`: feedback from before records carried
             # `key` falls back to the completion's key (only its owner may post feedback on it).

@@ -23,6 +23,13 @@ class AlignSettings(CommonSettings):
         ge=1,
         description="Most feedback entries one user may contribute to one run (a cap against poisoning).",
     )
+    missing_completion_wait_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="Feedback whose completion is not in Redis yet (its replica's writer is backlogged or "
+        "spooling, or Redis was down when it was accepted) stays pending this long for later runs; after "
+        "that it is dropped as missing_completion.",
+    )
     include_policy_pairs: bool = Field(
         default=True, description="Also train on preference pairs derived from enforced output-policy rewrites."
     )

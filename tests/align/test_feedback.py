@@ -20,13 +20,33 @@ def test_read_joins_completion_and_dedupes_by_id(client: redis.Redis, settings: 
     server.feedback(cid, fb_id="fb-1", thumbs="down", key="k-alice")
     server.feedback(cid, fb_id="fb-1", thumbs="down", key="k-alice")  # at-least-once logging wrote it twice
     server.feedback("chatcmpl-gone", fb_id="fb-2", thumbs="up")
-    batch = reader(client, settings).read()
+    batch = reader(client, settings, missing_completion_wait_s=0).read()  # an orphan: no waiting for it
     assert [f.id for f in batch.feedback] == ["fb-1"]
     assert batch.feedback[0].completion.choices[0].text == "Green."
     assert batch.feedback[0].user == "k-alice"  # the authenticated identity, not the client-set `user`
     assert batch.skipped == {"duplicate": 1, "missing_completion": 1}
     # Every delivered entry is acknowledged with the run, duplicates and orphans included.
     assert len(batch.to_ack[Keys(settings.redis_prefix).feedback]) == 3
+
+
+def test_feedback_whose_completion_has_not_arrived_stays_pending(
+    client: redis.Redis, settings: AlignSettings, server: Server
+) -> None:
+    """Feedback accepted before its completion reached Redis (another replica's writer backlogged, Redis
+    down) is kept for a later run, not acknowledged and lost; once the completion arrives it trains."""
+    server.feedback("chatcmpl-late", fb_id="fb-late", thumbs="up")
+    r = reader(client, settings, missing_completion_wait_s=3600)
+    first = r.read()
+    assert first.feedback == [] and first.skipped == {"completion_pending": 1}
+    assert first.to_ack[Keys(settings.redis_prefix).feedback] == []
+    r.ack(first)
+    server.completion("Late?", "Here.", cid="chatcmpl-late")
+    second = r.read()
+    assert [f.id for f in second.feedback] == ["fb-late"]
+    # Past the wait it is dropped as an orphan (and acknowledged).
+    server.feedback("chatcmpl-never", fb_id="fb-never", thumbs="up")
+    late = reader(client, settings, missing_completion_wait_s=3600, clock=lambda: 1e12).read()
+    assert late.skipped["missing_completion"] == 1
 
 
 def test_second_read_after_ack_sees_only_new(client: redis.Redis, settings: AlignSettings, server: Server) -> None:
