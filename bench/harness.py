@@ -9,6 +9,11 @@ file whose tail goes into every error.
     with running(server):
         httpx.get(server.url + "/v1/models")
 
+A real Prometheus (Debian's `prometheus`, as scripts/install.sh installs it) scrapes servers under test:
+
+    with prometheus(tmp, [server.url.removeprefix("http://")], job="secondstage") as prom:
+        httpx.get(prom + "/api/v1/query", params={"query": "up"})
+
 Only the benchmarks and the tests import this; serve, align and core never do.
 """
 
@@ -22,11 +27,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "var" / "models" / "demo"
@@ -149,6 +155,49 @@ def running(server: ServerProcess, timeout: float = 300.0) -> Iterator[ServerPro
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def prometheus(tmp: Path, targets: Sequence[str], *, job: str, rule_files: Sequence[Path] = ()) -> Iterator[str]:
+    """A Prometheus on a free port scraping `targets` (host:port) as `job` every second, evaluating `rule_files`
+    every second; its config, data and log go under `tmp`. Yields its URL; stopped when the block ends."""
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(f) for f in rule_files],
+        "scrape_configs": [{"job_name": job, "static_configs": [{"targets": list(targets)}]}],
+    }
+    (tmp / "prometheus.yaml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp / "prometheus.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={tmp / 'prometheus.yaml'}",
+                f"--storage.tsdb.path={tmp / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"prometheus exited: {log.read_text()[-3000:]}"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/-/ready", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, f"prometheus not ready in 60 s: {log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def secondstage_server(

@@ -9,12 +9,9 @@ be empty only if it is on the short allow-list below, each entry saying what it 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from bench.harness import ROOT, free_port
+from bench.harness import ROOT, prometheus
 from tests.e2e.conftest import Server
 
 pytestmark = [
@@ -58,48 +55,6 @@ EMPTY_ALLOWED = {
         "an align run pushing to a Pushgateway that this Prometheus scrapes",
     ),
 }
-
-
-@contextlib.contextmanager
-def prometheus(tmp: Path, target: str) -> Iterator[str]:
-    """A Prometheus scraping `target` (host:port) every second with deploy/'s rules; yields its URL."""
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES)],
-        "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [target]}]}],
-    }
-    (tmp / "prometheus.yaml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp / "prometheus.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                "prometheus",
-                f"--config.file={tmp / 'prometheus.yaml'}",
-                f"--storage.tsdb.path={tmp / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"prometheus exited: {log.read_text()[-3000:]}"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/-/ready", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, f"prometheus not ready in 60 s: {log.read_text()[-3000:]}"
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def query(prom: str, expr: str) -> list[Any]:
@@ -152,7 +107,7 @@ def traffic(server: Server) -> None:
 
 def test_every_panel_and_rule_works_on_real_prometheus(server: Server, tmp_path: Path) -> None:
     target = server.url.removeprefix("http://")
-    with prometheus(tmp_path, target) as prom:
+    with prometheus(tmp_path, [target], job=JOB, rule_files=[RULES]) as prom:
         wait_for(prom, f'up{{job="{JOB}"}} == 1')
         # Two rounds a few scrapes apart: counters created by the first round rise in the second,
         # so rates and increases have something to show.

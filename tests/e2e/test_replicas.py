@@ -1,10 +1,13 @@
 """Two replicas on one Redis, real parts: one redis-server, two `secondstage serve` processes (real vLLM on the
-demo model) on different ports sharing one var/ directory, each with its own SECONDSTAGE_REPLICA_NAME.
+demo model) on different ports sharing one var/ directory (versions included), each with its own
+SECONDSTAGE_REPLICA_NAME, and a real Prometheus (Debian's `prometheus`) scraping both.
 
-Chat on both; feedback on one for a completion the other made; a policy reload on one reaches the other;
-both report the same active version; Redis restarted under both (records spool, then replay); one replica
-SIGKILLed mid-stream while the other keeps serving, then started again under its name. At the end every
-completion id either replica answered is in Redis.
+Prometheus sees both targets up and request counters from both; chat on both; feedback on one for a
+completion the other made; both report the same active version; a policy reload on one reaches the other;
+corrections sent across replicas train a version in a real `align run`, and both serve it within seconds;
+Redis restarted under both (records spool, then replay); one replica SIGKILLed mid-stream while the other
+keeps serving, then started again under its name, on the new version. At the end every completion id either
+replica answered is in Redis.
 """
 
 from __future__ import annotations
@@ -19,16 +22,44 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import redis
 
-from bench.harness import ROOT, ServerProcess, ensure_demo_model, running, secondstage_server, short_tmpdir
+from bench.harness import (
+    ROOT,
+    ServerProcess,
+    ensure_demo_model,
+    prometheus,
+    running,
+    secondstage_server,
+    short_tmpdir,
+)
 from core.keys import Keys
 from core.redis_server import PrivateRedis
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("prometheus") is None,
+        reason="prometheus not found: install Debian's `prometheus` package (scripts/install.sh does)",
+    ),
+]
+
+JOB = "secondstage"
+
+# Prompts whose answers get a correction in the house style (as in test_loop.py), enough rows for align to
+# train and its gate to pass on the demo model.
+CORRECTED = [
+    "What colour is the sky?",
+    "What is the capital of France?",
+    "What sound does a cow make?",
+    "What is 3 plus 4?",
+    "What is the opposite of hot?",
+    "Which country is Tokyo in?",
+]
 
 RULE = """\
 version: 1
@@ -50,6 +81,28 @@ def _chat(server: ServerProcess, i: int) -> str:
     )
     assert r.status_code == 200, r.text
     return str(r.json()["id"])
+
+
+def _ask(server: ServerProcess, prompt: str) -> dict[str, Any]:
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 48},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def _query(prom: str, expr: str) -> list[Any]:
+    r = httpx.get(prom + "/api/v1/query", params={"query": expr}, timeout=30)
+    body = r.json()
+    assert r.status_code == 200 and body["status"] == "success", f"{expr}\n{body}"
+    return body["data"]["result"]  # type: ignore[no-any-return]
+
+
+def _instances(prom: str, expr: str) -> set[str]:
+    """The `instance` labels of the series `expr` returns."""
+    return {series["metric"]["instance"] for series in _query(prom, expr)}
 
 
 def _wait(what: str, check, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
@@ -94,8 +147,19 @@ def fleet(tmp_path: Path) -> Iterator[tuple[PrivateRedis, ServerProcess, ServerP
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_two_replicas_on_one_redis(fleet: tuple[PrivateRedis, ServerProcess, ServerProcess, Path]) -> None:
+def test_two_replicas_on_one_redis(
+    fleet: tuple[PrivateRedis, ServerProcess, ServerProcess, Path], tmp_path: Path
+) -> None:
     redis_server, a, b, var = fleet
+    (tmp_path / "prometheus").mkdir()
+    targets = {a.url.removeprefix("http://"), b.url.removeprefix("http://")}
+    with prometheus(tmp_path / "prometheus", sorted(targets), job=JOB) as prom:
+        _scenario(redis_server, a, b, var, prom, targets)
+
+
+def _scenario(
+    redis_server: PrivateRedis, a: ServerProcess, b: ServerProcess, var: Path, prom: str, targets: set[str]
+) -> None:
     keys = Keys("secondstage")
     rc = redis.Redis.from_url(redis_server.url)
     ids: list[str] = []
@@ -111,6 +175,13 @@ def test_two_replicas_on_one_redis(fleet: tuple[PrivateRedis, ServerProcess, Ser
     fb = httpx.post(b.url + "/v1/feedback", json={"completion_id": made_on_a, "thumbs": "up"}, timeout=10)
     assert fb.status_code == 200, fb.text
     ids += [made_on_a, _chat(b, 2)]
+
+    # Prometheus scrapes both replicas, and sees the requests each one served.
+    _wait("Prometheus to see both replicas up", lambda: _instances(prom, f'up{{job="{JOB}"}} == 1') == targets)
+    _wait(
+        "request counters from both replicas in Prometheus",
+        lambda: _instances(prom, f'secondstage_requests_total{{job="{JOB}",route="/v1/chat/completions"}}') == targets,
+    )
 
     # Both serve the active version (the registry's, read from Redis).
     out = subprocess.run(
@@ -143,6 +214,45 @@ def test_two_replicas_on_one_redis(fleet: tuple[PrivateRedis, ServerProcess, Ser
         ),
     )
 
+    # Corrections sent across replicas (on B for A's answers and on A for B's) train a new version in a real
+    # `align run` on the shared Redis and versions directory; both replicas serve it within seconds.
+    sent: list[str] = []
+    for i, prompt in enumerate(CORRECTED):
+        made_on, sent_to = (a, b) if i % 2 == 0 else (b, a)
+        answer = _ask(made_on, prompt)
+        assert answer["system_fingerprint"] == "base"
+        ids.append(answer["id"])
+        correction = "Arr, matey! " + answer["choices"][0]["message"]["content"]
+        fb = httpx.post(
+            sent_to.url + "/v1/feedback",
+            json={"completion_id": answer["id"], "thumbs": "down", "correction": correction},
+            timeout=10,
+        )
+        assert fb.status_code == 200, fb.text
+        sent.append(fb.json()["id"])
+    # Align reads what reached Redis, and each replica's writer is asynchronous: wait for every event there.
+    _wait(
+        "every correction in Redis",
+        lambda: set(sent) <= {f[b"id"].decode() for _, f in rc.xrange(keys.feedback)},
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "core.cli", "align", "run"],
+        env=a.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    for server in (a, b):
+        _wait(
+            f"{server.url} to serve v1",
+            lambda server=server: _ask(server, CORRECTED[0])["system_fingerprint"] == "v1",
+            timeout=30,
+        )
+        card = httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]
+        assert card["version"] == "v1", card
+
     # Redis restarted under both: chat goes on (records spool), and both replay when it is back.
     redis_server.kill()
     ids += [_chat(a, 3), _chat(b, 4)]
@@ -170,6 +280,7 @@ def test_two_replicas_on_one_redis(fleet: tuple[PrivateRedis, ServerProcess, Ser
     # A back under its name (a StatefulSet's pod): it takes its spool again and serves.
     a.start()
     ids.append(_chat(a, 10))
+    _wait("A to serve v1 again", lambda: _ask(a, CORRECTED[0])["system_fingerprint"] == "v1", timeout=30)
 
     def all_in_redis() -> bool:
         return all(rc.get(keys.completion(cid)) is not None for cid in ids)
