@@ -85,4 +85,6 @@ def test_streams_keep_flowing_while_policies_reload(settings: ServeSettings) -> 
     assert end - start > 0.5, "the reload was too quick to show anything"
     during = [gap for at, gap in gaps if start + 0.3 < at < end]
     assert during, f"no chunk arrived while the reload ran ({start=}, {end=}, {gaps[:3]=}, {gaps[-3:]=}, {len(gaps)=})"
-    assert max(during) < 0.5, f"a stream stalled {max(during):.2f}s during a {end - start:.2f}s reload"
+    # A reload on the event loop stalls streams for (nearly) all of it; relative to the reload's own length the
+    # bound holds on a slower or faster machine alike.
+    assert max(during) < (end - start) / 3, f"a stream stalled {max(during):.2f}s during a {end - start:.2f}s reload"
