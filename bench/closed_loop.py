@@ -217,7 +217,7 @@ def main() -> None:
     rounds: list[dict[str, Any]] = []
     t_start = time.monotonic()
     try:
-        with PrivateRedis(work / "redis", appendfsync="everysec") as rs:
+        with PrivateRedis(work / "redis") as rs:
             server = secondstage_server(
                 redis_url=rs.url,
                 var_dir=work / "var",

@@ -5,7 +5,7 @@
 1. throughput: `--records` completion records (~1.5 KB JSON each, built by the server's own Recorder: one
    XADD to the completions stream + one SET of the lookup key per completion) submitted as fast as the
    bounded queue takes them (the producer waits while the queue is over half full, so nothing spools) into
-   a private redis-server (unix socket, AOF everysec — the server's default). The writer's event loop runs
+   a private redis-server (unix socket, AOF appendfsync always — the server's default). The writer's event loop runs
    on one core; redis-server is a separate process.
 2. outage: `--outage-records` at `--outage-rate`/s into a redis-server with appendfsync=always, SIGKILLed
    a third of the way through and restarted a second later. The writer spools to disk while Redis is down
@@ -262,7 +262,7 @@ def main() -> None:
         sizes = [len(r.fields["data"]) for r in records[:1000]]
         out["record_bytes_mean"] = sum(sizes) / len(sizes)
 
-        with PrivateRedis(work / "redis-a", appendfsync="everysec") as server:
+        with PrivateRedis(work / "redis-a") as server:
             tp = asyncio.run(throughput(records, server.url, work / "spool-a", args.batch_size, args.max_queue))
             tp["check"] = read_back(server.url, ids)
         out["throughput"] = tp
@@ -286,7 +286,7 @@ def main() -> None:
         t.add_column(col, justify="left" if col == "run" else "right")
     tp, ot = out["throughput"], out["outage"]
     t.add_row(
-        "throughput (AOF everysec)",
+        "throughput (AOF always)",
         f"{tp['check']['written']:,}",
         fmt(tp["per_s"], 0),
         f"{tp['check']['unique_read']:,}",

@@ -7,7 +7,7 @@ generator: `concurrency` clients, streamed then non-streamed, fixed prompt and `
 `ignore_eos` so every response has the same length.
   a  vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`)
   b  secondstage, SECONDSTAGE_POLICIES_ENABLED=false, SECONDSTAGE_LOGGING_ENABLED=false
-  c  secondstage with the default policies (policies/) and Redis logging (a private redis-server, AOF everysec)
+  c  secondstage with the default policies (policies/) and Redis logging (a private redis-server, AOF always)
   d  LiteLLM's proxy in front of (a), when a `litellm` executable is found (--litellm, or var/litellm-venv/bin)
 Every server is measured `--repeats` times (passes in alternating order, figures averaged) to damp the drift
 of a shared machine. Reports requests/s, output tokens/s, TTFT and latency p50/p99, the ratios b/a, c/a (d/a),

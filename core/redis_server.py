@@ -65,8 +65,11 @@ class PrivateRedis:
     to Redis before stopping it; if the parent dies without `stop()`, the server keeps running
     and the next `start()` on the directory reuses it.
 
-    `appendfsync="always"` is for tests that SIGKILL the server: with `everysec` a write acknowledged
-    while a background fsync is slow can still be lost (Redis defers the write for up to 2 s).
+    `appendfsync` defaults to "always" because serve treats a write Redis acknowledged as safe and forgets
+    it: with "everysec", Redis 7.0 (Debian's) defers the AOF write for up to 2 s while a background fsync is
+    slow, yet still acknowledges, so a SIGKILL then loses records serve already dropped from its spool (seen
+    on a busy CI machine: 9 of 20 completion records gone). With "always" the write and fsync happen before
+    the reply, grouped once per event-loop turn; bench/logwriter measures what it costs (README Performance).
     """
 
     def __init__(
@@ -74,7 +77,7 @@ class PrivateRedis:
         data_dir: Path | str,
         *,
         executable: str = "redis-server",
-        appendfsync: str = "everysec",
+        appendfsync: str = "always",
         maxmemory: str = "1gb",
     ) -> None:
         if appendfsync not in ("always", "everysec", "no"):

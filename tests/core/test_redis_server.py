@@ -37,7 +37,7 @@ def test_start_serves_on_a_private_unix_socket_only(server: PrivateRedis) -> Non
         config = c.config_get("*")
     assert config["port"] == "0"
     assert config["appendonly"] == "yes"
-    assert config["appendfsync"] == "everysec"
+    assert config["appendfsync"] == "always"  # acknowledged = on disk: survives SIGKILL
     assert config["save"] == ""
     assert Path(config["dir"]) == server.data_dir
     assert int(server.pidfile.read_text()) == server.pid

@@ -360,7 +360,7 @@ async def test_throughput(batch_script: bool, tmp_path: Path) -> None:
     """Not a timing assertion (shared CI machines vary); prints the rate. Run with -s."""
     n = 50_000 if batch_script else 10_000
     records = [completion(i) for i in range(n)]
-    with PrivateRedis(tmp_path / "redis") as server:  # the production configuration (appendfsync everysec)
+    with PrivateRedis(tmp_path / "redis") as server:  # the production configuration (appendfsync always)
         reader = redis.asyncio.Redis.from_url(server.url)
         try:
             rate = await _measure(
