@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from bench.results import RESULTS
-from serve.policy import PolicyEngine, RequestContext
+from core.policy import PolicyEngine, RequestContext
 
 PRESETS = ["email", "phone", "credit_card", "us_ssn", "openai_key", "aws_access_key", "github_token", "private_key"]
 WORDS = str.split(

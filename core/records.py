@@ -86,7 +86,7 @@ class Usage(msgspec.Struct, kw_only=True):
 
 
 class PolicyDecision(msgspec.Struct, kw_only=True):
-    """One rule firing on one request (serve.policy's `Decision`), plus the choice for output decisions."""
+    """One rule firing on one request (core.policy's `Decision`), plus the choice for output decisions."""
 
     rule_id: str
     kind: RuleKind

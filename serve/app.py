@@ -250,7 +250,7 @@ async def _authenticator(settings: ServeSettings, store: KeyStore) -> Authentica
 
 
 def _policy_engine(settings: ServeSettings, metrics: Metrics, engine: ModelEngine) -> Any:
-    from serve.policy import PolicyEngine
+    from core.policy import PolicyEngine
 
     def count_tokens(text: str) -> int:
         return len(engine.tokenizer.encode(text, add_special_tokens=False))

@@ -11,6 +11,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request, Response
 
+from core.policy import PolicyEngine
 from core.redis_supervisor import RedisSupervisor
 from serve.auth.authenticator import Authenticator, require
 from serve.caller import Caller
@@ -18,7 +19,6 @@ from serve.engine import ModelEngine
 from serve.errors import NotFound, Unavailable
 from serve.limits import Admission, RateLimiter
 from serve.metrics import Metrics
-from serve.policy import PolicyEngine
 from serve.services.chat import ChatService
 from serve.services.completions import CompletionService
 from serve.services.feedback import FeedbackService

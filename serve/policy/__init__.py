@@ -1,30 +1,5 @@
-"""Operator rule policies: rule files, the engine that enforces them, and its streaming filter.
+"""serve's side of operator policies: the reload fan-out across replicas and the `policy` CLI.
 
-Public API (what the chat service uses):
-
-    engine = PolicyEngine(Path("policies"), registry=registry, tokenizer_count=count)
-    engine.load()                                   # PolicyError: refuse to start
-    res = engine.check_input(messages, RequestContext(api_key, user, model), max_tokens)
-    f = engine.output_filter(ctx)                   # per choice: f.feed(delta) / f.finish(), send step.text
-    engine.policy_pair(messages, f.original_text, f.final_text, f.decisions)
+The rules, their loading and the engine that enforces them live in `core.policy`, shared with align (which
+checks generated samples for compliance and passes corrections through the same rules before training).
 """
-
-from serve.policy.engine import PolicyEngine
-from serve.policy.errors import PolicyError
-from serve.policy.loading import PolicySet, load_policy_set
-from serve.policy.results import Decision, InputResult, ReloadResult
-from serve.policy.scope import RequestContext
-from serve.policy.stream import FilterStep, OutputFilter
-
-__all__ = [
-    "Decision",
-    "FilterStep",
-    "InputResult",
-    "OutputFilter",
-    "PolicyEngine",
-    "PolicyError",
-    "PolicySet",
-    "ReloadResult",
-    "RequestContext",
-    "load_policy_set",
-]

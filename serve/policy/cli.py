@@ -15,10 +15,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from serve.policy.checks import run_examples
-from serve.policy.engine import PolicyEngine
-from serve.policy.errors import PolicyError
-from serve.policy.scope import RequestContext
+from core.policy.checks import run_examples
+from core.policy.engine import PolicyEngine
+from core.policy.errors import PolicyError
+from core.policy.scope import RequestContext
 
 policy_app = typer.Typer(help="Check and try the operator rule policies.", no_args_is_help=True)
 

@@ -24,8 +24,8 @@ import redis.asyncio as aioredis
 from core.keys import Keys
 
 if TYPE_CHECKING:
-    from serve.policy.engine import PolicyEngine
-    from serve.policy.results import ReloadResult
+    from core.policy.engine import PolicyEngine
+    from core.policy.results import ReloadResult
 
 log = logging.getLogger("secondstage.policy")
 

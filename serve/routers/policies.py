@@ -12,9 +12,9 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from core.policy.loading import ReloadBusy
 from serve.deps import ADMIN_SCOPE, PolicyDep
 from serve.errors import PolicyRejected, ReloadInProgress
-from serve.policy.loading import ReloadBusy
 from serve.routers import error_responses
 
 # Admin routes: an admin key always, also in the anonymous local mode.

@@ -174,7 +174,7 @@ class Pipeline:
             route=route,
         )
         if self.policy is not None:
-            from serve.policy import RequestContext
+            from core.policy import RequestContext
 
             job.policy_ctx = RequestContext(api_key=caller.key_id, user=caller.name, model=self.engine.model_name)
             checked = self.policy.check_input(messages, job.policy_ctx, max_tokens)

@@ -24,12 +24,12 @@ from typer.testing import CliRunner
 from core.cli import app as root_app
 from core.cli import mount_commands
 from core.keys import Keys
+from core.policy import PolicyEngine
 from core.redis_server import PrivateRedis
 from core.versions import BASE
 from serve.app import build_app
 from serve.logwriter import Record
 from serve.logwriter.spool import Spool
-from serve.policy import PolicyEngine
 from serve.policy.fanout import PolicyFanout
 from serve.services.records import UNCHECKED, Recorder, completion_id_time, new_completion_id
 from serve.settings import ServeSettings

@@ -7,7 +7,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from serve.policy.cli import policy_app
-from tests.serve.policy.conftest import write_rules
+from tests.core.policy.conftest import write_rules
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[3]

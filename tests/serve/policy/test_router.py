@@ -7,9 +7,9 @@ from collections.abc import Callable
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from core.policy import PolicyEngine
 from serve.caller import Caller
 from serve.errors import install_error_handlers
-from serve.policy import PolicyEngine
 from serve.routers.policies import router
 
 RULES = "rules:\n  - {id: a, description: alpha, kind: keywords, keywords: [alpha], action: redact}\n"

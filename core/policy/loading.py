@@ -22,11 +22,11 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from serve.policy.compiler import CompiledStage, MatchRuleModel, compile_stage
-from serve.policy.errors import PolicyError
-from serve.policy.metrics import PolicyMetrics
-from serve.policy.results import ReloadResult
-from serve.policy.schema import MATCH_KINDS, RuleFile
+from core.policy.compiler import CompiledStage, MatchRuleModel, compile_stage
+from core.policy.errors import PolicyError
+from core.policy.metrics import PolicyMetrics
+from core.policy.results import ReloadResult
+from core.policy.schema import MATCH_KINDS, RuleFile
 
 log = logging.getLogger("secondstage.policy")
 

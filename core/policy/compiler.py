@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import hyperscan
 
-from serve.policy.errors import PolicyError
-from serve.policy.presets import check_preset
-from serve.policy.regex import Analysed, PatternError, analyse, keywords_pattern
-from serve.policy.schema import KeywordsRule, PresetRule, RegexRule
+from core.policy.errors import PolicyError
+from core.policy.presets import check_preset
+from core.policy.regex import Analysed, PatternError, analyse, keywords_pattern
+from core.policy.schema import KeywordsRule, PresetRule, RegexRule
 
 log = logging.getLogger("secondstage.policy")
 

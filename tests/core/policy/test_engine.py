@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from core.policy import PolicyEngine, PolicyError, RequestContext, load_policy_set
 from core.records import Message, PolicyPair
-from serve.policy import PolicyEngine, PolicyError, RequestContext, load_policy_set
-from tests.serve.policy.conftest import CTX, stream, write_rules
+from tests.core.policy.conftest import CTX, stream, write_rules
 
 INPUT_RULES = """
 defaults:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from serve.policy.errors import PolicyError
+from core.policy.errors import PolicyError
 
 
 @dataclass

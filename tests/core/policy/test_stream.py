@@ -9,8 +9,8 @@ from collections.abc import Callable
 import pytest
 from prometheus_client import CollectorRegistry
 
-from serve.policy import PolicyEngine
-from tests.serve.policy.conftest import CTX, stream, write_rules
+from core.policy import PolicyEngine
+from tests.core.policy.conftest import CTX, stream, write_rules
 
 RULES = """
 rules:
@@ -266,7 +266,7 @@ def test_shadow_changes_nothing_but_records(make_engine: Callable[..., PolicyEng
 
 
 def test_scope_globs(make_engine: Callable[..., PolicyEngine]) -> None:
-    from serve.policy import RequestContext
+    from core.policy import RequestContext
 
     engine = make_engine(
         """

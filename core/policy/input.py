@@ -15,11 +15,11 @@ import unicodedata
 from collections.abc import Callable
 from typing import Any
 
-from serve.policy.loading import PolicySet
-from serve.policy.results import Decision, InputResult
-from serve.policy.schema import InstructionsRule, LimitRule, UnicodeRule, refusal_for
-from serve.policy.scope import RequestContext, active_indices, in_scope
-from serve.policy.stream import Matcher
+from core.policy.loading import PolicySet
+from core.policy.results import Decision, InputResult
+from core.policy.schema import InstructionsRule, LimitRule, UnicodeRule, refusal_for
+from core.policy.scope import RequestContext, active_indices, in_scope
+from core.policy.stream import Matcher
 
 _KEEP_CONTROLS = frozenset("\t\n\r")
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import hyperscan
 
-from serve.policy.compiler import CompiledStage
-from serve.policy.results import Decision
-from serve.policy.schema import refusal_for
+from core.policy.compiler import CompiledStage
+from core.policy.results import Decision
+from core.policy.schema import refusal_for
 
 # Drop consumed text from the working buffer once this many characters could go.
 _TRIM_AT = 4096

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from serve.policy.input import bad_chars, limit_violations
-from serve.policy.loading import PolicySet
-from serve.policy.schema import MATCH_KINDS, LimitRule, UnicodeRule, refusal_for
-from serve.policy.stream import Matcher
+from core.policy.input import bad_chars, limit_violations
+from core.policy.loading import PolicySet
+from core.policy.schema import MATCH_KINDS, LimitRule, UnicodeRule, refusal_for
+from core.policy.stream import Matcher
 
 
 @dataclass

@@ -20,14 +20,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from core.policy import input as input_stage
+from core.policy.loading import PolicySet, RuleSetLoader
+from core.policy.metrics import PolicyMetrics
+from core.policy.results import Decision, InputResult, ReloadResult
+from core.policy.schema import DEFAULT_REFUSAL
+from core.policy.scope import RequestContext, active_indices
+from core.policy.stream import Matcher, OutputFilter
 from core.records import Message, PolicyPair
-from serve.policy import input as input_stage
-from serve.policy.loading import PolicySet, RuleSetLoader
-from serve.policy.metrics import PolicyMetrics
-from serve.policy.results import Decision, InputResult, ReloadResult
-from serve.policy.schema import DEFAULT_REFUSAL
-from serve.policy.scope import RequestContext, active_indices
-from serve.policy.stream import Matcher, OutputFilter
 
 
 class PolicyEngine:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from serve.policy.compiler import CompiledStage
-from serve.policy.schema import Rule
+from core.policy.compiler import CompiledStage
+from core.policy.schema import Rule
 
 
 @dataclass(frozen=True)
