@@ -200,24 +200,36 @@ def export(
     ] = False,
 ) -> None:
     """Write the DPO and KTO datasets align would train on, as JSONL, without training or consuming anything."""
+    import redis
+
     from align.datasets import build_datasets, export_jsonl
-    from align.feedback import FeedbackReader
-    from align.job import open_redis
+    from align.feedback import FeedbackError, FeedbackReader, load_policies
+    from align.job import AlignError, open_redis
     from core.keys import Keys
 
     console = Console(stderr=True)
     settings = AlignSettings()  # type: ignore[call-arg]  # every field has a default; mypy can't see pydantic's
-    with open_redis(settings) as client:
-        reader = FeedbackReader(
-            client,
-            Keys(settings.redis_prefix),
-            consumer=settings.consumer_name,
-            max_rows_per_user=settings.max_rows_per_user,
-            include_policy_pairs=settings.include_policy_pairs,
-            missing_completion_wait_s=settings.missing_completion_wait_s,
-        )
-        data = build_datasets(reader.read(all_feedback=all_feedback, consume=False))
-    paths = export_jsonl(data, out)
+    try:
+        # The same rows a run would train on: corrections through the policies, nothing already trained.
+        policies = load_policies(settings.policies_dir)
+        with open_redis(settings) as client:
+            reader = FeedbackReader(
+                client,
+                Keys(settings.redis_prefix),
+                consumer=settings.consumer_name,
+                max_rows_per_user=settings.max_rows_per_user,
+                include_policy_pairs=settings.include_policy_pairs,
+                missing_completion_wait_s=settings.missing_completion_wait_s,
+                policies=policies,
+            )
+            batch = reader.read(all_feedback=all_feedback, consume=False)
+        data = build_datasets(batch)
+        data.counts.update(batch.screened)
+        paths = export_jsonl(data, out)
+    except (AlignError, FeedbackError, redis.RedisError, OSError) as e:
+        # One line and exit 1, like `align run`: these are the operator's to fix (Redis, policies, the --out path).
+        console.print(f"[red]feedback export failed: {e}")
+        raise typer.Exit(1) from e
     for name, path in paths.items():
         console.print(f"{name}: {len(data.dpo_rows if name == 'dpo' else data.kto_rows)} rows → {path}")
     console.print(f"counts: {data.summary()}")

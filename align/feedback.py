@@ -16,6 +16,19 @@ Logging is at-least-once, so entries are deduplicated by their `id`. Feedback wh
 unreadable) is skipped and counted. At most `max_rows_per_user` feedback entries per identity (the API key that
 posted them, never the client-set `user`) are taken in one run; the rest stay pending for later runs, so one
 identity cannot dominate a version.
+
+Two guards make what reaches training trustworthy:
+
+- **Already trained.** Feedback and policy pairs whose ids a published version lists (`Manifest.feedback_ids`,
+  `policy_pair_ids` in the registry) are skipped (`already_trained`) and, on a consuming read, acknowledged at
+  once. The job acknowledges only after it publishes, so a run killed between the two leaves its entries pending;
+  this is what keeps the next run from training them a second time. `all_feedback=True` (`align run --all`) is
+  the operator asking to retrain on everything and skips nothing.
+- **Corrections through the policies.** With a policy set (`policies`, the operator's rule files), each
+  correction goes through every input and output rule again (core/policy/correction.py) — serve did so when it
+  accepted it, but rules change — before it can become a "chosen" answer: redactions are applied
+  (`correction_redacted` in `screened`), and a correction an enforced block rule stops is dropped from that
+  feedback (`correction_blocked`) while its other signals (thumbs, rating) still count.
 """
 
 from __future__ import annotations
@@ -24,12 +37,16 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import redis
 
 from core.keys import Keys
+from core.policy import PolicyError, PolicySet, check_correction, load_policy_set
 from core.records import CompletionRecord, FeedbackRecord, PolicyPair, RecordError, decode
+from core.versions import Registry
 
 _PAGE = 500
 
@@ -68,7 +85,12 @@ class FeedbackBatch:
     """Stream key → entry ids delivered through the group, to XACK once the run is published."""
     skipped: Counter[str] = field(default_factory=Counter)
     """Why entries were left out: duplicate, malformed, missing_completion, malformed_completion, user_cap and
-    completion_pending (both deferred to a later run)."""
+    completion_pending (both deferred to a later run), already_trained (a published version used it), and
+    correction_blocked (the correction only: a block rule stopped it)."""
+    screened: Counter[str] = field(default_factory=Counter)
+    """What the policies changed in what is kept: correction_redacted (a rule redacted or rewrote a correction)."""
+    already_trained: dict[str, list[str]] = field(default_factory=dict)
+    """Stream key → entry ids a published version already trained on (acknowledged by a consuming read)."""
 
     @property
     def entries(self) -> int:
@@ -97,6 +119,17 @@ def _after(entry_id: str) -> str:
     return f"({entry_id}"
 
 
+def load_policies(policies_dir: Path) -> PolicySet:
+    """The operator's rule set that corrections are checked against; FeedbackError naming the fix if it fails."""
+    try:
+        return load_policy_set(Path(policies_dir))
+    except PolicyError as e:
+        raise FeedbackError(
+            f"cannot check corrections against the policies: {e}. Point SECONDSTAGE_POLICIES_DIR at the rule files "
+            "serve enforces (an empty directory applies no rules)"
+        ) from e
+
+
 class FeedbackReader:
     """Reads the align consumer group on the feedback and policy-pair streams."""
 
@@ -109,6 +142,7 @@ class FeedbackReader:
         max_rows_per_user: int = 50,
         include_policy_pairs: bool = True,
         missing_completion_wait_s: float = 3600.0,
+        policies: PolicySet | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
@@ -118,6 +152,8 @@ class FeedbackReader:
         self.max_rows_per_user = max_rows_per_user
         self.include_policy_pairs = include_policy_pairs
         self.missing_completion_wait_s = missing_completion_wait_s
+        self.policies = policies
+        """Corrections are checked against this set; None: not checked (see the module docstring)."""
         self.clock = clock
 
     @property
@@ -148,13 +184,39 @@ class FeedbackReader:
                 raw[stream] = self._xrange(stream) if all_feedback else delivered
             else:
                 raw[stream] = self._xrange(stream) if all_feedback else self._peek_unconsumed(stream)
-        deferred = self._parse_feedback(raw.get(self.keys.feedback, []), batch)
+        trained_feedback, trained_pairs = (set(), set()) if all_feedback else self._trained_ids()
+        deferred = self._parse_feedback(raw.get(self.keys.feedback, []), batch, trained_feedback)
         if self.include_policy_pairs:
-            self._parse_policy_pairs(raw.get(self.keys.policy_pairs, []), batch)
+            self._parse_policy_pairs(raw.get(self.keys.policy_pairs, []), batch, trained_pairs)
         # Entries deferred by the per-user cap stay pending, so a later run takes them.
         if deferred and self.keys.feedback in batch.to_ack:
             batch.to_ack[self.keys.feedback] = [i for i in batch.to_ack[self.keys.feedback] if i not in deferred]
+        if consume:
+            self._ack_already_trained(batch)
         return batch
+
+    def _trained_ids(self) -> tuple[set[str], set[str]]:
+        """The feedback and policy-pair ids every published version (the registry) trained on."""
+        feedback: set[str] = set()
+        pairs: set[str] = set()
+        try:
+            manifests = Registry(self.client, self.keys).manifests()
+        except RecordError as e:
+            # Without every manifest the run cannot tell what was trained already: refuse rather than retrain.
+            raise FeedbackError(f"a manifest in {self.keys.versions} does not decode ({e}); fix or remove it") from e
+        for manifest in manifests.values():
+            feedback.update(manifest.feedback_ids)
+            pairs.update(manifest.policy_pair_ids)
+        return feedback, pairs
+
+    def _ack_already_trained(self, batch: FeedbackBatch) -> None:
+        """Finish the acknowledgement a run killed after publishing did not make (see the module docstring)."""
+        for stream, entry_ids in batch.already_trained.items():
+            done = set(entry_ids)
+            for start in range(0, len(entry_ids), _PAGE):
+                self.client.xack(stream, self.group, *entry_ids[start : start + _PAGE])
+            if stream in batch.to_ack:
+                batch.to_ack[stream] = [i for i in batch.to_ack[stream] if i not in done]
 
     def ack(self, batch: FeedbackBatch) -> int:
         """Acknowledge what `batch` consumed; call only after its version is published."""
@@ -223,7 +285,9 @@ class FeedbackReader:
 
     # --- parsing -------------------------------------------------------------------------------------------
 
-    def _parse_feedback(self, entries: Iterable[tuple[str, dict[str, str]]], batch: FeedbackBatch) -> set[str]:
+    def _parse_feedback(
+        self, entries: Iterable[tuple[str, dict[str, str]]], batch: FeedbackBatch, trained: set[str]
+    ) -> set[str]:
         """Fill `batch.feedback`; return the entry ids deferred by the per-user cap."""
         seen: set[str] = set()
         candidates: list[tuple[str, FeedbackRecord]] = []
@@ -232,6 +296,10 @@ class FeedbackReader:
                 record = decode(fields["data"], FeedbackRecord)
             except (KeyError, RecordError):
                 batch.skipped["malformed"] += 1
+                continue
+            if record.id in trained:
+                batch.skipped["already_trained"] += 1
+                batch.already_trained.setdefault(self.keys.feedback, []).append(entry_id)
                 continue
             if record.id in seen:
                 batch.skipped["duplicate"] += 1
@@ -266,12 +334,25 @@ class FeedbackReader:
                     id=record.id,
                     entry_id=entry_id,
                     completion_id=record.completion_id,
-                    feedback=record,
+                    feedback=self._screen(record, batch),
                     completion=completion,
                     user=user,
                 )
             )
         return deferred
+
+    def _screen(self, record: FeedbackRecord, batch: FeedbackBatch) -> FeedbackRecord:
+        """`record` with its correction as the policies leave it (None when a block rule stops it)."""
+        if self.policies is None or record.correction is None:
+            return record
+        checked = check_correction(self.policies, record.correction)
+        if checked.text is None:
+            batch.skipped["correction_blocked"] += 1
+        elif checked.changed:
+            batch.screened["correction_redacted"] += 1
+        else:
+            return record
+        return msgspec.structs.replace(record, correction=checked.text)
 
     def _completions(self, ids: list[str], batch: FeedbackBatch) -> dict[str, CompletionRecord]:
         unique = list(dict.fromkeys(ids))
@@ -288,7 +369,9 @@ class FeedbackReader:
                     batch.skipped["malformed_completion"] += 1
         return out
 
-    def _parse_policy_pairs(self, entries: Iterable[tuple[str, dict[str, str]]], batch: FeedbackBatch) -> None:
+    def _parse_policy_pairs(
+        self, entries: Iterable[tuple[str, dict[str, str]]], batch: FeedbackBatch, trained: set[str]
+    ) -> None:
         seen: set[str] = set()
         for entry_id, fields in entries:
             try:
@@ -297,6 +380,10 @@ class FeedbackReader:
                 pair_id = pair.id or fields["id"]
             except (KeyError, RecordError):
                 batch.skipped["malformed"] += 1
+                continue
+            if pair_id in trained:
+                batch.skipped["already_trained"] += 1
+                batch.already_trained.setdefault(self.keys.policy_pairs, []).append(entry_id)
                 continue
             if pair_id in seen:
                 batch.skipped["duplicate"] += 1

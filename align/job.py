@@ -34,7 +34,7 @@ from redis.lock import Lock
 from rich.console import Console
 
 from align.datasets import AlignData, build_datasets
-from align.feedback import FeedbackBatch, FeedbackReader
+from align.feedback import FeedbackBatch, FeedbackError, FeedbackReader, load_policies
 from align.gate import describe_failure, evaluate_gate
 from align.metrics import AlignMetrics
 from align.settings import AlignSettings
@@ -307,6 +307,11 @@ def _read_feedback(
     console: Console,
 ) -> tuple[FeedbackReader, FeedbackBatch, AlignData, RunResult | None]:
     """Read and shape the feedback; the last item is the run's result when there is nothing to train."""
+    try:
+        # Corrections pass the operator's rules again before they may train (align/feedback.py).
+        policies = load_policies(settings.policies_dir)
+    except FeedbackError as e:
+        raise AlignError(str(e)) from e
     reader = FeedbackReader(
         client,
         keys,
@@ -314,10 +319,12 @@ def _read_feedback(
         max_rows_per_user=settings.max_rows_per_user,
         include_policy_pairs=settings.include_policy_pairs,
         missing_completion_wait_s=settings.missing_completion_wait_s,
+        policies=policies,
     )
     with console.status("reading feedback"):
         batch = reader.read(all_feedback=all_feedback, consume=consume)
         data = build_datasets(batch)
+        data.counts.update(batch.screened)  # e.g. correction_redacted: in the manifest's datasets counts
     counts = data.summary()
     console.print(
         f"feedback: {len(batch.feedback)} entries, {len(batch.policy_pairs)} policy pairs → "

@@ -160,6 +160,10 @@ class FeedbackRecord(msgspec.Struct, kw_only=True):
     """The request's `user` field: metadata the client sets, never an identity."""
     key: str | None = None
     """Who posted it: the key id of the authenticated API key (None: anonymous). What per-identity caps key on."""
+    policy: PolicyTrace | None = None
+    """What the policies did to `correction` when serve accepted it (core/policy/correction.py): the rule set
+    and its decisions, spans in the text as the user sent it; `correction` is stored as they left it. None: no
+    correction, or the server ran without policies."""
 
 
 class PolicyPair(msgspec.Struct, kw_only=True):

@@ -66,6 +66,12 @@ class CommonSettings(BaseSettings):
         description="Most entries kept per record stream (completions, feedback, policy pairs): older ones are "
         "trimmed on append (XADD MAXLEN ~, so a stream may briefly hold a little more).",
     )
+    policies_dir: Path = Field(
+        default=Path("policies"),
+        description="Directory of policy rule files: serve enforces them on requests and responses; align checks "
+        "every correction against them again before it becomes a training answer (a missing directory fails "
+        "the run; an empty one applies no rules).",
+    )
 
     strict_env: bool = Field(
         default=False,

@@ -183,7 +183,7 @@ async def _start(
     app.state.chat = ChatService(pipeline)
     app.state.completions = CompletionService(pipeline, max_choices=settings.max_completion_choices)
     if recorder is not None:
-        app.state.feedback = FeedbackService(recorder, metrics)
+        app.state.feedback = FeedbackService(recorder, metrics, policy)
 
     stop = asyncio.Event()
     watcher = VersionWatcher(

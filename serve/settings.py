@@ -64,7 +64,6 @@ class ServeSettings(CommonSettings):
         ge=1,
         description="/v1/completions: most prompts × n in one request (400 above; each is an engine request).",
     )
-    policies_dir: Path = Field(default=Path("policies"), description="Directory of policy rule files.")
     policies_enabled: bool = Field(default=True, description="Enforce the rule files in policies_dir.")
     logging_enabled: bool = Field(default=True, description="Log completions to Redis.")
     log_queue_size: int = Field(default=10_000, description="Records held in memory before spooling to disk.")

@@ -9,8 +9,10 @@ Public API (what the chat service uses):
     res = engine.check_input(messages, RequestContext(api_key, user, model), max_tokens)
     f = engine.output_filter(ctx)                   # per choice: f.feed(delta) / f.finish(), send step.text
     engine.policy_pair(messages, f.original_text, f.final_text, f.decisions)
+    engine.check_correction(text)                   # feedback corrections, before they may train
 """
 
+from core.policy.correction import CorrectionCheck, check_correction
 from core.policy.engine import PolicyEngine
 from core.policy.errors import PolicyError
 from core.policy.loading import PolicySet, load_policy_set
@@ -19,6 +21,7 @@ from core.policy.scope import RequestContext
 from core.policy.stream import FilterStep, OutputFilter
 
 __all__ = [
+    "CorrectionCheck",
     "Decision",
     "FilterStep",
     "InputResult",
@@ -28,5 +31,6 @@ __all__ = [
     "PolicySet",
     "ReloadResult",
     "RequestContext",
+    "check_correction",
     "load_policy_set",
 ]

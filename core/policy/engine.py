@@ -21,6 +21,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from core.policy import input as input_stage
+from core.policy.correction import CorrectionCheck, check_correction
 from core.policy.loading import PolicySet, RuleSetLoader
 from core.policy.metrics import PolicyMetrics
 from core.policy.results import Decision, InputResult, ReloadResult
@@ -98,6 +99,12 @@ class PolicyEngine:
         return input_stage.check_input(
             self.active, messages, ctx, max_tokens, on_decision=self._count, tokenizer_count=self._tokenizer_count
         )
+
+    # -- corrections --
+
+    def check_correction(self, text: str) -> CorrectionCheck:
+        """A user's correction through every input and output rule before it may train (correction.py)."""
+        return check_correction(self.active, text)
 
     # -- output --
 

@@ -151,6 +151,15 @@ def test_serve_reads_policies_from_the_configmap_mount() -> None:
     assert admin_key.name in find("Secret", "secondstage-admin")["stringData"]
 
 
+def test_align_checks_corrections_against_the_same_policies_configmap() -> None:
+    cron = find("CronJob", "secondstage-align")
+    c = container(cron, "align")
+    volumes = {v["name"]: v for v in pod_template(cron)["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    policies_dir = env_of(c)["SECONDSTAGE_POLICIES_DIR"]
+    assert volumes[mounts[policies_dir]]["configMap"]["name"] == "secondstage-policies"
+
+
 def test_serve_probes_resources_and_termination() -> None:
     serve = find("Deployment", "secondstage-serve")
     pod = pod_template(serve)["spec"]
