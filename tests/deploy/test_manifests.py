@@ -140,7 +140,7 @@ def test_the_policies_configmap_is_policies_dir_as_generated() -> None:
 
 
 def test_serve_reads_policies_from_the_configmap_mount() -> None:
-    serve = find("Deployment", "secondstage-serve")
+    serve = find("StatefulSet", "secondstage-serve")
     c = container(serve, "serve")
     volumes = {v["name"]: v for v in pod_template(serve)["spec"]["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
@@ -160,8 +160,39 @@ def test_align_checks_corrections_against_the_same_policies_configmap() -> None:
     assert volumes[mounts[policies_dir]]["configMap"]["name"] == "secondstage-policies"
 
 
+def test_a_replaced_serve_pod_keeps_its_name_and_its_spool() -> None:
+    """serve is a StatefulSet: the replica name is the pod name, and var/spool is the pod's own claim."""
+    from serve.settings import ServeSettings
+
+    serve = find("StatefulSet", "secondstage-serve")
+    spec, pod = serve["spec"], pod_template(serve)
+    c = container(serve, "serve")
+    replica = next(e for e in c["env"] if e["name"] == "SECONDSTAGE_REPLICA_NAME")
+    assert replica["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    # The spool directory serve computes (var/spool/<replica>) lies on a volumeClaimTemplate, not the shared volume.
+    settings = ServeSettings(var_dir=Path(env_of(c)["SECONDSTAGE_VAR_DIR"]), replica_name="secondstage-serve-0")
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    spool_volume = mounts[str(settings.spool_dir.parent)]
+    assert spool_volume in {t["metadata"]["name"] for t in spec["volumeClaimTemplates"]}
+    assert spool_volume not in {v["name"] for v in pod["spec"]["volumes"]}
+    assert spec["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    assert spec["podManagementPolicy"] == "Parallel"
+    # The governing Service is headless; it, the public Service and the PDB select exactly these pods.
+    labels = pod["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    governing = find("Service", spec["serviceName"])
+    assert governing["spec"]["clusterIP"] == "None"
+    for selector in (
+        governing["spec"]["selector"],
+        find("Service", "secondstage")["spec"]["selector"],
+        find("PodDisruptionBudget", "secondstage-serve")["spec"]["selector"]["matchLabels"],
+        find("NetworkPolicy", "secondstage-serve")["spec"]["podSelector"]["matchLabels"],
+    ):
+        assert selector.items() <= labels.items(), selector
+
+
 def test_serve_probes_resources_and_termination() -> None:
-    serve = find("Deployment", "secondstage-serve")
+    serve = find("StatefulSet", "secondstage-serve")
     pod = pod_template(serve)["spec"]
     c = container(serve, "serve")
     startup = c["startupProbe"]
@@ -179,7 +210,7 @@ def test_serve_probes_resources_and_termination() -> None:
 
 def test_the_public_service_exposes_the_api_port_only() -> None:
     service = find("Service", "secondstage")
-    serve = container(find("Deployment", "secondstage-serve"), "serve")
+    serve = container(find("StatefulSet", "secondstage-serve"), "serve")
     ports = {p["name"]: p["containerPort"] for p in serve["ports"]}
     assert ports["operator"] == int(env_of(serve)["SECONDSTAGE_ADMIN_PORT"])
     assert [p["targetPort"] for p in service["spec"]["ports"]] == ["api"]
