@@ -22,6 +22,7 @@ so the check knows every installed side's names, whichever command runs.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 from importlib.metadata import entry_points
@@ -72,21 +73,23 @@ def mount_commands(root: typer.Typer) -> list[str]:
     return mounted
 
 
+@contextlib.contextmanager
 def _registry():  # type: ignore[no-untyped-def]
+    """(Registry, VersionStore) on the configured Redis for the block; exit 1 if there is none (core/cli_redis.py)."""
     import redis
 
+    from core.cli_redis import command_redis
     from core.keys import Keys
-    from core.redis_server import RedisServerError, resolve_redis
     from core.settings import CommonSettings
     from core.versions import Registry, VersionStore
 
     settings = CommonSettings()
-    try:
-        url, child = resolve_redis(settings)
-    except RedisServerError as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(1) from exc
-    return Registry(redis.Redis.from_url(url), Keys(settings.redis_prefix)), VersionStore(settings.versions_dir), child
+    with command_redis(settings, console) as url:
+        client = redis.Redis.from_url(url)
+        try:
+            yield Registry(client, Keys(settings.redis_prefix)), VersionStore(settings.versions_dir)
+        finally:
+            client.close()
 
 
 @versions_app.command("list")
@@ -94,8 +97,7 @@ def versions_list() -> None:
     """List model versions, their lineage and metrics; mark the active one."""
     from core.versions import BASE
 
-    registry, store, child = _registry()
-    try:
+    with _registry() as (registry, store):
         active = registry.active()
         table = Table("", "version", "parent", "created", "feedback", "datasets", "metrics")
         table.add_row("*" if active == BASE else "", BASE, "", "", "", "", "the base model, no adapter")
@@ -114,9 +116,6 @@ def versions_list() -> None:
                 metrics,
             )
         console.print(table)
-    finally:
-        if child is not None:
-            child.stop()
 
 
 @versions_app.command("activate")
@@ -124,15 +123,12 @@ def versions_activate(version: Annotated[str, typer.Argument(help="A version nam
     """Make VERSION the one running servers use for new requests (rollback = an older one)."""
     from core.versions import VersionError
 
-    registry, _, child = _registry()
-    try:
-        registry.activate(version)
-    except VersionError as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(2) from exc
-    finally:
-        if child is not None:
-            child.stop()
+    with _registry() as (registry, _):
+        try:
+            registry.activate(version)
+        except VersionError as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(2) from exc
     console.print(f"[green]active version: {version}[/] (running servers switch within seconds)")
 
 
@@ -148,12 +144,8 @@ def data_purge(
     if (key is None) == (user is None):
         console.print("[red]give exactly one of --key ID and --user ID[/]")
         raise typer.Exit(2)
-    registry, store, child = _registry()
-    try:
+    with _registry() as (registry, store):
         report = purge(registry.client, registry.keys, store, key=key, user=user, dry_run=dry_run)
-    finally:
-        if child is not None:
-            child.stop()
     verb = "would delete" if dry_run else "deleted"
     who = f"key {key}" if key is not None else f"user {user}"
     console.print(

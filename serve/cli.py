@@ -167,7 +167,7 @@ def replay_spool(
     """
     import asyncio
 
-    from core.redis_server import RedisServerError, resolve_redis
+    from core.cli_redis import command_redis
 
     settings = ServeSettings()
     root = settings.var_dir / "spool"
@@ -191,19 +191,12 @@ def replay_spool(
     if not directory.is_dir():
         console.print(f"[red]no spool directory {directory}[/] (`secondstage data replay-spool` lists them)")
         raise typer.Exit(1)
-    try:
-        url, child = resolve_redis(settings)
-    except RedisServerError as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(1) from exc
-    try:
-        left = asyncio.run(_replay(url, directory, timeout_s))
-    except RuntimeError as exc:  # the spool's lock: a running replica replays its own
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(1) from exc
-    finally:
-        if child is not None:
-            child.stop()
+    with command_redis(settings, console) as url:
+        try:
+            left = asyncio.run(_replay(url, directory, timeout_s))
+        except RuntimeError as exc:  # the spool's lock: a running replica replays its own
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(1) from exc
     if left:
         console.print(f"[red]{left} records still in {directory}: Redis did not take them within {timeout_s:.0f}s[/]")
         raise typer.Exit(1)

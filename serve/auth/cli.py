@@ -30,32 +30,25 @@ def _run(action: Callable[[KeyStore], Awaitable[T]]) -> T:
     """Run `action` on the key store of the configured Redis (starting the private one if needed)."""
     import redis.asyncio as aioredis
 
+    from core.cli_redis import command_redis
     from core.keys import Keys
-    from core.redis_server import RedisServerError, resolve_redis
     from core.settings import CommonSettings
 
     settings = CommonSettings()
-    try:
-        url, child = resolve_redis(settings)
-    except RedisServerError as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(1) from exc
 
-    async def go() -> T:
+    async def go(url: str) -> T:
         client = aioredis.Redis.from_url(url)
         try:
             return await action(KeyStore(client, Keys(settings.redis_prefix)))
         finally:
             await client.aclose()
 
-    try:
-        return asyncio.run(go())
-    except KeyStoreError as exc:
-        console.print(f"[red]{exc}[/]", highlight=False)
-        raise typer.Exit(2) from exc
-    finally:
-        if child is not None:
-            child.stop()
+    with command_redis(settings, console) as url:
+        try:
+            return asyncio.run(go(url))
+        except KeyStoreError as exc:
+            console.print(f"[red]{exc}[/]", highlight=False)
+            raise typer.Exit(2) from exc
 
 
 @keys_app.command("create")

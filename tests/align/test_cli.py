@@ -182,3 +182,14 @@ def test_run_every_json_prints_one_object_per_run(env: AlignSettings, monkeypatc
     result = CliRunner().invoke(align_app, ["run", "--every", "0.1", "--json"])
     assert result.exit_code == 0, result.output
     assert [r["outcome"] for r in json_runs(result.stdout)] == ["insufficient", "insufficient"]
+
+
+def test_export_without_redis_is_one_line_and_exit_1(env: AlignSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.harness import free_port
+
+    monkeypatch.setenv("SECONDSTAGE_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    result = CliRunner().invoke(feedback_app, ["export", "--out", str(env.var_dir / "export")])
+    assert result.exit_code == 1, result.output
+    assert "feedback export failed: cannot reach Redis" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+    assert "Traceback" not in result.output
