@@ -4,7 +4,8 @@
 Only one run works at a time, across machines: it holds redis-py's Redis lock, renewed while it runs, and
 publishes only if it still owns the lock then.
 A run publishes a version only when the gate passes; only then does it acknowledge the feedback it used, so
-anything that fails (training, gate, disk, Redis) leaves the feedback to the next run.
+anything that fails (training, gate, disk, Redis) leaves the feedback to the next run. A run killed between
+publishing and acknowledging leaves feedback a published version used: the next run skips it (align/feedback.py).
 
 Under `accelerate launch` (or torchrun) every process runs this job; only the main one (rank 0) takes the lock,
 gates, publishes and acknowledges. The others (`process_rank() > 0`) read the same feedback without consuming
@@ -308,23 +309,22 @@ def _read_feedback(
 ) -> tuple[FeedbackReader, FeedbackBatch, AlignData, RunResult | None]:
     """Read and shape the feedback; the last item is the run's result when there is nothing to train."""
     try:
-        # Corrections pass the operator's rules again before they may train (align/feedback.py).
-        policies = load_policies(settings.policies_dir)
+        reader = FeedbackReader(
+            client,
+            keys,
+            consumer=settings.consumer_name,
+            max_rows_per_user=settings.max_rows_per_user,
+            include_policy_pairs=settings.include_policy_pairs,
+            missing_completion_wait_s=settings.missing_completion_wait_s,
+            # Corrections pass the operator's rules again before they may train (align/feedback.py).
+            policies=load_policies(settings.policies_dir),
+        )
+        with console.status("reading feedback"):
+            batch = reader.read(all_feedback=all_feedback, consume=consume)
     except FeedbackError as e:
         raise AlignError(str(e)) from e
-    reader = FeedbackReader(
-        client,
-        keys,
-        consumer=settings.consumer_name,
-        max_rows_per_user=settings.max_rows_per_user,
-        include_policy_pairs=settings.include_policy_pairs,
-        missing_completion_wait_s=settings.missing_completion_wait_s,
-        policies=policies,
-    )
-    with console.status("reading feedback"):
-        batch = reader.read(all_feedback=all_feedback, consume=consume)
-        data = build_datasets(batch)
-        data.counts.update(batch.screened)  # e.g. correction_redacted: in the manifest's datasets counts
+    data = build_datasets(batch)
+    data.counts.update(batch.screened)  # e.g. correction_redacted: in the manifest's datasets counts
     counts = data.summary()
     console.print(
         f"feedback: {len(batch.feedback)} entries, {len(batch.policy_pairs)} policy pairs → "

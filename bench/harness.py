@@ -14,6 +14,8 @@ A real Prometheus (Debian's `prometheus`, as scripts/install.sh installs it) scr
     with prometheus(tmp, [server.url.removeprefix("http://")], job="secondstage") as prom:
         httpx.get(prom + "/api/v1/query", params={"query": "up"})
 
+and a real Pushgateway (`pushgateway(tmp)`, Debian's `prometheus-pushgateway`) takes what align runs push.
+
 Only the benchmarks and the tests import this; serve, align and core never do.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -158,13 +161,28 @@ def running(server: ServerProcess, timeout: float = 300.0) -> Iterator[ServerPro
 
 
 @contextlib.contextmanager
-def prometheus(tmp: Path, targets: Sequence[str], *, job: str, rule_files: Sequence[Path] = ()) -> Iterator[str]:
+def prometheus(
+    tmp: Path,
+    targets: Sequence[str],
+    *,
+    job: str,
+    rule_files: Sequence[Path] = (),
+    pushgateways: Sequence[str] = (),
+) -> Iterator[str]:
     """A Prometheus on a free port scraping `targets` (host:port) as `job` every second, evaluating `rule_files`
-    every second; its config, data and log go under `tmp`. Yields its URL; stopped when the block ends."""
+    every second; its config, data and log go under `tmp`. Yields its URL; stopped when the block ends.
+
+    `pushgateways` (host:port) are scraped too, with honor_labels as deploy/prometheus/prometheus.yaml does, so
+    what align pushed keeps its own `job="secondstage_align"` label."""
+    scrape_configs: list[dict[str, object]] = [{"job_name": job, "static_configs": [{"targets": list(targets)}]}]
+    if pushgateways:
+        scrape_configs.append(
+            {"job_name": f"{job}-align", "honor_labels": True, "static_configs": [{"targets": list(pushgateways)}]}
+        )
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(f) for f in rule_files],
-        "scrape_configs": [{"job_name": job, "static_configs": [{"targets": list(targets)}]}],
+        "scrape_configs": scrape_configs,
     }
     (tmp / "prometheus.yaml").write_text(yaml.safe_dump(config))
     port = free_port()
@@ -195,6 +213,39 @@ def prometheus(tmp: Path, targets: Sequence[str], *, job: str, rule_files: Seque
         proc.terminate()
         try:
             proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def pushgateway(tmp: Path) -> Iterator[str]:
+    """A real Prometheus Pushgateway (Debian's `prometheus-pushgateway`, as scripts/install.sh installs it) on a
+    free port; its log goes under `tmp`. Yields its URL; stopped when the block ends."""
+    binary = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
+    if binary is None:
+        raise FileNotFoundError(
+            "prometheus-pushgateway is not installed (scripts/install.sh installs it: apt prometheus-pushgateway)"
+        )
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp / "pushgateway.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}"], stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, f"the Pushgateway exited: {log.read_text()[-3000:]}"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/-/ready", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, f"the Pushgateway not ready in 30 s: {log.read_text()[-3000:]}"
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

@@ -304,3 +304,14 @@ def test_align_killed_between_publish_and_acknowledge_does_not_retrain_that_feed
     assert not set(v1.feedback_ids) & set(v2.feedback_ids)  # no feedback id trained twice
     assert VersionStore(settings.versions_dir).names() == ["v1", "v2"]
     assert pending(client, keys) == 0
+
+
+def test_a_run_that_cannot_read_every_manifest_refuses_rather_than_retrain(
+    client: redis.Redis, settings: AlignSettings, server: Server
+) -> None:
+    keys = Keys(settings.redis_prefix)
+    seed_corrections(server)
+    client.hset(keys.versions, "v1", b'{"version": "v1"}')  # no base_model: which feedback it used is unknown
+    with pytest.raises(AlignError, match="does not decode"):
+        run_once(settings.model_copy(update={"policies_dir": POLICIES}), console=QUIET, client=client)
+    assert client.hlen(keys.versions) == 1 and client.get(keys.active_version) is None

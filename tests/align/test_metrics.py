@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator
 from io import StringIO
@@ -22,6 +20,7 @@ import align.job
 from align.job import run_once
 from align.metrics import JOB, AlignMetrics
 from align.settings import AlignSettings
+from bench.harness import pushgateway as harness_pushgateway
 
 from .conftest import Server
 from .test_job import seed_corrections
@@ -139,33 +138,12 @@ def test_a_failed_push_is_logged_and_the_run_stands(
 @pytest.fixture
 def pushgateway(tmp_path: Path) -> Iterator[str]:
     """A real Prometheus Pushgateway (Debian prometheus-pushgateway; scripts/install.sh installs it) on a free port."""
-    binary = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
-    if binary is None:
+    if shutil.which("prometheus-pushgateway") is None and shutil.which("pushgateway") is None:
         pytest.skip(
             "prometheus-pushgateway is not installed (scripts/install.sh installs it: apt prometheus-pushgateway)"
         )
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = (tmp_path / "pushgateway.log").open("wb")
-    proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(
-                        f"the Pushgateway did not start: {(tmp_path / 'pushgateway.log').read_text()}"
-                    ) from None
-                time.sleep(0.1)
+    with harness_pushgateway(tmp_path) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

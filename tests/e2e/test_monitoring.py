@@ -1,14 +1,17 @@
 """The dashboard and the rules in deploy/ work against a real Prometheus scraping a real secondstage.
 
 A real `prometheus` (Debian's package, as scripts/install.sh installs it) scrapes the session's server
-every second and evaluates deploy/prometheus/rules.yaml. After chat and feedback traffic, every
-query of every panel in deploy/grafana/secondstage.json must parse and return data, and every rule
-must evaluate without error; the recording rules give latency and feedback per version. A panel may
-be empty only if it is on the short allow-list below, each entry saying what it needs.
+every second, and a real Pushgateway (Debian's `prometheus-pushgateway`) that a real `secondstage align run`
+pushes to, as deploy/prometheus/prometheus.yaml does; it evaluates deploy/prometheus/rules.yaml. After chat,
+feedback and an align round that publishes a version (then rolled back to base, so the by-version checks see
+the traffic's version active), every query of every panel in deploy/grafana/secondstage.json must parse and
+return data, and every rule must evaluate without error; the recording rules give latency and feedback per
+version. A panel may be empty only if it is on the short allow-list below, each entry saying what it needs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -17,9 +20,11 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import yaml
 
-from bench.harness import ROOT, prometheus
+from bench.harness import ROOT, prometheus, pushgateway
+from core.keys import Keys
 from tests.e2e.conftest import Server
 
 pytestmark = [
@@ -27,6 +32,10 @@ pytestmark = [
     pytest.mark.skipif(
         shutil.which("prometheus") is None,
         reason="prometheus not found: install Debian's `prometheus` package (scripts/install.sh does)",
+    ),
+    pytest.mark.skipif(
+        shutil.which("prometheus-pushgateway") is None and shutil.which("pushgateway") is None,
+        reason="prometheus-pushgateway not found: install Debian's package (scripts/install.sh does)",
     ),
 ]
 
@@ -37,24 +46,18 @@ JOB = "secondstage"
 # Panels that are legitimately empty after chat and feedback alone, and what would fill them.
 EMPTY_ALLOWED = {
     "Policy reloads": "a policy reload (the series appears on the first one)",
-    "Version swaps": "an align run or `versions activate` (test_loop.py does one)",
     "Private Redis up": "a replica with a private redis-server; the session server uses an external Redis",
     "Private Redis restarts": "a private redis-server that exited (tests/e2e/test_private_redis.py)",
     "Rate limited": "a 429 from a per-key limit; the session server sets none",
-    # The Align row reads what align runs push to a Pushgateway (align/metrics.py; a real one is tested in
-    # tests/align/test_metrics.py); this Prometheus scrapes only the server, and no align run happens here.
-    **dict.fromkeys(
-        (
-            "Align: last run",
-            "Align: time since last success",
-            "Align: run duration",
-            "Align: training rows by kind",
-            "Align: gate checks",
-            "Align: published version",
-        ),
-        "an align run pushing to a Pushgateway that this Prometheus scrapes",
-    ),
 }
+
+# Corrections in a house style (as test_loop.py teaches), so the align round has DPO pairs beside the thumbs.
+CORRECTED = [
+    "What is the capital of France?",
+    "What sound does a cow make?",
+    "What is 3 plus 4?",
+    "Which country is Tokyo in?",
+]
 
 
 def query(prom: str, expr: str) -> list[Any]:
@@ -105,17 +108,61 @@ def traffic(server: Server) -> None:
         assert missing.status_code == 404
 
 
+def corrections(server: Server) -> list[str]:
+    """Chats corrected into a house style ("Arr, matey! " + the model's own answer); the feedback ids."""
+    sent = []
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        for prompt in CORRECTED:
+            messages = [{"role": "user", "content": prompt}]
+            chat = client.post("/v1/chat/completions", json={"model": "demo", "messages": messages, "max_tokens": 24})
+            assert chat.status_code == 200, chat.text
+            answer = chat.json()["choices"][0]["message"]["content"]
+            body = {"completion_id": chat.json()["id"], "thumbs": "down", "correction": "Arr, matey! " + answer}
+            fb = client.post("/v1/feedback", json=body)
+            assert fb.status_code == 200, fb.text
+            sent.append(fb.json()["id"])
+    return sent
+
+
+def align_round(server: Server, gateway: str, sent: list[str]) -> None:
+    """A real `secondstage align run` that publishes and pushes its metrics; then back to base (see the docstring)."""
+    # The log writer is asynchronous and align reads what reached Redis: wait for the feedback there.
+    client = redis.Redis.from_url(server.redis.url)
+    deadline = time.monotonic() + 60
+    while not set(sent) <= (stored := {f[b"id"].decode() for _, f in client.xrange(Keys().feedback)}):
+        assert time.monotonic() < deadline, f"{len(set(sent) - stored)} feedback events never reached Redis"
+        time.sleep(0.2)
+    client.close()
+    aligner = dataclasses.replace(server, env={**server.env, "SECONDSTAGE_PUSHGATEWAY_URL": gateway})
+    run = aligner.cli("align", "run", "--json", timeout=1200)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    assert report["outcome"] == "published", report
+    rollback = server.cli("versions", "activate", "base")
+    assert rollback.returncode == 0, rollback.stdout + rollback.stderr
+    deadline = time.monotonic() + 60
+    while httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]["version"] != "base":
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.5)
+
+
 def test_every_panel_and_rule_works_on_real_prometheus(server: Server, tmp_path: Path) -> None:
     target = server.url.removeprefix("http://")
-    with prometheus(tmp_path, [target], job=JOB, rule_files=[RULES]) as prom:
+    with (
+        pushgateway(tmp_path) as gateway,
+        prometheus(
+            tmp_path, [target], job=JOB, rule_files=[RULES], pushgateways=[gateway.removeprefix("http://")]
+        ) as prom,
+    ):
         wait_for(prom, f'up{{job="{JOB}"}} == 1')
         # Two rounds a few scrapes apart: counters created by the first round rise in the second,
-        # so rates and increases have something to show.
+        # so rates and increases have something to show. The align round between them publishes a version.
         traffic(server)
-        time.sleep(3)
+        align_round(server, gateway, corrections(server))
         traffic(server)
         wait_for(prom, f'sum(secondstage_feedback_total{{job="{JOB}"}}) >= 4')
         wait_for(prom, f'secondstage_log_records_written_total{{job="{JOB}"}} > 0')
+        wait_for(prom, 'secondstage_align_published_version_info{job="secondstage_align"}')
         time.sleep(3)  # a few more scrapes and rule evaluations after the last request
 
         empty = []
