@@ -208,7 +208,8 @@ def test_feedback_of_a_version_published_but_not_acknowledged_is_not_trained_aga
         with pytest.raises(KeyboardInterrupt):
             run_once(settings, console=QUIET, client=client)
     registry = Registry(client, keys)
-    assert registry.active() == "v1" and sorted(registry.manifests()["v1"].feedback_ids) == sorted(first_ids)
+    # Published = registered (whether it is then active for everyone or a canary is the publish step's choice).
+    assert sorted(registry.manifests()["v1"].feedback_ids) == sorted(first_ids)
     assert pending(client, keys) == len(first_ids)  # published, never acknowledged
 
     # What a dry run and an export would train on already leaves them out.
@@ -273,7 +274,7 @@ def test_align_killed_between_publish_and_acknowledge_does_not_retrain_that_feed
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     registry = Registry(client, keys)
-    assert registry.active() == "v1", killed.stderr[-3000:]
+    assert "v1" in registry.manifests(), killed.stderr[-3000:]  # published (registered)
     assert sorted(registry.manifests()["v1"].feedback_ids) == sorted(first_ids)
     assert pending(client, keys) == len(first_ids)  # published, never acknowledged
 
