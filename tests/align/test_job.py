@@ -78,10 +78,12 @@ def test_lock_held_refuses_a_second_run(client: redis.Redis, settings: AlignSett
 
 
 def test_lock_is_renewed_while_the_run_works(client: redis.Redis) -> None:
-    lock = client.lock("lock", timeout=0.6, blocking=False, thread_local=False)
+    # A 2 s TTL renewed every ~0.67 s: a renewal thread starved for over a second on a loaded CI machine
+    # must not read as a failure (a 0.6 s TTL did, once, at load average 14 on 2 cores).
+    lock = client.lock("lock", timeout=2.0, blocking=False, thread_local=False)
     assert lock.acquire()
     with renewing(lock, QUIET):
-        time.sleep(1.5)  # well past the TTL
+        time.sleep(5.0)  # well past the TTL: without renewal the lock is gone
         assert lock.owned()
     lock.release()
 
