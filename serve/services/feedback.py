@@ -20,6 +20,7 @@ from serve.protocol import FeedbackRequest, FeedbackResponse
 
 if TYPE_CHECKING:
     from serve.caller import Caller
+    from serve.canary import SignalRecorder
     from serve.metrics import Metrics
     from serve.services.records import Recorder
 
@@ -27,9 +28,10 @@ KINDS = ("thumbs", "rating", "comment", "correction", "preferred_choice")
 
 
 class FeedbackService:
-    def __init__(self, recorder: Recorder, metrics: Metrics) -> None:
+    def __init__(self, recorder: Recorder, metrics: Metrics, signals: SignalRecorder | None = None) -> None:
         self.recorder = recorder
         self.metrics = metrics
+        self.signals = signals
 
     async def submit(self, req: FeedbackRequest, caller: Caller) -> FeedbackResponse:
         ref = await self.recorder.lookup(req.completion_id)
@@ -67,6 +69,8 @@ class FeedbackService:
                 key=caller.key_id,
             )
         )
+        if self.signals is not None:  # a live signal of the version that answered, while it runs as a canary
+            self.signals.feedback(ref.version, req.completion_id, req)
         for kind in KINDS:
             if getattr(req, kind) is not None:
                 label = f"thumbs_{req.thumbs}" if kind == "thumbs" else kind
