@@ -217,3 +217,42 @@ def test_exactly_one_of_many_concurrent_decisions_wins(rollout: Rollout, redis_s
     rollout.start("v2", 0.5)
     assert not rollout._run("rollback", run=run, trigger="auto").applied
     assert rollout.state() is not None
+
+
+# -- the CLI -----------------------------------------------------------------------------------------------
+
+
+def test_cli_starts_promotes_and_rolls_back(
+    rollout: Rollout,
+    redis_server: PrivateRedis,
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    from typer.testing import CliRunner
+
+    from core.cli import app as cli
+
+    for name, value in (("REDIS_URL", redis_server.url), ("VAR_DIR", str(tmp_path / "var")), ("REDIS_PREFIX", "t")):
+        monkeypatch.setenv(f"SECONDSTAGE_{name}", value)
+    runner = CliRunner()
+    started = runner.invoke(cli, ["versions", "canary", "v1", "--share", "0.25"])
+    assert started.exit_code == 0, started.output
+    assert rollout.state().share == 0.25  # type: ignore[union-attr]
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps the table to the terminal otherwise
+    listing = runner.invoke(cli, ["versions", "list"])
+    assert "* incumbent" in listing.output and "canary 25%" in listing.output
+
+    refused = runner.invoke(cli, ["versions", "promote", "v2"])
+    assert refused.exit_code == 2 and "running canary is v1, not v2" in refused.output
+    promoted = runner.invoke(cli, ["versions", "promote", "v1", "--reason", "checked the samples"])
+    assert promoted.exit_code == 0, promoted.output
+    assert Registry(rollout.client, rollout.keys).active() == "v1"
+    assert rollout.history("v1")[-1] == {**rollout.history("v1")[-1], "type": "promoted", "trigger": "operator",
+                                         "reason": "checked the samples"}  # fmt: skip
+
+    assert runner.invoke(cli, ["versions", "canary", "v2"]).exit_code == 0
+    assert rollout.state().share == 0.2  # type: ignore[union-attr]  # SECONDSTAGE_CANARY_SHARE's default
+    rolled = runner.invoke(cli, ["versions", "rollback"])
+    assert rolled.exit_code == 0 and "v1 serves everyone" in rolled.output
+    again = runner.invoke(cli, ["versions", "rollback"])
+    assert again.exit_code == 2 and "no canary is running" in again.output
