@@ -41,6 +41,14 @@ EMPTY_ALLOWED = {
     "Private Redis up": "a replica with a private redis-server; the session server uses an external Redis",
     "Private Redis restarts": "a private redis-server that exited (tests/e2e/test_private_redis.py)",
     "Rate limited": "a 429 from a per-key limit; the session server sets none",
+    **dict.fromkeys(
+        (
+            "Canary version per replica",
+            "Canary vs incumbent: per-request rates",
+            "Canary vs incumbent: requests, rating, TTFT",
+        ),
+        "a running canary (tests/e2e/test_canary.py); the session server activates versions at once",
+    ),
     # The Align row reads what align runs push to a Pushgateway (align/metrics.py; a real one is tested in
     # tests/align/test_metrics.py); this Prometheus scrapes only the server, and no align run happens here.
     **dict.fromkeys(
