@@ -57,6 +57,9 @@ class SignalRecorder:
         if job.canary is None or job.refusal is not None:
             return  # a refusal never reached the model: it says nothing about the version
         run, role = job.canary
+        canary = self.engine.canary
+        if canary is None or canary.run != run:
+            return  # the run was decided while this request ran: its evidence is closed
         error = job.failed or any(c.finish_reason == "error" for c in job.choices)
         violation = any(
             d.stage == "output" for c in job.choices if c.filter is not None for d in c.filter.decisions

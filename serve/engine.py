@@ -288,10 +288,10 @@ class ModelEngine:
                 logger.info("canary %s serves %.0f%% of callers (run %s; incumbent %s)", name, share * 100, run,
                             self.current.name)  # fmt: skip
             self._canary_metrics()
-            if old is not None and not self._resident(old.version) and old.version.inflight == 0:
-                if old.version.lora is not None:
-                    await self._unload(old.version)
+            if old is not None and self.canary is None:
                 logger.info("canary %s ended; %s serves everyone", old.version.name, self.current.name)
+            if old is not None and old.version.lora is not None and not self._resident(old.version):
+                await self._unload(old.version)  # a no-op while requests run on it: the last one frees it (`pin`)
 
     def _canary_metrics(self) -> None:
         if self.metrics:
