@@ -156,3 +156,21 @@ def test_no_decision_before_the_minimum(canary_settings: ServeSettings, tmp_path
         time.sleep(0.5)  # a few more judge ticks
         assert judge.last.decision == "wait" and "of 1000 requests" in judge.last.reason
         assert rollout.state() is not None
+
+
+def test_a_canary_that_cannot_load_leaves_everyone_on_the_incumbent(
+    canary_settings: ServeSettings, tmp_path: Path
+) -> None:
+    rollout = _versions(canary_settings, tmp_path, "v1")
+    llm = FakeLLM(fail_lora=True)
+    engine = fake_engine(llm, canary_settings)
+    with TestClient(build_app(canary_settings, engine=engine)) as client:
+        rollout.start("v1", 0.5)
+        _wait("the failed load", lambda: 'secondstage_swaps_total{result="error"}' in client.get("/metrics").text)
+        assert {_ask(client, u)[1] for u in USERS} == {BASE}
+        health = client.get("/health").json()
+        assert health["status"] == "degraded" and health["skew"] is True and "canary" not in health
+        assert "canary v1 is not routed to here" in health["reason"]
+        llm.fail_lora = False  # repaired: the backoff retries it
+        _wait("the canary to load", lambda: client.get("/health").json().get("canary", {}).get("version") == "v1")
+        assert client.get("/health").json()["skew"] is False
