@@ -40,6 +40,7 @@ from align.gate import describe_failure, evaluate_gate
 from align.metrics import AlignMetrics
 from align.settings import AlignSettings
 from align.train import train_adapter
+from core.canary import Rollout
 from core.keys import Keys
 from core.records import BASE, Manifest
 from core.versions import Registry, VersionError, VersionStore
@@ -269,6 +270,7 @@ def _run_locked(
 
     registry = Registry(client, keys)
     store = VersionStore(settings.versions_dir)
+    # The promoted version (the incumbent), never a running canary: a canary may still be rolled back.
     parent = registry.active()
     parent_adapter = _parent_adapter(settings, registry, store, parent)
     work_root = settings.var_dir / "align"
@@ -409,9 +411,17 @@ def _publish(
     except VersionError as e:
         raise AlignError(f"cannot write version {version}: {e}") from e
     registry.register(manifest)
-    registry.activate(version)
+    if settings.canary_enabled:
+        # A canary first: live signals against the incumbent promote it or roll it back (serve decides).
+        Rollout(registry.client, registry.keys).start(
+            version, settings.canary_share, trigger="align", reason=f"gate passed; trained from {manifest.parent}"
+        )
+        served = f"as a canary for {settings.canary_share:.0%} of callers"
+    else:
+        registry.activate(version)
+        served = "for everyone"
     acked = reader.ack(batch)
-    msg = f"published {version} (parent {manifest.parent}) at {path}; acknowledged {acked} stream entries"
+    msg = f"published {version} (parent {manifest.parent}) at {path} {served}; acknowledged {acked} stream entries"
     console.print(f"[green]{msg}")
     return RunResult(
         "published",

@@ -222,7 +222,8 @@ def main() -> None:
                 redis_url=rs.url,
                 var_dir=work / "var",
                 log=work / "server.log",
-                extra_env={"SECONDSTAGE_RECONCILE_INTERVAL_S": "1"},
+                # Each round's version serves everyone at once: this bench measures training, not the canary.
+                extra_env={"SECONDSTAGE_RECONCILE_INTERVAL_S": "1", "SECONDSTAGE_CANARY_ENABLED": "false"},
             )
             client = redis.Redis.from_url(rs.url)
             with running(server):

@@ -6,6 +6,7 @@ secondstage policy check | test TEXT   # validate rules, try them on text       
 secondstage align run [--every 30m]    # feedback -> LoRA version -> publish                     [align]
 secondstage feedback export            # TRL datasets as JSONL                                   [align]
 secondstage versions list | activate V # what exists, and rollback/roll forward (also to `base`)  [core]
+secondstage versions canary V | promote [V] | rollback   # canary rollouts by hand (core/canary.py) [core]
 secondstage data purge --key ID | --user ID [--dry-run]   # delete a person's records            [core]
 
 The core owns the root app, the `versions` commands (the registry is core's) and `data purge`
@@ -94,20 +95,31 @@ def _registry():  # type: ignore[no-untyped-def]
 
 @versions_app.command("list")
 def versions_list() -> None:
-    """List model versions, their lineage and metrics; mark the active one."""
+    """List model versions, their lineage and metrics; mark the incumbent (`*`) and a running canary."""
+    from core.canary import Rollout
     from core.versions import BASE
 
     with _registry() as (registry, store):
         active = registry.active()
+        canary = Rollout(registry.client, registry.keys).state()
+
+        def role(name: str) -> str:
+            # `*` kept for the incumbent (the promoted version), as before canaries existed.
+            if name == active:
+                return "* incumbent" if canary is not None else "*"
+            if canary is not None and name == canary.version:
+                return f"canary {canary.share:.0%}"
+            return ""
+
         table = Table("", "version", "parent", "created", "feedback", "datasets", "metrics")
-        table.add_row("*" if active == BASE else "", BASE, "", "", "", "", "the base model, no adapter")
+        table.add_row(role(BASE), BASE, "", "", "", "", "the base model, no adapter")
         for name, m in registry.manifests().items():
             created = dt.datetime.fromtimestamp(m.created).strftime("%Y-%m-%d %H:%M:%S")
             metrics = ", ".join(f"{k}={v:.3g}" for k, v in list(m.metrics.items())[:4])
             datasets = ", ".join(f"{k}={v}" for k, v in m.datasets.items())
             on_disk = "" if store.path(name).is_dir() else " [red](missing on disk)[/]"
             table.add_row(
-                "*" if name == active else "",
+                role(name),
                 name + on_disk,
                 m.parent,
                 created,
@@ -130,6 +142,59 @@ def versions_activate(version: Annotated[str, typer.Argument(help="A version nam
             console.print(f"[red]{exc}[/]")
             raise typer.Exit(2) from exc
     console.print(f"[green]active version: {version}[/] (running servers switch within seconds)")
+
+
+def _rollout_command(action: str, **kw: object) -> dict[str, object]:
+    """Run one `core.canary.Rollout` transition from the CLI; a refusal exits 2 with Redis' reason."""
+    from core.canary import CanaryError, Rollout
+
+    with _registry() as (registry, _):
+        try:
+            return getattr(Rollout(registry.client, registry.keys), action)(**kw)  # type: ignore[no-any-return]
+        except CanaryError as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(2) from exc
+
+
+@versions_app.command("canary")
+def versions_canary(
+    version: Annotated[str, typer.Argument(help="A registered version.")],
+    share: Annotated[
+        float | None, typer.Option(help="Share of callers it serves (default SECONDSTAGE_CANARY_SHARE).")
+    ] = None,
+) -> None:
+    """Start VERSION as a canary beside the incumbent (a running canary is superseded)."""
+    from core.settings import CommonSettings
+
+    share = CommonSettings().canary_share if share is None else share
+    event = _rollout_command("start", version=version, share=share, trigger="operator", reason="started by hand")
+    console.print(
+        f"[green]canary {version} serves {share:.0%} of callers beside {event['incumbent']}[/] (run {event['run']}); "
+        "serve promotes or rolls it back on live signals, or `secondstage versions promote|rollback`"
+    )
+
+
+@versions_app.command("promote")
+def versions_promote(
+    version: Annotated[
+        str | None, typer.Argument(help="The running canary (a guard: refused if another one runs).")
+    ] = None,
+    reason: Annotated[str, typer.Option(help="Recorded with the decision.")] = "promoted by hand",
+) -> None:
+    """Promote the running canary now: it becomes the incumbent and serves everyone."""
+    event = _rollout_command("promote", version=version, trigger="operator", reason=reason)
+    console.print(
+        f"[green]promoted {event['version']}[/] (was {event['incumbent']}); running servers follow within seconds"
+    )
+
+
+@versions_app.command("rollback")
+def versions_rollback(
+    reason: Annotated[str, typer.Option(help="Recorded with the decision.")] = "rolled back by hand",
+) -> None:
+    """Roll the running canary back now: the incumbent serves everyone again."""
+    event = _rollout_command("rollback", trigger="operator", reason=reason)
+    console.print(f"[green]rolled back {event['version']}[/]; {event['incumbent']} serves everyone")
 
 
 @data_app.command("purge")

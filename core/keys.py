@@ -78,5 +78,30 @@ class Keys:
         """
         return f"{self.prefix}:api_keys"
 
+    @property
+    def canary(self) -> str:
+        """Hash: the running canary (version, incumbent, share, since, run); absent = none (core/canary.py)."""
+        return f"{self.prefix}:canary"
+
+    def canary_signals(self, run: str) -> str:
+        """Hash: live signals of one canary run, fields `<role>.<signal>` (role canary|incumbent), summed by
+        every replica; kept a week after the decision."""
+        return f"{self.prefix}:canary:signals:{run}"
+
+    @property
+    def canary_decisions(self) -> str:
+        """Hash: `<decision>.<trigger>` -> count of canary decisions ever made (promote|rollback, auto|operator)."""
+        return f"{self.prefix}:canary:decisions"
+
+    @property
+    def version_events(self) -> str:
+        """Stream: every version event (canary_started, promoted, rolled_back, superseded, activated);
+        fields schema, type, version, data=JSON event."""
+        return f"{self.prefix}:version_events"
+
+    def version_log(self, version: str) -> str:
+        """List: one JSON line per event of this version (its rollout history; manifest.json stays immutable)."""
+        return f"{self.prefix}:version_log:{version}"
+
     align_group: str = "align"
     """Consumer group on the feedback and policy-pair streams that align reads with."""

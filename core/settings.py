@@ -73,6 +73,18 @@ class CommonSettings(BaseSettings):
         "the run; an empty one applies no rules).",
     )
 
+    canary_enabled: bool = Field(
+        default=True,
+        description="A version align publishes first serves a share of callers as a canary, promoted or rolled "
+        "back on live signals (docs/architecture.md, Canary). Off: it is activated for everyone at once.",
+    )
+    canary_share: float = Field(
+        default=0.2,
+        gt=0.0,
+        lt=1.0,
+        description="Share of caller identities (API key + `user`) a new canary serves; sticky per identity.",
+    )
+
     strict_env: bool = Field(
         default=False,
         description="Refuse to start when a SECONDSTAGE_* variable is not a known setting (default: warn only).",

@@ -10,7 +10,6 @@ channel) is what serving follows; `BASE` means the base model with no adapter.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -113,6 +112,8 @@ class Registry:
         return dict(sorted(out.items(), key=lambda kv: version_number(kv[0])))
 
     def active(self) -> str:
+        """The promoted version (the incumbent): what everyone is served outside a canary, and what align
+        trains from; a canary (core/canary.py) never is it until promoted."""
         value = self.client.get(self.keys.active_version)
         if value is None:
             return BASE
@@ -123,5 +124,7 @@ class Registry:
         if version != BASE and not self.client.hexists(self.keys.versions, version):
             known = ", ".join([BASE, *self.manifests()])
             raise VersionError(f"unknown version {version!r}; known versions: {known}")
-        self.client.set(self.keys.active_version, version)
-        self.client.publish(self.keys.events, json.dumps({"type": "activated", "version": version}))
+        # One atomic step (core/canary.py) that also ends a running canary and records the event.
+        from core.canary import Rollout
+
+        Rollout(self.client, self.keys).activate(version)

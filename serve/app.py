@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
+from core.canary import Criteria
 from core.keys import Keys
 from core.redis_server import PrivateRedis
 from core.redis_supervisor import RedisSupervisor
@@ -25,6 +26,7 @@ from serve.auth import Authenticator, KeyStore, is_loopback
 from serve.auth.credential import ensure_admin_credential
 from serve.auth.surface import OperatorServer, SurfaceGuard
 from serve.caller import KeyLimits
+from serve.canary import CanaryJudge, SignalRecorder
 from serve.engine import ModelEngine
 from serve.errors import install_error_handlers
 from serve.limits import RateLimiter
@@ -179,11 +181,12 @@ async def _start(
     policy = _policy_engine(settings, metrics, engine) if settings.policies_enabled else None
     app.state.policy = policy
 
-    pipeline = Pipeline(engine, recorder, metrics, policy)
+    signals = SignalRecorder(engine, keys)
+    pipeline = Pipeline(engine, recorder, metrics, policy, signals)
     app.state.chat = ChatService(pipeline)
     app.state.completions = CompletionService(pipeline, max_choices=settings.max_completion_choices)
     if recorder is not None:
-        app.state.feedback = FeedbackService(recorder, metrics, policy)
+        app.state.feedback = FeedbackService(recorder, metrics, policy, signals)
 
     stop = asyncio.Event()
     watcher = VersionWatcher(
@@ -199,7 +202,25 @@ async def _start(
     # Serve the active version from the first request on, when Redis can tell us which.
     with contextlib.suppress(Exception):
         await watcher.reconcile(lookup)
-    tasks = [asyncio.create_task(watcher.run(stop), name="version-watcher")]
+    judge = CanaryJudge(
+        signals,
+        client,
+        keys,
+        Criteria(
+            min_requests=settings.canary_min_requests,
+            min_duration_s=settings.canary_min_duration_s,
+            alpha=settings.canary_alpha,
+            max_ttft_ratio=settings.canary_max_ttft_ratio,
+            min_ratings=settings.canary_min_ratings,
+        ),
+        interval_s=settings.canary_eval_interval_s,
+        metrics=metrics,
+    )
+    app.state.canary_judge = judge
+    tasks = [
+        asyncio.create_task(watcher.run(stop), name="version-watcher"),
+        asyncio.create_task(judge.run(stop), name="canary-judge"),
+    ]
     if policy is not None:
         tasks.append(asyncio.create_task(policy.watch(stop), name="policy-watcher"))
         from serve.policy.fanout import PolicyFanout  # with the policy engine: only when policies are on

@@ -1,7 +1,9 @@
 """The model engine: vLLM's AsyncLLM in-process, plus which model version each request uses.
 
 A version is either the base model or a LoRA adapter from the version store.
-`pin()` binds a request to the version active when it starts, so a swap never
+Two can serve at once: the incumbent (`current`) and, while a canary runs
+(core/canary.py), the canary for a sticky share of caller identities (`route`).
+`pin()` binds a request to the version routed to when it starts, so a swap never
 mixes two versions in one response; versions no request uses any more are
 unloaded from the engine (vLLM does not free them by itself: vllm #54839).
 """
@@ -16,6 +18,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from core.canary import assign
 from core.versions import BASE, VersionError, VersionStore, check_name, version_number
 from serve.errors import BadRequest, NotFound
 from serve.logs import note_version
@@ -74,6 +77,18 @@ class ServedVersion:
     inflight: int = 0
 
 
+@dataclass(frozen=True)
+class CanaryRoute:
+    """The canary this replica routes to: which callers (`share`, salted by `run`) get `version`."""
+
+    version: ServedVersion
+    share: float
+    run: str
+    since: float
+    incumbent: str
+    """The incumbent when the canary started (the role its requests are counted under)."""
+
+
 class ModelEngine:
     def __init__(
         self,
@@ -94,6 +109,8 @@ class ModelEngine:
         self.metrics = metrics
         self._lora_request_cls = lora_request_cls
         self.current = ServedVersion(BASE, None)
+        """The incumbent: the promoted version, served to every caller outside a canary's share."""
+        self.canary: CanaryRoute | None = None
         self._loaded: dict[str, ServedVersion] = {}
         self._swap_lock = asyncio.Lock()
         if metrics:
@@ -146,17 +163,39 @@ class ModelEngine:
 
     # -- generation ----------------------------------------------------------------------------
 
+    def route(self, identity: str | None = None) -> ServedVersion:
+        """The version a new request from `identity` gets: the canary for its share of identities, else the
+        incumbent (sticky: `core.canary.assign` hashes the run and the identity, the same on every replica)."""
+        canary = self.canary
+        if canary is not None and identity is not None and assign(canary.run, canary.share, identity):
+            return canary.version
+        return self.current
+
+    def role_of(self, version: ServedVersion) -> tuple[str, str] | None:
+        """(canary run, role) a request on `version` counts under while a canary runs; None otherwise."""
+        canary = self.canary
+        if canary is None:
+            return None
+        if version is canary.version:
+            return canary.run, "canary"
+        if version is self.current and version.name == canary.incumbent:
+            return canary.run, "incumbent"
+        return None
+
+    def _resident(self, version: ServedVersion) -> bool:
+        return version is self.current or (self.canary is not None and version is self.canary.version)
+
     @contextlib.contextmanager
-    def pin(self) -> Iterator[ServedVersion]:
-        """Bind one request to the version active now; it keeps it to the end, whatever swaps happen."""
-        version = self.current
+    def pin(self, identity: str | None = None) -> Iterator[ServedVersion]:
+        """Bind one request to the version routed to now (`route`); it keeps it to the end, whatever swaps happen."""
+        version = self.route(identity)
         version.inflight += 1
         note_version(version.name)  # the request's log lines name the version that served it
         try:
             yield version
         finally:
             version.inflight -= 1
-            if version is not self.current and version.inflight == 0 and version.lora is not None:
+            if not self._resident(version) and version.inflight == 0 and version.lora is not None:
                 # The last request on a superseded version is done: free its adapter.
                 task = asyncio.get_running_loop().create_task(self._unload(version))
                 task.add_done_callback(lambda t: t.exception())
@@ -208,6 +247,10 @@ class ModelEngine:
                     self.metrics.swaps.labels("error").inc()
                 raise
             previous, self.current = self.current, served
+            if self.canary is not None and self.canary.version.name == name:
+                # Promotion: the canary is the incumbent now, in the same step (no request sees neither).
+                self.canary = None
+                self._canary_metrics()
             took = time.perf_counter() - start
             logger.info("now serving version %s (was %s; loaded in %.3fs)", name, previous.name, took)
             if self.metrics:
@@ -217,6 +260,43 @@ class ModelEngine:
             if previous.inflight == 0 and previous.lora is not None:
                 await self._unload(previous)
             return took
+
+    async def set_canary(self, name: str | None, *, share: float = 0.0, run: str = "", since: float = 0.0) -> None:
+        """Route `share` of identities to version `name` (loaded first), or stop routing to a canary (None).
+
+        Requests already running keep their version to the end; a canary's adapter is freed once it
+        neither serves new requests nor has any running.
+        """
+        if name is not None and name != BASE:
+            try:
+                self.store.path(check_name(name))
+            except VersionError as exc:
+                self.reject_version(name, str(exc))
+                raise BadRequest(str(exc), param="version") from exc
+        async with self._swap_lock:
+            old = self.canary
+            if name is None:
+                self.canary = None
+            elif old is None or old.version.name != name or old.run != run or old.share != share:
+                try:
+                    served = ServedVersion(BASE, None) if name == BASE else await self._load(name)
+                except Exception:
+                    if self.metrics:
+                        self.metrics.swaps.labels("error").inc()
+                    raise
+                self.canary = CanaryRoute(served, share, run, since, self.current.name)
+                logger.info("canary %s serves %.0f%% of callers (run %s; incumbent %s)", name, share * 100, run,
+                            self.current.name)  # fmt: skip
+            self._canary_metrics()
+            if old is not None and self.canary is None:
+                logger.info("canary %s ended; %s serves everyone", old.version.name, self.current.name)
+            if old is not None and old.version.lora is not None and not self._resident(old.version):
+                await self._unload(old.version)  # a no-op while requests run on it: the last one frees it (`pin`)
+
+    def _canary_metrics(self) -> None:
+        if self.metrics:
+            c = self.canary
+            self.metrics.set_canary(c.version.name if c else None, c.share if c else 0.0)
 
     async def _load(self, name: str) -> ServedVersion:
         if name == BASE:
@@ -239,7 +319,7 @@ class ModelEngine:
         return served
 
     async def _unload(self, version: ServedVersion) -> None:
-        if version is self.current or version.inflight or self._loaded.get(version.name) is not version:
+        if self._resident(version) or version.inflight or self._loaded.get(version.name) is not version:
             return
         del self._loaded[version.name]
         with contextlib.suppress(Exception):

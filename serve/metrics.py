@@ -6,15 +6,62 @@ in one process never collide; `/metrics` renders this registry plus vLLM's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from core.canary import Role, Signals
 
 ROUTE_LABELS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 """A job's route (the record's `endpoint`) as the `route` label: the HTTP path, the value
 `secondstage_requests_total` carries, so a dashboard can join counts and latencies on one set of values."""
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+CANARY_SIGNALS = (
+    "requests",
+    "errors",
+    "violations",
+    "feedback",
+    "thumbs_up",
+    "thumbs_down",
+    "corrections",
+    "negative",
+    "ratings",
+    "rating_mean",
+    "ttft_mean",
+)
+
+
+class _CanaryDecisions(Collector):
+    """`secondstage_canary_decisions_total{decision, trigger}`: cluster-wide, from Redis (`<p>:canary:decisions`).
+
+    A counter the judge refreshes from the hash the transition script increments, rather than one each
+    replica increments: a decision is made once (by one replica, or by an operator's CLI) and every replica
+    reports the same total, so `max` over replicas counts each decision exactly once. promote and rollback
+    by auto and operator are always present (0 until one happens), so `increase()` sees the first one.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "secondstage_canary_decisions",
+            "Canary decisions ever made in this deployment, by decision (promote, rollback, superseded) and "
+            "trigger (auto: the judge; operator: the CLI; align: a newer canary), read from Redis.",
+            labels=["decision", "trigger"],
+        )
+        counts = {(d, t): 0 for d in ("promote", "rollback") for t in ("auto", "operator")}
+        counts.update(self.metrics.canary_decisions_seen)
+        for (decision, trigger), value in sorted(counts.items()):
+            family.add_metric([decision, trigger], value)
+        yield family
 
 
 class Metrics:
@@ -72,6 +119,28 @@ class Metrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
             registry=registry,
         )
+        self.canary_share = Gauge(
+            "secondstage_canary_share",
+            "Share of caller identities this replica routes to the running canary (0: no canary).",
+            registry=registry,
+        )
+        self.canary_info = Gauge(
+            "secondstage_canary_info",
+            "1 for the version this replica serves as a canary (absent: no canary).",
+            ["model_name", "version"],
+            registry=registry,
+        )
+        self.canary_signal = Gauge(
+            "secondstage_canary_signal",
+            "Live signals of the running canary run by role (canary, incumbent), summed over every replica and "
+            "read from Redis: requests, errors, violations, feedback, thumbs_up, thumbs_down, corrections, "
+            "negative, ratings, rating_mean, ttft_mean (seconds). Absent while no canary runs.",
+            ["role", "signal"],
+            registry=registry,
+        )
+        self.canary_decisions_seen: dict[tuple[str, str], int] = {}
+        """Canary decisions ever made (decision, trigger) -> count, as last read from Redis by the judge."""
+        registry.register(_CanaryDecisions(self))
         self.loaded_adapters = Gauge(
             "secondstage_loaded_adapters", "LoRA adapters resident in the engine.", registry=registry
         )
@@ -125,6 +194,23 @@ class Metrics:
     def track_version_skew(self, skewed: Callable[[], bool]) -> None:
         """Report in `secondstage_version_skew` whether this replica lags the active version (read at each scrape)."""
         self.version_skew.set_function(lambda: float(skewed()))
+
+    def set_canary_signals(self, signals: Mapping[Role, Signals] | None) -> None:
+        """The running canary's live signals per role, summed over every replica (None: no canary runs)."""
+        self.canary_signal.clear()
+        for role, s in (signals or {}).items():
+            values = {name: getattr(s, name) for name in CANARY_SIGNALS if not name.endswith("_mean")}
+            values.update(rating_mean=s.rating_mean, ttft_mean=s.ttft_mean)
+            for name, value in values.items():
+                if value is not None:
+                    self.canary_signal.labels(role, name).set(value)
+
+    def set_canary(self, version: str | None, share: float) -> None:
+        """What this replica routes to a canary: `secondstage_canary_share` and `secondstage_canary_info`."""
+        self.canary_share.set(share)
+        self.canary_info.clear()
+        if version is not None:
+            self.canary_info.labels(self.model_name, version).set(1)
 
     def set_active_version(self, version: str) -> None:
         self.active_version.clear()

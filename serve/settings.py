@@ -30,7 +30,9 @@ class ServeSettings(CommonSettings):
     max_num_seqs: int = Field(default=64, description="Most sequences the engine runs at once.")
     max_lora_rank: int = Field(default=16, description="Largest LoRA rank an adapter version may have.")
     max_loras: int = Field(
-        default=2, description="LoRA versions resident in one batch (active + the one being drained)."
+        default=2,
+        description="LoRA versions resident in one batch: the incumbent and a canary (vLLM reloads a third, e.g. "
+        "one still draining, from disk on demand).",
     )
     tensor_parallel_size: int = Field(
         default=1, ge=1, description="GPUs each layer is split across (vLLM tensor parallelism, within one node)."
@@ -134,6 +136,33 @@ class ServeSettings(CommonSettings):
         gt=0,
         description="A version that failed to load is retried after 1s, doubling per failure up to this; "
         "meanwhile /health, /v1/models and secondstage_version_skew report the skew.",
+    )
+    canary_min_requests: int = Field(
+        default=200,
+        ge=1,
+        description="A canary is judged only once it and the incumbent each served this many requests.",
+    )
+    canary_min_duration_s: float = Field(
+        default=1800.0, ge=0, description="A canary is judged only once it has run this long (seconds)."
+    )
+    canary_eval_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How often each replica judges the running canary (the first decision written wins).",
+    )
+    canary_alpha: float = Field(
+        default=0.05,
+        gt=0,
+        lt=1,
+        description="Significance of the one-sided tests that roll a canary back (Bonferroni-split over the tests).",
+    )
+    canary_max_ttft_ratio: float = Field(
+        default=1.5,
+        gt=1,
+        description="Roll back a canary whose mean time to first token exceeds the incumbent's times this.",
+    )
+    canary_min_ratings: int = Field(
+        default=20, ge=2, description="Ratings each version needs before the mean rating is compared."
     )
     replica_name: str = Field(
         default_factory=socket.gethostname,

@@ -231,6 +231,61 @@ ROWS: list[tuple[str, list[Panel]]] = [
         ],
     ),
     (
+        "Canary",
+        [
+            Panel(
+                "Canary share per replica",
+                "Share of caller identities each replica routes to the running canary (0: none runs); the "
+                "replicas agree within seconds, since the state is in Redis.",
+                ((f"max by (instance) (secondstage_canary_share{{{J}}})", "{{instance}}"),),
+                unit="percentunit",
+            ),
+            Panel(
+                "Canary version per replica",
+                "The version each replica serves as a canary beside the incumbent (absent: no canary).",
+                ((f"max by (instance, version) (secondstage_canary_info{{{J}}})", "{{instance}} {{version}}"),),
+                kind="table",
+            ),
+            Panel(
+                "Canary decisions",
+                "Promotions and rollbacks in the window, by who decided (auto: the replicas' judge; operator: the "
+                "CLI). The count is the deployment's, read from Redis, so every replica reports the same: max.",
+                (
+                    (
+                        f"max by (decision, trigger) (increase(secondstage_canary_decisions_total{{{J}}}[1h]))",
+                        "{{decision}} {{trigger}}",
+                    ),
+                ),
+            ),
+            Panel(
+                "Canary vs incumbent: per-request rates",
+                "The running canary's rates against the incumbent's over the same run, the figures the judge "
+                "tests: negative feedback (thumbs down or correction), thumbs up, errors and policy violations "
+                "per request.",
+                tuple(
+                    (
+                        f'max by (role) (secondstage_canary_signal{{{J}, signal="{signal}"}})'
+                        f' / max by (role) (secondstage_canary_signal{{{J}, signal="requests"}})',
+                        f"{signal} {{{{role}}}}",
+                    )
+                    for signal in ("negative", "thumbs_up", "errors", "violations")
+                ),
+                unit="percentunit",
+                width=12,
+            ),
+            Panel(
+                "Canary vs incumbent: requests, rating, TTFT",
+                "Requests each side served in the run (the judge waits for SECONDSTAGE_CANARY_MIN_REQUESTS on "
+                "both), the mean rating, and the mean time to first token in seconds.",
+                tuple(
+                    (f'max by (role) (secondstage_canary_signal{{{J}, signal="{signal}"}})', f"{signal} {{{{role}}}}")
+                    for signal in ("requests", "rating_mean", "ttft_mean")
+                ),
+                width=12,
+            ),
+        ],
+    ),
+    (
         "Log writer and Redis",
         [
             Panel(

@@ -14,6 +14,8 @@ keeps its rule above: the writer's `redis_reachable` is reported, and lags the s
 With replicas, `/health` names this one (`replica`) and reports version skew: `wanted` is the active version
 in Redis, `skew` is true while this replica serves another (it failed to load it and retries with backoff;
 serve/swap.py); the status is then `degraded` (still 200: it serves, just not the version it should).
+While a canary runs, `canary` names it with its share and run; a canary this replica could not load is
+skew too (everyone here gets the incumbent meanwhile).
 """
 
 from __future__ import annotations
@@ -58,10 +60,18 @@ async def health(request: Request, engine: EngineDep, supervisor: RedisSuperviso
     if watcher is not None:
         body["wanted"] = watcher.wanted if watcher.wanted is not None else engine.current.name
         body["skew"] = watcher.skew
-        if watcher.skew:
+        route, wanted_canary = engine.canary, watcher.wanted_canary
+        if route is not None:
+            body["canary"] = {"version": route.version.name, "share": route.share, "run": route.run}
+        if watcher.wanted is not None and watcher.wanted != engine.current.name:
             reasons.append(
                 f"serving version {engine.current.name} but the active one is {watcher.wanted}: it failed to "
                 "load (see the log and secondstage_swaps_total); retrying with backoff"
+            )
+        elif watcher.skew and wanted_canary is not None:
+            reasons.append(
+                f"canary {wanted_canary.version} is not routed to here: it failed to load (see the log and "
+                f"secondstage_swaps_total); {engine.current.name} serves everyone meanwhile, retrying with backoff"
             )
     writer = getattr(request.app.state, "writer", None)  # absent when logging is disabled
     if writer is not None:

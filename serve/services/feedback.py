@@ -29,6 +29,7 @@ from serve.protocol import FeedbackRequest, FeedbackResponse
 if TYPE_CHECKING:
     from core.policy import PolicyEngine
     from serve.caller import Caller
+    from serve.canary import SignalRecorder
     from serve.metrics import Metrics
     from serve.services.records import Recorder
 
@@ -36,10 +37,17 @@ KINDS = ("thumbs", "rating", "comment", "correction", "preferred_choice")
 
 
 class FeedbackService:
-    def __init__(self, recorder: Recorder, metrics: Metrics, policy: PolicyEngine | None = None) -> None:
+    def __init__(
+        self,
+        recorder: Recorder,
+        metrics: Metrics,
+        policy: PolicyEngine | None = None,
+        signals: SignalRecorder | None = None,
+    ) -> None:
         self.recorder = recorder
         self.metrics = metrics
         self.policy = policy
+        self.signals = signals
 
     def _screen(self, correction: str | None) -> tuple[str | None, PolicyTrace | None]:
         """The correction as the rules leave it, and what they did; BadRequest when a block rule stops it."""
@@ -97,6 +105,8 @@ class FeedbackService:
                 policy=trace,
             )
         )
+        if self.signals is not None:  # a live signal of the version that answered, while it runs as a canary
+            self.signals.feedback(ref.version, req.completion_id, req)
         for kind in KINDS:
             if getattr(req, kind) is not None:
                 label = f"thumbs_{req.thumbs}" if kind == "thumbs" else kind

@@ -20,6 +20,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from core.canary import routing_identity
 from serve.errors import NotFound
 from serve.protocol import SamplingRequest, TokenLogprob, UsageInfo
 from serve.services.finish import finish_job
@@ -28,6 +29,7 @@ from serve.services.sampling import sampling_params
 
 if TYPE_CHECKING:
     from serve.caller import Caller
+    from serve.canary import SignalRecorder
     from serve.engine import ModelEngine
     from serve.metrics import Metrics
     from serve.services.records import Recorder
@@ -105,6 +107,10 @@ class Job:
     first_token_at: float | None = None
     """On the monotonic clock, like `clock`."""
     status: str = "ok"
+    failed: bool = False
+    """The engine or the pipeline raised mid-generation (not a client leaving): an error against the version."""
+    canary: tuple[str, str] | None = None
+    """(run, role) while a canary runs: which run and side (canary, incumbent) this request counts for."""
     route: str = "chat"
     index_offset: int = 0  # /v1/completions numbers choices across prompts
 
@@ -141,11 +147,13 @@ class Pipeline:
         recorder: Recorder | None,
         metrics: Metrics,
         policy: Any | None = None,
+        signals: SignalRecorder | None = None,
     ) -> None:
         self.engine = engine
         self.recorder = recorder
         self.metrics = metrics
         self.policy = policy
+        self.signals = signals
 
     # -- preparing -----------------------------------------------------------------------------
 
@@ -220,8 +228,11 @@ class Pipeline:
             for i in range(job.request.n)
         ]
         async with contextlib.AsyncExitStack() as stack:
-            version = stack.enter_context(self.engine.pin())
+            # Sticky routing: the same identity (key + `user`) gets the same version while a canary runs.
+            identity = routing_identity(job.caller.key_id, job.request.user)
+            version = stack.enter_context(self.engine.pin(identity))
             job.version = version.name
+            job.canary = self.engine.role_of(version)
             outputs = self.engine.generate(job.prompt_ids, job.params, job.id, version, priority=job.request.priority)
             stack.push_async_callback(outputs.aclose)  # closing aborts the engine request if it still runs
             first = await outputs.__anext__()
@@ -260,8 +271,10 @@ class Pipeline:
                         out = await outputs.__anext__()
                     except StopAsyncIteration:
                         break
-        except BaseException:
+        except BaseException as exc:
             job.status = "aborted"
+            # GeneratorExit / CancelledError: the client went; anything else failed on the version's watch.
+            job.failed = isinstance(exc, Exception)
             raise
         finally:
             self._finish(job)
@@ -294,3 +307,5 @@ class Pipeline:
 
     def _finish(self, job: Job) -> None:
         finish_job(job, engine=self.engine, recorder=self.recorder, metrics=self.metrics, policy=self.policy)
+        if self.signals is not None:
+            self.signals.request(job)

@@ -17,6 +17,7 @@ import align.job
 from align.job import align_lock, renewing, run_every, run_once
 from align.settings import AlignSettings
 from align.train import LORA_TARGETS
+from core.canary import Rollout
 from core.keys import Keys
 from core.versions import Registry, VersionStore
 
@@ -185,19 +186,22 @@ def test_training_run_publishes_a_version(client: redis.Redis, train_settings: A
     assert b_mats and all(t.abs().sum() > 0 for t in b_mats)
     assert all(torch.isfinite(t).all() for t in tensors.values())
 
-    # Registered, active, announced.
+    # Registered, started as a canary (canary mode is the default), announced.
     registry = Registry(client, keys)
-    assert list(registry.manifests()) == ["v1"] and registry.active() == "v1"
+    rollout = Rollout(client, keys)
+    assert list(registry.manifests()) == ["v1"] and rollout.state().version == "v1"  # type: ignore[union-attr]
     message = events.get_message(timeout=5)
-    assert message is not None and json.loads(message["data"]) == {"type": "activated", "version": "v1"}
+    assert message is not None and json.loads(message["data"])["type"] == "canary_started"
     events.close()
 
     # Consumed: a second run has nothing new and publishes nothing.
     again = run_once(settings, console=QUIET, client=client)
     assert again.status == "insufficient"
-    assert store.names() == ["v1"] and registry.active() == "v1"
+    assert store.names() == ["v1"] and rollout.state().version == "v1"  # type: ignore[union-attr]
 
-    # New feedback trains v2 from v1's adapter (iterative alignment); every tensor moves.
+    # Promoted (here by hand), new feedback trains v2 from v1's adapter (iterative alignment); every tensor moves.
+    rollout.promote("v1")
+    assert registry.active() == "v1"
     for i, (prompt, (_, correction)) in enumerate(CORRECTIONS.items()):
         cid = server.completion(prompt, f"Wrong answer {i}.")
         server.feedback(cid, thumbs="down", correction=correction)
@@ -208,7 +212,7 @@ def test_training_run_publishes_a_version(client: redis.Redis, train_settings: A
     v1, v2 = _adapter(path), _adapter(store.path("v2"))
     assert v1.keys() == v2.keys()
     assert all(not torch.equal(v1[k], v2[k]) for k in v1)
-    assert registry.active() == "v2"
+    assert rollout.state().version == "v2"  # type: ignore[union-attr]
 
 
 @pytest.mark.slow

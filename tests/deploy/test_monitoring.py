@@ -85,6 +85,9 @@ def test_dashboard_panels_are_complete() -> None:
         "secondstage_log_redis_up",
         "secondstage_active_version_info",
         "secondstage_swaps_total",
+        "secondstage_canary_share",
+        "secondstage_canary_decisions_total",
+        "secondstage_canary_signal",
         "secondstage_rate_limited_total",
         "secondstage_redis_up",
         # align runs, pushed to the Pushgateway (issue 9, section 5)

@@ -66,7 +66,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterat
         policies=policies,
         engine=None,  # the server's own defaults
         log_level="info",
-        extra_env={"SECONDSTAGE_RECONCILE_INTERVAL_S": "1"},
+        # align's versions are activated for everyone at once here; the canary path has its own servers
+        # (test_canary.py).
+        extra_env={"SECONDSTAGE_RECONCILE_INTERVAL_S": "1", "SECONDSTAGE_CANARY_ENABLED": "false"},
     )
     srv = Server(process.url, process.env, redis, base / "var", process.log, policies)
     try:

@@ -49,6 +49,14 @@ EMPTY_ALLOWED = {
     "Private Redis up": "a replica with a private redis-server; the session server uses an external Redis",
     "Private Redis restarts": "a private redis-server that exited (tests/e2e/test_private_redis.py)",
     "Rate limited": "a 429 from a per-key limit; the session server sets none",
+    **dict.fromkeys(
+        (
+            "Canary version per replica",
+            "Canary vs incumbent: per-request rates",
+            "Canary vs incumbent: requests, rating, TTFT",
+        ),
+        "a running canary (tests/e2e/test_canary.py); the session server activates versions at once",
+    ),
 }
 
 # Corrections in a house style (as test_loop.py teaches), so the align round has DPO pairs beside the thumbs.

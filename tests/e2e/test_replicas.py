@@ -237,7 +237,7 @@ def _scenario(
     )
     run = subprocess.run(
         [sys.executable, "-m", "core.cli", "align", "run"],
-        env=a.env,
+        env={**a.env, "SECONDSTAGE_CANARY_ENABLED": "false"},  # for everyone at once; test_canary.py: canaries
         cwd=ROOT,
         capture_output=True,
         text=True,

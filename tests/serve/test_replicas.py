@@ -193,6 +193,7 @@ class _BrokenEngine:
 
     def __init__(self) -> None:
         self.current = type("Served", (), {"name": BASE})()
+        self.canary = None
         self.attempts = 0
 
     async def activate(self, name: str) -> float:
