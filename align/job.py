@@ -5,6 +5,9 @@ Only one run works at a time, across machines: it holds redis-py's Redis lock, r
 publishes only if it still owns the lock then.
 A run publishes a version only when the gate passes; only then does it acknowledge the feedback it used, so
 anything that fails (training, gate, disk, Redis) leaves the feedback to the next run.
+Before training, a stable share of the feedback is held out for the gate (align/split.py; acknowledged with the
+rest on publish), the operator's regression file is validated (an invalid one fails the run before it trains)
+and the anchors are sampled from the completion log (align/anchors.py).
 
 Under `accelerate launch` (or torchrun) every process runs this job; only the main one (rank 0) takes the lock,
 gates, publishes and acknowledges. The others (`process_rank() > 0`) read the same feedback without consuming
