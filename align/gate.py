@@ -108,55 +108,64 @@ def weight_checks(adapter_dir: Path, parent_adapter: Path | None) -> dict[str, d
 
 
 class _Scorer:
-    """Sums log p(completion | prompt) under the model, with the prompt rendered by the chat template."""
+    """log p(completion | prompt) under the model, with the prompt rendered by the chat template.
 
-    def __init__(self, tokenizer: Any, model: Any, max_length: int) -> None:
+    Rows are scored in right-padded batches of `batch` (one forward pass each): on a small model the per-call
+    overhead, not the arithmetic, is what a row-by-row loop pays for.
+    """
+
+    def __init__(self, tokenizer: Any, model: Any, max_length: int, batch: int = 16) -> None:
         self.tokenizer = tokenizer
         self.model = model
         self.max_length = max_length
+        self.batch = batch
 
     def _ids(self, messages: list[dict[str, str]], **kw: Any) -> list[int]:
         return list(self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"])
 
-    def logp(self, prompt: list[dict[str, str]], completion: list[dict[str, str]]) -> float:
-        import torch
+    def _row(self, prompt: Messages, completion: Messages) -> tuple[list[int], int]:
         from trl.data_utils import common_prefix_length
 
         prompt_ids = self._ids(prompt, add_generation_prompt=True)
         full = self._ids(prompt + completion)
         # Same split as TRL: the completion starts where prompt and prompt+completion diverge.
-        start = common_prefix_length(prompt_ids, full)
-        full = full[: self.max_length]
-        if start >= len(full):
-            return 0.0
-        ids = torch.tensor([full])
-        with torch.no_grad():
-            logits = self.model(input_ids=ids).logits[0, :-1].float()
-        logps = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None])[:, 0]
-        return float(logps[start - 1 :].sum())
+        return full[: self.max_length], common_prefix_length(prompt_ids, full)
 
-    def mean_logp(self, prompt: list[dict[str, str]], completion: list[dict[str, str]]) -> float:
-        """log p(completion | prompt) per completion token (0 for an empty completion)."""
-        from trl.data_utils import common_prefix_length
+    def score(self, rows: Sequence[tuple[Messages, Messages]]) -> list[tuple[float, int]]:
+        """(sum of the completion's token log-probs, its token count) per (prompt, completion) row."""
+        import torch
 
-        prompt_ids = self._ids(prompt, add_generation_prompt=True)
-        full = self._ids(prompt + completion)[: self.max_length]
-        n = len(full) - common_prefix_length(prompt_ids, full)
-        return self.logp(prompt, completion) / n if n > 0 else 0.0
+        out: list[tuple[float, int]] = []
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        for i in range(0, len(rows), self.batch):
+            chunk = [self._row(p, c) for p, c in rows[i : i + self.batch]]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.tensor([r + [pad] * (width - len(r)) for r, _ in chunk])
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r, _ in chunk])
+            with torch.no_grad():
+                logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            logps = torch.log_softmax(logits, dim=-1).gather(2, ids[:, 1:, None])[:, :, 0]
+            for j, (r, start) in enumerate(chunk):
+                n = len(r) - start
+                out.append((float(logps[j, start - 1 : len(r) - 1].sum()), n) if n > 0 else (0.0, 0))
+        return out
+
+    def logp(self, prompt: Messages, completion: Messages) -> float:
+        return self.score([(prompt, completion)])[0][0]
 
 
 def _scores(
     scorer: _Scorer, data: AlignData, max_rows: int, use: Callable[[], AbstractContextManager[Any]]
 ) -> tuple[list[float], list[float]]:
     """(DPO margins, signed KTO log-probs) under the adapter selected by `use`."""
+    dpo, kto = data.dpo_rows[:max_rows], data.kto_rows[:max_rows]
+    rows = [(r["prompt"], r["chosen"]) for r in dpo] + [(r["prompt"], r["rejected"]) for r in dpo]
+    rows += [(r["prompt"], r["completion"]) for r in kto]
     with use():
-        margins = [
-            scorer.logp(r["prompt"], r["chosen"]) - scorer.logp(r["prompt"], r["rejected"])
-            for r in data.dpo_rows[:max_rows]
-        ]
-        signed = [
-            (1.0 if r["label"] else -1.0) * scorer.logp(r["prompt"], r["completion"]) for r in data.kto_rows[:max_rows]
-        ]
+        sums = [total for total, _ in scorer.score(rows)]
+    n = len(dpo)
+    margins = [c - r for c, r in zip(sums[:n], sums[n : 2 * n], strict=True)]
+    signed = [(1.0 if r["label"] else -1.0) * v for r, v in zip(kto, sums[2 * n :], strict=True)]
     return margins, signed
 
 
@@ -439,11 +448,12 @@ def _drift_check(
         source = f"no logged anchors; the parent's greedy answers to {len(pairs)} regression prompts"
     if not pairs:
         return _check(True, None, note="no anchors and no regression prompts: drift not measured")
+    rows = [(prompt, [{"role": "assistant", "content": text}]) for prompt, text in pairs]
     means: dict[str, float] = {}
     for which in ("parent", "new"):
         with models.use(which)():
-            per = [models.scorer.mean_logp(prompt, [{"role": "assistant", "content": text}]) for prompt, text in pairs]
-        means[which] = sum(per) / len(per)
+            per = [total / n for total, n in models.scorer.score(rows) if n > 0]
+        means[which] = sum(per) / len(per) if per else 0.0
     drift = means["parent"] - means["new"]
     return _check(
         math.isfinite(drift) and drift <= settings.gate_max_drift_nats,
@@ -550,7 +560,7 @@ def evaluate_gate(
     regression_note: str = "",
     anchors: Sequence[Anchor] = (),
 ) -> dict[str, Any]:
-    """Run every check; the result (`passed`, `failed`, `checks`, `duration_s`) goes into the manifest.
+    """Run every check; the result (`passed`, `failed`, `checks`, `duration_s`, `phases_s`) goes into the manifest.
 
     `regression` is the loaded regression set (None: none, for the reason in `regression_note`); `heldout` the
     held-out rows; `anchors` the sampled anchors. align/job.py gathers them before training.
@@ -558,30 +568,44 @@ def evaluate_gate(
     import time
 
     started = time.monotonic()
+    phases: dict[str, float] = {}
+    mark = started
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        phases[name] = round(now - mark, 3)
+        mark = now
+
     bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
     checks: dict[str, dict[str, Any]] = {"metrics_finite": _check(not bad, bad or "all finite")}
     checks.update(weight_checks(adapter_dir, parent_adapter))
     if checks["weights_finite"]["passed"]:
         models = _Models(settings, adapter_dir, parent_adapter)
+        policy, why_none = _load_policy(settings)
+        lap("load")
         checks.update(preference_checks(settings, models, data))
         checks.update(heldout_checks(settings, models, heldout))
-        policy, why_none = _load_policy(settings)
+        lap("score_rows")
         prompts, notes = _prompts(settings, regression, anchors, policy)
         with models.use("parent")():
             parent = models.generate([p.messages for p in prompts], settings.gate_max_new_tokens)
         with models.use("new")():
             new = models.generate([p.messages for p in prompts], settings.gate_max_new_tokens)
+        lap("generate")
         missing = regression_note or "no regression set"
         checks["regression"] = _regression_check(settings, prompts, parent, new, regression, notes, missing)
         checks["anchor_drift"] = _drift_check(settings, models, anchors, prompts, parent)
         checks["degeneration"] = _degeneration_check(settings, prompts, parent, new)
         checks["policy_violations"] = _policy_check(settings, policy, why_none, parent, new)
+        lap("judge")
     failed = [name for name, c in checks.items() if not c["passed"]]
     return {
         "passed": not failed,
         "failed": failed,
         "checks": checks,
         "duration_s": round(time.monotonic() - started, 3),
+        "phases_s": phases,
     }
 
 
