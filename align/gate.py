@@ -209,7 +209,7 @@ class _Models:
 
         from align.train import load_base, load_tokenizer
 
-        torch.set_num_threads(settings.threads)
+        torch.set_num_threads(settings.gate_threads)
         self.tokenizer = load_tokenizer(settings.model_path)
         model = PeftModel.from_pretrained(load_base(settings.model_path), str(adapter_dir), adapter_name="new")
         if parent_adapter is not None:
@@ -582,8 +582,9 @@ def evaluate_gate(
     checks.update(weight_checks(adapter_dir, parent_adapter))
     if checks["weights_finite"]["passed"]:
         models = _Models(settings, adapter_dir, parent_adapter)
+        lap("load_models")
         policy, why_none = _load_policy(settings)
-        lap("load")
+        lap("load_policies")
         checks.update(preference_checks(settings, models, data))
         checks.update(heldout_checks(settings, models, heldout))
         lap("score_rows")

@@ -175,6 +175,13 @@ class AlignSettings(CommonSettings):
         description="How much the share of generated samples an output policy would block, redact or rewrite may "
         "exceed the parent's.",
     )
+    gate_threads: int = Field(
+        default=1,
+        ge=1,
+        description="torch CPU threads for the gate (training uses `threads`). Its forward passes are small (batches "
+        "of ≤ 16 short rows on the demo model), where extra threads mostly add synchronisation: on a busy 2-core "
+        "machine 1 thread ran the gate in ~10 s, 2 threads in 40-95 s.",
+    )
     policies_dir: Path = Field(
         default=Path("policies"),
         description="The operator's policy rule files (the same SECONDSTAGE_POLICIES_DIR serve enforces): the gate "

@@ -241,7 +241,7 @@ def demo_model() -> Path:
 
 @pytest.fixture
 def demo_settings(settings: AlignSettings, demo_model: Path) -> AlignSettings:
-    return settings.model_copy(update={"model": str(demo_model), "policies_dir": POLICIES, "threads": 1})
+    return settings.model_copy(update={"model": str(demo_model), "policies_dir": POLICIES})
 
 
 def _adapter(settings: AlignSettings, path: Path, scale: float) -> Path:
