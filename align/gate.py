@@ -19,8 +19,10 @@ Did training move toward its own rows (the run's training rows):
 
 Did it generalise, and did it keep what the model knew (data the adapter never trained on):
 - `heldout_accuracy` / `heldout_margin`: on the held-out feedback (align/split.py) the new adapter's preference
-  accuracy (share of pairs with log p(chosen) > log p(rejected)) and mean margin must not fall below the
-  parent's, less a tolerance. KTO rows stand in without pairs (signed log-prob; accuracy is then not decided).
+  accuracy (share of pairs whose chosen answer has the higher log-prob per token: length-normalised, or a
+  correction that adds words could never count) and mean margin (log p(chosen) − log p(rejected), summed as
+  DPO does) must not fall below the parent's, less a tolerance. KTO rows stand in without pairs (signed
+  log-prob; accuracy is then not decided).
   With fewer than `gate_heldout_min_rows` held-out rows both pass with a note saying so: a verdict on two rows
   would be noise, and the checks below still guard what the model knew.
 - `regression`: the operator's regression set (align/regression.py), answered greedily after the input
@@ -154,19 +156,41 @@ class _Scorer:
         return self.score([(prompt, completion)])[0][0]
 
 
-def _scores(
+@dataclass
+class _RowScores:
+    margins: list[float]
+    """DPO: log p(chosen) − log p(rejected), summed over tokens (DPO's own quantity)."""
+    prefers: list[bool]
+    """DPO: chosen has the higher log-prob per token (length-normalised, so a longer chosen is not penalised for
+    its length: corrections that add words would otherwise never be "preferred")."""
+    signed: list[float]
+    """KTO: log p(completion), + for desirable, − for undesirable."""
+
+
+def _row_scores(
     scorer: _Scorer, data: AlignData, max_rows: int, use: Callable[[], AbstractContextManager[Any]]
-) -> tuple[list[float], list[float]]:
-    """(DPO margins, signed KTO log-probs) under the adapter selected by `use`."""
+) -> _RowScores:
+    """The rows' scores under the adapter selected by `use`."""
     dpo, kto = data.dpo_rows[:max_rows], data.kto_rows[:max_rows]
     rows = [(r["prompt"], r["chosen"]) for r in dpo] + [(r["prompt"], r["rejected"]) for r in dpo]
     rows += [(r["prompt"], r["completion"]) for r in kto]
     with use():
-        sums = [total for total, _ in scorer.score(rows)]
+        scored = scorer.score(rows)
     n = len(dpo)
-    margins = [c - r for c, r in zip(sums[:n], sums[n : 2 * n], strict=True)]
-    signed = [(1.0 if r["label"] else -1.0) * v for r, v in zip(kto, sums[2 * n :], strict=True)]
-    return margins, signed
+    chosen, rejected = scored[:n], scored[n : 2 * n]
+    return _RowScores(
+        margins=[c - r for (c, _), (r, _) in zip(chosen, rejected, strict=True)],
+        prefers=[c / max(cn, 1) > r / max(rn, 1) for (c, cn), (r, rn) in zip(chosen, rejected, strict=True)],
+        signed=[(1.0 if r["label"] else -1.0) * v for r, (v, _) in zip(kto, scored[2 * n :], strict=True)],
+    )
+
+
+def _scores(
+    scorer: _Scorer, data: AlignData, max_rows: int, use: Callable[[], AbstractContextManager[Any]]
+) -> tuple[list[float], list[float]]:
+    """(DPO margins, signed KTO log-probs) under the adapter selected by `use`."""
+    s = _row_scores(scorer, data, max_rows, use)
+    return s.margins, s.signed
 
 
 def preference_checks(settings: AlignSettings, models: _Models, data: AlignData) -> dict[str, dict[str, Any]]:
@@ -349,20 +373,21 @@ def heldout_checks(settings: AlignSettings, models: _Models, heldout: AlignData 
             "heldout_accuracy": _check(True, None, note=note, rows=rows),
             "heldout_margin": _check(True, None, note=note, rows=rows),
         }
-    parent_m, parent_k = _scores(models.scorer, heldout, settings.gate_max_rows, models.use("parent"))
-    new_m, new_k = _scores(models.scorer, heldout, settings.gate_max_rows, models.use("new"))
+    parent = _row_scores(models.scorer, heldout, settings.gate_max_rows, models.use("parent"))
+    new = _row_scores(models.scorer, heldout, settings.gate_max_rows, models.use("new"))
+    parent_m, parent_k, new_m, new_k = parent.margins, parent.signed, new.margins, new.signed
     checks: dict[str, dict[str, Any]] = {}
     if parent_m:
         n = len(parent_m)
-        acc_p = sum(m > 0 for m in parent_m) / n
-        acc_n = sum(m > 0 for m in new_m) / n
+        acc_p = sum(parent.prefers) / n
+        acc_n = sum(new.prefers) / n
         bound_acc = acc_p - settings.gate_heldout_accuracy_tolerance
         checks["heldout_accuracy"] = _check(
             acc_n >= bound_acc,
             round(acc_n, 4),
             round(bound_acc, 4),
-            f"share of {n} held-out DPO pairs with log p(chosen) > log p(rejected); parent {acc_p:.4f}, "
-            f"tolerance {settings.gate_heldout_accuracy_tolerance}",
+            f"share of {n} held-out DPO pairs whose chosen answer has the higher log-prob per token; "
+            f"parent {acc_p:.4f}, tolerance {settings.gate_heldout_accuracy_tolerance}",
             bound="min",
             parent=round(acc_p, 4),
             rows=n,

@@ -102,8 +102,8 @@ class AlignSettings(CommonSettings):
         default=0.0,
         ge=0.0,
         le=1.0,
-        description="How far the new adapter's preference accuracy on held-out pairs (share with log p(chosen) > "
-        "log p(rejected)) may fall below the parent's.",
+        description="How far the new adapter's preference accuracy on held-out pairs (share whose chosen answer has "
+        "the higher per-token log-prob) may fall below the parent's.",
     )
     gate_heldout_margin_tolerance: float = Field(
         default=0.0,
