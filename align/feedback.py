@@ -20,10 +20,10 @@ identity cannot dominate a version.
 Two guards make what reaches training trustworthy:
 
 - **Already trained.** Feedback and policy pairs whose ids a published version lists (`Manifest.feedback_ids`,
-  `policy_pair_ids` in the registry) are skipped (`already_trained`) and, on a consuming read, acknowledged at
-  once. The job acknowledges only after it publishes, so a run killed between the two leaves its entries pending;
-  this is what keeps the next run from training them a second time. `all_feedback=True` (`align run --all`) is
-  the operator asking to retrain on everything and skips nothing.
+  the gate's `heldout_feedback_ids`, `policy_pair_ids` in the registry) are skipped (`already_trained`) and, on a
+  consuming read, acknowledged at once. The job acknowledges only after it publishes, so a run killed between
+  the two leaves its entries pending; this is what keeps the next run from training them a second time.
+  `all_feedback=True` (`align run --all`) is the operator asking to retrain on everything and skips nothing.
 - **Corrections through the policies.** With a policy set (`policies`, the operator's rule files), each
   correction goes through every input and output rule again (core/policy/correction.py) — serve did so when it
   accepted it, but rules change — before it can become a "chosen" answer: redactions are applied
@@ -206,6 +206,9 @@ class FeedbackReader:
             raise FeedbackError(f"a manifest in {self.keys.versions} does not decode ({e}); fix or remove it") from e
         for manifest in manifests.values():
             feedback.update(manifest.feedback_ids)
+            # Held-out feedback evaluated the version (align/split.py) and is consumed with it: a later run must
+            # not train on it either, or a crash before the acknowledgement would turn test data into training data.
+            feedback.update(str(i) for i in manifest.gate.get("heldout_feedback_ids") or [])
             pairs.update(manifest.policy_pair_ids)
         return feedback, pairs
 

@@ -6,6 +6,9 @@ publishes only if it still owns the lock then.
 A run publishes a version only when the gate passes; only then does it acknowledge the feedback it used, so
 anything that fails (training, gate, disk, Redis) leaves the feedback to the next run. A run killed between
 publishing and acknowledging leaves feedback a published version used: the next run skips it (align/feedback.py).
+Before training, a stable share of the feedback is held out for the gate (align/split.py; acknowledged with the
+rest on publish), the operator's regression file is validated (an invalid one fails the run before it trains)
+and the anchors are sampled from the completion log (align/anchors.py).
 
 Under `accelerate launch` (or torchrun) every process runs this job; only the main one (rank 0) takes the lock,
 gates, publishes and acknowledges. The others (`process_rank() > 0`) read the same feedback without consuming
@@ -34,11 +37,15 @@ from redis.exceptions import LockNotOwnedError
 from redis.lock import Lock
 from rich.console import Console
 
+from align.anchors import sample_anchors
 from align.datasets import AlignData, build_datasets
 from align.feedback import FeedbackBatch, FeedbackError, FeedbackReader, load_policies
 from align.gate import describe_failure, evaluate_gate
 from align.metrics import AlignMetrics
+from align.regression import RegressionFileError, RegressionSet
+from align.regression import load as load_regression
 from align.settings import AlignSettings
+from align.split import split_batch
 from align.train import train_adapter
 from core.canary import Rollout
 from core.keys import Keys
@@ -262,7 +269,7 @@ def _run_locked(
     dry_run: bool,
     console: Console,
 ) -> RunResult:
-    reader, batch, data, skip = _read_feedback(
+    reader, batch, data, heldout, skip = _read_feedback(
         settings, client, keys, all_feedback=all_feedback, consume=not dry_run, dry_run=dry_run, console=console
     )
     if skip is not None:
@@ -273,6 +280,20 @@ def _run_locked(
     # The promoted version (the incumbent), never a running canary: a canary may still be rolled back.
     parent = registry.active()
     parent_adapter = _parent_adapter(settings, registry, store, parent)
+    # Gather what the gate needs before training, so a bad regression file fails the run in seconds, not after it.
+    regression, regression_note = _regression_set(settings) if settings.gate_enabled else (None, "")
+    anchors = (
+        sample_anchors(
+            client,
+            keys,
+            parent=parent,
+            count=settings.gate_anchor_count,
+            scan=settings.gate_anchor_scan,
+            exclude={item.completion_id for item in batch.feedback},
+        )
+        if settings.gate_enabled
+        else []
+    )
     work_root = settings.var_dir / "align"
     work_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="run-", dir=work_root) as tmp:
@@ -280,10 +301,23 @@ def _run_locked(
         if settings.gate_enabled:
             with console.status("gating the adapter"):
                 gate = evaluate_gate(
-                    settings, data, trained.adapter_dir, trained.metrics, parent_adapter=parent_adapter
+                    settings,
+                    data,
+                    trained.adapter_dir,
+                    trained.metrics,
+                    parent_adapter=parent_adapter,
+                    heldout=heldout,
+                    regression=regression,
+                    regression_note=regression_note,
+                    anchors=anchors,
                 )
+            console.print(
+                f"gate: {len(gate['checks'])} checks in {gate.get('duration_s', 0):.1f}s, failed: {gate['failed']}"
+            )
         else:
             gate = {"passed": True, "failed": [], "checks": {}, "skipped": "gate_enabled=false"}
+        # Held-out feedback is consumed with the rest when the version publishes (align/split.py says why).
+        gate = {**gate, "heldout_feedback_ids": heldout.feedback_ids}
         if not gate["passed"]:
             msg = f"gate failed, nothing published, feedback left for the next run: {describe_failure(gate)}"
             console.print(f"[red]{msg}")
@@ -308,8 +342,9 @@ def _read_feedback(
     consume: bool,
     dry_run: bool,
     console: Console,
-) -> tuple[FeedbackReader, FeedbackBatch, AlignData, RunResult | None]:
-    """Read and shape the feedback; the last item is the run's result when there is nothing to train."""
+) -> tuple[FeedbackReader, FeedbackBatch, AlignData, AlignData, RunResult | None]:
+    """Read and shape the feedback: (reader, batch, training rows, held-out rows, result when there is nothing
+    to train). The held-out rows (align/split.py) never train; the whole batch is what gets acknowledged."""
     try:
         reader = FeedbackReader(
             client,
@@ -325,13 +360,16 @@ def _read_feedback(
             batch = reader.read(all_feedback=all_feedback, consume=consume)
     except FeedbackError as e:
         raise AlignError(str(e)) from e
-    data = build_datasets(batch)
+    split = split_batch(batch, settings.heldout_share)
+    data = build_datasets(split.train)
+    heldout = build_datasets(split.heldout)
     data.counts.update(batch.screened)  # e.g. correction_redacted: in the manifest's datasets counts
     counts = data.summary()
     console.print(
         f"feedback: {len(batch.feedback)} entries, {len(batch.policy_pairs)} policy pairs → "
         f"{len(data.dpo_rows)} DPO pairs, {len(data.kto_rows)} KTO rows"
         + (f" (skipped: {dict(batch.skipped)})" if batch.skipped else "")
+        + f"; held out for the gate: {len(heldout.dpo_rows)} DPO pairs, {len(heldout.kto_rows)} KTO rows"
     )
     if data.usable < settings.min_feedback:
         msg = (
@@ -339,12 +377,12 @@ def _read_feedback(
             "(SECONDSTAGE_MIN_FEEDBACK / --min-feedback); nothing published"
         )
         console.print(f"[yellow]{msg}")
-        return reader, batch, data, RunResult("insufficient", msg, counts=counts)
+        return reader, batch, data, heldout, RunResult("insufficient", msg, counts=counts)
     if dry_run:
         msg = f"dry run: would train on {data.usable} rows; nothing trained, published or acknowledged"
         console.print(msg)
-        return reader, batch, data, RunResult("dry_run", msg, counts=counts)
-    return reader, batch, data, None
+        return reader, batch, data, heldout, RunResult("dry_run", msg, counts=counts)
+    return reader, batch, data, heldout, None
 
 
 def _run_worker(
@@ -358,7 +396,7 @@ def _run_worker(
     console: Console,
 ) -> RunResult:
     """A non-main process of a distributed run: read without consuming, train; no lock, gate, publish or ack."""
-    _, _, data, skip = _read_feedback(
+    _, _, data, _, skip = _read_feedback(
         settings, client, keys, all_feedback=all_feedback, consume=False, dry_run=dry_run, console=console
     )
     if skip is not None:
@@ -373,6 +411,18 @@ def _run_worker(
     msg = f"process rank {rank} trained its share; the main process (rank 0) gates, publishes and acknowledges"
     console.print(msg)
     return RunResult("worker", msg, parent=parent, counts=data.summary(), metrics=trained.metrics)
+
+
+def _regression_set(settings: AlignSettings) -> tuple[RegressionSet | None, str]:
+    """The operator's regression set, or None and why. The default path may be absent (a deployment without
+    one); a path set explicitly must exist. An invalid file fails the run (AlignError naming file, line, field)."""
+    path = settings.regression_file
+    if not path.is_file() and "regression_file" not in settings.model_fields_set:
+        return None, f"no regression file at {path} (SECONDSTAGE_REGRESSION_FILE): regression set not checked"
+    try:
+        return load_regression(path), ""
+    except RegressionFileError as e:
+        raise AlignError(f"{e}; nothing trained, feedback left for the next run") from e
 
 
 def _train(settings: AlignSettings, data: AlignData, work_dir: Path, **kw: Any) -> Any:

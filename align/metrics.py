@@ -10,7 +10,9 @@ for a pushed job is "last value" gauges, not counters (a counter that restarts a
 - `secondstage_align_run_duration_seconds`: how long the last run took;
 - `secondstage_align_rows{kind}`: its training rows per kind (dpo, kto, and per source: dpo_correction, …);
 - `secondstage_align_gate_check_value{check}` / `secondstage_align_gate_check_passed{check}`: each gate
-  check of the last gated run (align/gate.py) — its value when it is a number, and 1/0 for pass/fail;
+  check of the last gated run (align/gate.py: the sanity and training-row checks, heldout_accuracy,
+  heldout_margin, regression, anchor_drift, degeneration, policy_violations) — its value when it is a number
+  (a check that could not decide, e.g. too few held-out rows, has none), and 1/0 for pass/fail;
 - `secondstage_align_published_version_info{version}`: 1, labelled with the version the last success published.
 - (to come with the canary: its promote / rollback decisions, one more family here.)
 

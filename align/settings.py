@@ -6,6 +6,8 @@ Defaults are sized for the demo model on a small CPU machine: ~10 feedback rows 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 from core.settings import CommonSettings
@@ -80,6 +82,105 @@ class AlignSettings(CommonSettings):
     )
     gate_max_rows: int = Field(
         default=64, ge=1, description="Most rows the gate evaluates (it runs on CPU, un-batched)."
+    )
+
+    # --- the gate on data the adapter never trained on (align/gate.py, align/split.py, align/regression.py)
+    heldout_share: float = Field(
+        default=0.2,
+        ge=0.0,
+        lt=1.0,
+        description="Share of each run's feedback held out of training for the gate, picked by the sha256 of the "
+        "completion id (stable across runs and ranks); 0 = none.",
+    )
+    gate_heldout_min_rows: int = Field(
+        default=4,
+        ge=1,
+        description="Fewest held-out rows for the held-out checks to decide; with fewer they pass, say so in "
+        "their note, and the other checks decide.",
+    )
+    gate_heldout_accuracy_tolerance: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="How far the new adapter's preference accuracy on held-out pairs (share whose chosen answer has "
+        "the higher per-token log-prob) may fall below the parent's.",
+    )
+    gate_heldout_margin_tolerance: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="How far the new adapter's mean held-out margin (log p(chosen) − log p(rejected), nats) may "
+        "fall below the parent's.",
+    )
+    regression_file: Path = Field(
+        default=Path("evals/regression.yaml"),
+        description="The operator's regression set (align/regression.py): prompts with must_contain / "
+        "must_not_contain / reference / max_chars checks. The default file may be absent (the check is skipped); "
+        "a file set explicitly must exist.",
+    )
+    gate_max_regressions: int = Field(
+        default=0,
+        ge=0,
+        description="Regression-set checks the parent passed that the new adapter may fail.",
+    )
+    gate_anchor_count: int = Field(
+        default=16,
+        ge=0,
+        description="Logged completions with positive or no negative feedback used as anchors (align/anchors.py).",
+    )
+    gate_anchor_scan: int = Field(
+        default=2000,
+        ge=1,
+        description="Newest stream entries scanned for anchors (completions) and for judgements (feedback).",
+    )
+    gate_max_drift_nats: float = Field(
+        default=0.5,
+        ge=0.0,
+        description="Most the mean per-token log-prob of the anchor answers may drop from the parent to the new "
+        "adapter (nats/token).",
+    )
+    gate_max_new_tokens: int = Field(
+        default=48,
+        ge=4,
+        description="Token budget of each greedy sample the gate generates (regression and anchor prompts); a "
+        "sample that uses it all did not stop.",
+    )
+    gate_repeat_ngram: int = Field(
+        default=3, ge=1, description="n of the n-grams counted for repetition loops in generated samples."
+    )
+    gate_max_repeat_fraction: float = Field(
+        default=0.5,
+        gt=0.0,
+        le=1.0,
+        description="A sample whose share of repeated n-grams (n-grams seen earlier in it) exceeds this is a loop.",
+    )
+    gate_length_blowup: float = Field(
+        default=2.0,
+        gt=1.0,
+        description="A new sample longer than this many times the parent's answer to the same prompt (plus "
+        "gate_length_slack_tokens) has blown up.",
+    )
+    gate_length_slack_tokens: int = Field(
+        default=8, ge=0, description="Tokens allowed on top of the blow-up factor (short answers may grow a little)."
+    )
+    gate_max_degeneration_increase: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+        description="How much the share of degenerate samples (loop, no stop, blow-up) may exceed the parent's.",
+    )
+    gate_max_violation_increase: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="How much the share of generated samples an output policy would block, redact or rewrite may "
+        "exceed the parent's.",
+    )
+    gate_threads: int = Field(
+        default=1,
+        ge=1,
+        description="torch CPU threads for the gate (training uses `threads`). Its forward passes are small (batches "
+        "of ≤ 16 short rows on the demo model), where extra threads mostly add synchronisation: on a busy 2-core "
+        "machine 1 thread ran the gate in ~10 s, 2 threads in 40-95 s.",
     )
 
     # --- the job

@@ -7,6 +7,7 @@ secondstage align run [--every 30m]    # feedback -> LoRA version -> publish    
 secondstage feedback export            # TRL datasets as JSONL                                   [align]
 secondstage versions list | activate V # what exists, and rollback/roll forward (also to `base`)  [core]
 secondstage versions canary V | promote [V] | rollback   # canary rollouts by hand (core/canary.py) [core]
+secondstage versions show V [--json]   # lineage, datasets, metrics and the gate report of V     [core]
 secondstage data purge --key ID | --user ID [--dry-run]   # delete a person's records            [core]
 
 The core owns the root app, the `versions` commands (the registry is core's) and `data purge`
@@ -27,7 +28,7 @@ import contextlib
 import datetime as dt
 import os
 from importlib.metadata import entry_points
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -39,6 +40,9 @@ app.add_typer(versions_app, name="versions")
 data_app = typer.Typer(help="Stored data: delete a person's records.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console()
+
+if TYPE_CHECKING:
+    from core.versions import Manifest, VersionStore
 
 COMMANDS_GROUP = "secondstage.commands"
 
@@ -128,6 +132,96 @@ def versions_list() -> None:
                 metrics,
             )
         console.print(table)
+
+
+def _lineage(version: str, manifests: dict[str, Manifest], store: VersionStore) -> list[str]:
+    """`version`, its parent, …, down to `base` (or to the first version whose manifest is missing: `?`)."""
+    from core.records import BASE
+    from core.versions import VersionError
+
+    chain = [version]
+    while chain[-1] != BASE:
+        name = chain[-1]
+        m = manifests.get(name)
+        if m is None:
+            try:
+                m = store.manifest(name)
+            except VersionError:
+                chain.append("?")
+                break
+        if m.parent in chain:  # a corrupt registry must not loop forever
+            chain.append(f"{m.parent} (cycle)")
+            break
+        chain.append(m.parent)
+    return chain
+
+
+def _gate_rows(gate: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """(check, passed, value, threshold, note) per gate check, as text."""
+    rows = []
+    for name, check in (gate.get("checks") or {}).items():
+        threshold = check.get("threshold")
+        bound = {"min": "≥ ", "max": "≤ "}.get(str(check.get("bound")), "")
+        rows.append(
+            (
+                name,
+                "pass" if check.get("passed") else "FAIL",
+                str(check.get("value")),
+                "" if threshold is None else f"{bound}{threshold}",
+                str(check.get("note", "")),
+            )
+        )
+    return rows
+
+
+@versions_app.command("show")
+def versions_show(
+    version: Annotated[str, typer.Argument(help="A version name (v<N>).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest and lineage as one JSON object.")] = False,
+) -> None:
+    """Show VERSION: lineage (parent chain to base), created, datasets, metrics and the gate report."""
+    import json
+
+    import msgspec
+
+    from core.versions import VersionError, check_name
+
+    try:
+        check_name(version)
+    except VersionError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from exc
+    with _registry() as (registry, store):
+        manifests = registry.manifests()
+        active = registry.active()
+        manifest = manifests.get(version)
+        if manifest is None:
+            try:
+                manifest = store.manifest(version)
+            except VersionError as exc:
+                known = ", ".join(manifests) or "none"
+                console.print(f"[red]unknown version {version!r} (registered: {known}); {exc}[/]")
+                raise typer.Exit(2) from exc
+        lineage = _lineage(version, manifests, store)
+    if as_json:
+        out = {**msgspec.to_builtins(manifest), "lineage": lineage, "active": version == active}
+        typer.echo(json.dumps(out, indent=2, default=str))
+        return
+    created = dt.datetime.fromtimestamp(manifest.created).strftime("%Y-%m-%d %H:%M:%S")
+    console.print(f"[bold]{version}[/]" + (" [green](active)[/]" if version == active else ""))
+    console.print(f"lineage:  {' → '.join(lineage)}")
+    console.print(f"created:  {created}    base model: {manifest.base_model}    LoRA rank: {manifest.lora_rank}")
+    console.print(f"feedback: {len(manifest.feedback_ids)} trained, "
+                  f"{len(manifest.gate.get('heldout_feedback_ids') or [])} held out; "
+                  f"{len(manifest.policy_pair_ids)} policy pairs")  # fmt: skip
+    console.print(f"datasets: {', '.join(f'{k}={v}' for k, v in manifest.datasets.items()) or '-'}")
+    console.print(f"metrics:  {', '.join(f'{k}={v:.4g}' for k, v in manifest.metrics.items()) or '-'}")
+    gate = manifest.gate or {}
+    verdict = "skipped" if gate.get("skipped") else ("passed" if gate.get("passed") else "failed")
+    table = Table("check", "result", "value", "threshold", "note", title=f"gate: {verdict}", title_justify="left")
+    for row in _gate_rows(gate):
+        table.add_row(*row)
+    console.print(table)
 
 
 @versions_app.command("activate")

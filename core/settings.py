@@ -70,7 +70,8 @@ class CommonSettings(BaseSettings):
         default=Path("policies"),
         description="Directory of policy rule files: serve enforces them on requests and responses; align checks "
         "every correction against them again before it becomes a training answer (a missing directory fails "
-        "the run; an empty one applies no rules).",
+        "the run; an empty one applies no rules), and its gate applies their input stage to its prompts and their "
+        "output stage to its samples.",
     )
 
     canary_enabled: bool = Field(

@@ -42,8 +42,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def settings(redis_server: PrivateRedis, tmp_path: Path) -> AlignSettings:
-    """Settings on this test's Redis (tests/conftest.py) and a fresh var/ directory; no model (see `train_settings`)."""
-    return AlignSettings(redis_url=redis_server.url, var_dir=tmp_path / "var", model=str(tmp_path / "no-model"))
+    """Settings on this test's Redis (tests/conftest.py) and a fresh var/ directory; no model (see `train_settings`).
+
+    Nothing is held out for the gate (heldout_share 0): the completion ids are random, so a held-out share would
+    move a random part of each test's rows out of training; tests/align/test_gate_*.py set their own share.
+    """
+    return AlignSettings(
+        redis_url=redis_server.url, var_dir=tmp_path / "var", model=str(tmp_path / "no-model"), heldout_share=0.0
+    )
 
 
 @pytest.fixture

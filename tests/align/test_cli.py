@@ -34,6 +34,7 @@ def env(settings: AlignSettings, monkeypatch: pytest.MonkeyPatch) -> AlignSettin
     monkeypatch.setenv("SECONDSTAGE_REDIS_URL", settings.redis_url or "")
     monkeypatch.setenv("SECONDSTAGE_VAR_DIR", str(settings.var_dir))
     monkeypatch.setenv("SECONDSTAGE_MODEL", settings.model_path)
+    monkeypatch.setenv("SECONDSTAGE_HELDOUT_SHARE", "0")  # as in `settings`: random ids, no random split
     return settings
 
 

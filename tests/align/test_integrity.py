@@ -33,7 +33,7 @@ from align.feedback import FeedbackReader
 from align.job import AlignError, run_once
 from align.settings import AlignSettings
 from core.keys import Keys
-from core.versions import Registry, VersionStore
+from core.versions import Manifest, Registry, VersionStore
 
 from .conftest import Server
 from .test_job import CORRECTIONS, pending, seed_corrections
@@ -237,6 +237,22 @@ def test_feedback_of_a_version_published_but_not_acknowledged_is_not_trained_aga
     # `--all` is the operator asking to retrain on everything: it skips nothing.
     everything = run_once(settings, all_feedback=True, dry_run=True, console=QUIET, client=client)
     assert everything.counts["dpo"] == len(first_ids) + len(new_ids)
+
+
+def test_feedback_a_published_version_held_out_is_not_trained_later(
+    client: redis.Redis, settings: AlignSettings, server: Server
+) -> None:
+    """Held-out feedback evaluated a version: after a kill before the acknowledgement it must not train later."""
+    keys = Keys(settings.redis_prefix)
+    settings = settings.model_copy(update={"gate_enabled": False, "policies_dir": POLICIES})
+    ids = seed_corrections(server)
+    held, rest = ids[:2], ids[2:]
+    Registry(client, keys).register(
+        Manifest(version="v1", base_model="demo", feedback_ids=[], gate={"heldout_feedback_ids": held})
+    )
+    dry = run_once(settings, dry_run=True, console=QUIET, client=client)
+    assert dry.counts["skipped_already_trained"] == len(held)
+    assert dry.counts["dpo"] == len(rest)
 
 
 # Runs `secondstage align run` (core.cli's app) with one change: the acknowledgement after publishing SIGKILLs
