@@ -1,6 +1,7 @@
 """Serving against the limit: the raw engine, vLLM's own OpenAI server and secondstage, across a sweep of loads.
 
     .venv/bin/python -m bench.serving [--quick] [--passes 3] [--only rabc] [--cells c16-] [--scale 1.0] [--grid]
+    .venv/bin/python -m bench.serving --report      # the last run's tables again, and as Markdown
 
 Same model, same engine settings (`bench.harness.BENCH_ENGINE`, which are ServeSettings' defaults), same load:
   r  the raw engine: `AsyncLLM` with secondstage's engine arguments, driven in-process with no HTTP
@@ -65,7 +66,7 @@ from bench.harness import (
     vllm_server,
 )
 from bench.load import LONG_WORDS, SHORT_WORDS, chat_body, drive_http, prompt, summarise
-from bench.results import fmt, write_result
+from bench.results import fmt, load_result, write_result
 from core.keys import Keys
 from core.redis_server import PrivateRedis
 from core.versions import BASE, Manifest, Registry, VersionStore
@@ -568,6 +569,52 @@ def print_table(cells: list[Cell], table: dict[str, Any]) -> None:
         console.print(t)
 
 
+def markdown(cells: list[Cell], table: dict[str, Any]) -> str:
+    """The sweep as a Markdown table (README's Performance section is pasted from it)."""
+
+    def r(x: dict[str, Any] | None) -> str:
+        if x is None:
+            return "-"
+        mark = {"inside the noise": " ~", "faster": " ↑", "slower": " ↓"}.get(x["verdict"], "")
+        return f"{x['median']:.2f}{mark}"
+
+    def ms(x: float | None) -> str:
+        return "-" if x is None else f"{x:+.0f}"
+
+    lines = [
+        "| cell | raw engine | vLLM/raw | bare/raw | full/raw | full/vLLM | TTFT raw ms | +TTFT vLLM | +TTFT full "
+        "| cores raw / vLLM / full |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for cell in cells:
+        row = table[cell.name]
+        sv, rs = row["servers"], row["ratios"]
+        raw = sv.get("r") or {}
+        unit = " req/s" if cell.metric == "req_per_s" else " tok/s"
+        spread = raw.get(f"{cell.metric}_spread")
+        rate = "-" if not raw else f"{raw[cell.metric]:,.0f}{unit}" + (f" ±{50 * spread:.0f}%" if spread else "")
+        ar, cr = rs.get("a/r"), rs.get("c/r")
+        ttft = (sv.get("r") or {}).get("ttft_p50_ms")
+        cores = " / ".join(_cores(sv.get(k)) for k in "rac")
+        lines.append(
+            f"| {cell.name} | {rate} | {r(ar)} | {r(rs.get('b/r'))} | {r(cr)} | {r(rs.get('c/a'))} "
+            f"| {'-' if ttft is None else f'{ttft:.0f}'} | {ms(ar and ar['added_ttft_p50_ms'])} "
+            f"| {ms(cr and cr['added_ttft_p50_ms'])} | {cores} |"
+        )
+    return "\n".join(lines)
+
+
+def report() -> None:
+    """Print the last run's tables again (bench/results/serving.json), with the Markdown version."""
+    data = load_result("serving")
+    if data is None:
+        raise SystemExit("no bench/results/serving.json: run the benchmark first")
+    cells = [Cell(**{k: v for k, v in c.items() if k != "name"}) for c in data["cells"]]
+    print_table(cells, data["table"])
+    console.print(f"load avg at each server start: {[round(x, 1) for x in data['loadavg_1m_at_each_start']]}")
+    print(markdown(cells, data["table"]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one cell of each kind, small sizes (a smoke run)")
@@ -577,7 +624,11 @@ def main() -> None:
     p.add_argument("--grid", action="store_true", help="add the 256-client cells the default leaves out")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every cell's requests (at least 1 per client)")
     p.add_argument("--litellm", default=None, help="path of a `litellm` executable for (d)")
+    p.add_argument("--report", action="store_true", help="print the last run's tables (and Markdown); run nothing")
     args = p.parse_args()
+    if args.report:
+        report()
+        return
     if not args.only or set(args.only) - set(LABELS):
         p.error(f"--only={args.only!r}: use letters from {''.join(LABELS)}")
     if args.passes < 1:
