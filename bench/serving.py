@@ -615,6 +615,33 @@ def report() -> None:
     print(markdown(cells, data["table"]))
 
 
+def save(
+    args: Any,
+    cells: list[Cell],
+    table: dict[str, Any],
+    errors: dict[str, list[str]],
+    loadavg: list[float],
+    started: float,
+    *,
+    partial: bool,
+) -> Path:
+    return write_result(
+        "serving",
+        {
+            "partial": partial,
+            "params": {k: v for k, v in vars(args).items() if k not in ("litellm", "report")},
+            "labels": {k: LABELS[k] for k in args.only},
+            "engine": "bench.harness.BENCH_ENGINE (ServeSettings defaults: max_num_seqs 64, max_model_len 1024)",
+            "cells": [asdict(c) | {"name": c.name} for c in cells],
+            "table": table,
+            "goals": goals(cells, table),
+            "errors": errors,
+            "loadavg_1m_at_each_start": loadavg,
+            "total_s": time.monotonic() - started,
+        },
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one cell of each kind, small sizes (a smoke run)")
@@ -666,25 +693,13 @@ def main() -> None:
                     # A server that fails is reported and left out; the others still run.
                     errors.setdefault(name, []).append(str(exc)[:2000])
                     console.print(f"[red]{name} pass {rep + 1} failed:[/] {str(exc)[:500]}")
+                # Saved after every server pass: a run stopped half-way still leaves what it measured.
+                save(args, cells, analyse(cells, runs), errors, loadavg, started, partial=True)
     table = analyse(cells, runs)
     print_table(cells, table)
-    met = goals(cells, table)
-    for name, g in met.items():
+    for name, g in goals(cells, table).items():
         console.print(f"goal {name}: {g}")
-    path = write_result(
-        "serving",
-        {
-            "params": {k: v for k, v in vars(args).items() if k != "litellm"},
-            "labels": {k: LABELS[k] for k in args.only},
-            "engine": "bench.harness.BENCH_ENGINE (ServeSettings defaults: max_num_seqs 64, max_model_len 1024)",
-            "cells": [asdict(c) | {"name": c.name} for c in cells],
-            "table": table,
-            "goals": met,
-            "errors": errors,
-            "loadavg_1m_at_each_start": loadavg,
-            "total_s": time.monotonic() - started,
-        },
-    )
+    path = save(args, cells, table, errors, loadavg, started, partial=False)
     console.print(f"wrote {path} ({time.monotonic() - started:.0f}s)")
     shutil.rmtree(work, ignore_errors=True)
 
