@@ -65,7 +65,8 @@ def plot_serving(data: dict[str, Any], plt: Any) -> Any:
                 vals.append(r["added_ttft_p50_ms"])
         ax.barh(pos, vals, h, label=label, color=colours[label])
     ax.axvline(5.0, color="red", lw=0.8, ls=":", label="goal +5 ms")
-    ax.set(title="TTFT p50 added over the raw engine (streamed cells)", xlabel="ms")
+    ax.set_xscale("symlog", linthresh=10)  # a few ms and several seconds in one panel
+    ax.set(title="TTFT p50 added over the raw engine (streamed cells)", xlabel="ms (symlog)")
     ax.legend(fontsize=7, loc="lower right")
     axes[0].set_yticks(ys, names, fontsize=7)
     axes[0].invert_yaxis()
@@ -89,6 +90,7 @@ def plot_swap(data: dict[str, Any], plt: Any) -> Any:
         label="under load: first probe response",
     )
     ax.axhline(1.0, color="red", lw=0.8, ls=":", label="goal 1 s")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     st = data["streams"]
     clients = data.get("params", {}).get("clients", "?")
     ax.set(
