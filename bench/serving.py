@@ -135,13 +135,16 @@ RATE_REQUESTS = 256
 def sweep(quick: bool = False, scale: float = 1.0, grid: bool = False) -> list[Cell]:
     """The cells every server runs, in order.
 
-    Default (`make bench`): 1/16/64/256 clients × 64 tokens out × ~50-token prompts; 1/16/64 clients × 512
-    tokens out; 1/16/64 clients × ~850-token prompts; the request-rate run; LoRA at 16 clients — each
-    streamed and JSON, 24 cells. Left out so that three passes over four servers fit `make bench`: the two
-    256-client cells with the largest cost, 512 tokens out (131k tokens a pass) and ~850-token prompts (218k
-    prompt tokens) — the engine runs 64 sequences at once, so 256 clients only queue behind what the 64-client
-    cells already show. `grid=True` (`--grid`) adds them. ~850-token prompts with 512 tokens out never run:
-    prompt + completion would exceed the 1,024-token context. `quick` keeps one small cell of each kind.
+    Default (`make bench`): 1/16/64/256 clients × 64 tokens out × ~50-token prompts; 16 clients × 512 tokens
+    out; 1/16/64 clients × ~850-token prompts; the request-rate run; LoRA at 16 clients — each streamed and
+    JSON, 20 cells. Three passes over four servers of these cost ~1,400 CPU-seconds (measured: a pass of the
+    four servers used 640 CPU-s with the cells below, 29% of them in 64 clients × 512 tokens), about 15
+    minutes with server starts on two idle cores, which leaves `make bench` room for the other benchmarks.
+    `grid=True` (`--grid`) adds what that leaves out: 512 tokens out at 1, 64 and 256 clients (the 1-client
+    cell shows latency the 64-token one already shows; 64 clients × 512 tokens is 32k tokens per server and
+    mode) and ~850-token prompts at 256 clients (218k prompt tokens; the engine runs 64 sequences at once, so
+    256 clients only queue behind what the 64-client cell shows). ~850-token prompts with 512 tokens out never
+    run: prompt + completion would exceed the 1,024-token context. `quick` keeps one small cell of each kind.
     """
 
     def cell(c: int, out: int, p: str, stream: bool, lora: bool = False) -> Cell:
@@ -155,7 +158,7 @@ def sweep(quick: bool = False, scale: float = 1.0, grid: bool = False) -> list[C
         return cells + [cell(16, 64, "short", s, lora=True) for s in (True, False)]
     shapes = [
         *[(c, 64, "short") for c in (1, 16, 64, 256)],
-        *[(c, 512, "short") for c in (1, 16, 64, *((256,) if grid else ()))],
+        *[(c, 512, "short") for c in ((1, 16, 64, 256) if grid else (16,))],
         *[(c, 64, "long") for c in (1, 16, 64, *((256,) if grid else ()))],
     ]
     cells = [cell(c, o, p, s) for c, o, p in shapes for s in (True, False)]
@@ -186,12 +189,12 @@ def plan(cells: list[Cell]) -> list[dict[str, Any]]:
     warm = [
         {
             "name": f"warmup-{out}-{p}-{'stream' if s else 'json'}{'-lora' if lora else ''}",
-            "concurrency": 16,
+            "concurrency": 8,
             "max_tokens": min(out, 64),
             "stream": s,
             "lora": lora,
             "warmup": [],
-            "prompts": prompts.take(16, LONG_WORDS if p == "long" else SHORT_WORDS),
+            "prompts": prompts.take(8, LONG_WORDS if p == "long" else SHORT_WORDS),
             "discard": True,
         }
         for out, p, s, lora in sorted(shapes)
