@@ -22,7 +22,8 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     # name: (full arguments, --quick arguments)
     "policy_bench": ([], []),
     "logwriter": ([], ["--records", "20000", "--outage-records", "5000"]),
-    "serving": ([], ["--quick", "--passes", "1"]),
+    # Quick: secondstage full only (bare runs the same code with two flags off), one pass.
+    "serving": ([], ["--quick", "--passes", "1", "--only", "rac"]),
     "swap": ([], ["--versions", "2", "--idle-swaps", "3", "--swaps", "4", "--clients", "16"]),
     "closed_loop": ([], ["--rounds", "1", "--train", "16", "--heldout", "12"]),
 }

@@ -152,7 +152,7 @@ def sweep(quick: bool = False, scale: float = 1.0, grid: bool = False) -> list[C
         return Cell(c, out, p, stream, max(c, round(n * scale)), lora)
 
     if quick:
-        shapes = [(1, 64, "short"), (16, 64, "short"), (16, 64, "long"), (16, 512, "short"), (64, 64, "short")]
+        shapes = [(1, 64, "short"), (16, 64, "long"), (16, 512, "short")]
         cells = [cell(c, o, p, s) for c, o, p in shapes for s in (True, False)]
         cells += [Cell(64, 1, "short", False, max(64, round(64 * scale)))]
         return cells + [cell(16, 64, "short", s, lora=True) for s in (True, False)]
