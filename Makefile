@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin
 
-.PHONY: serve test install demo lint bench clean
+.PHONY: serve test install demo lint bench bench-quick clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh
@@ -31,9 +31,15 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+## Every benchmark (about 30 min on 2 idle cores): bench/results/*.json and one PNG each. Figures, never a failure.
 bench: $(STAMP)
 	$(BIN)/secondstage model demo
 	$(BIN)/python -m bench.run_all
+
+## The same chain at small sizes (a smoke run, about 5 min): proves every benchmark still runs.
+bench-quick: $(STAMP)
+	$(BIN)/secondstage model demo
+	$(BIN)/python -m bench.run_all --quick
 
 clean:
 	rm -rf var/redis var/spool .pytest_cache

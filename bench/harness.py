@@ -67,6 +67,25 @@ BENCH_ENGINE = Engine(max_num_seqs=64, max_lora_rank=16, max_loras=2, dtype="flo
 engine configuration secondstage runs in-process."""
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` and its live descendants (an engine's workers included)."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -251,19 +270,17 @@ def pushgateway(tmp: Path) -> Iterator[str]:
             proc.wait()
 
 
-def secondstage_server(
+def secondstage_env(
     *,
     redis_url: str,
     var_dir: Path,
-    log: Path,
+    port: int,
     model: Path = DEMO,
     policies: Path = ROOT / "policies",
     engine: Engine | None = BENCH_ENGINE,
-    log_level: str = "warning",
     extra_env: dict[str, str] | None = None,
-) -> ServerProcess:
-    """`python -m core.cli serve` on a free port, configured through SECONDSTAGE_* variables as users do."""
-    port = free_port()
+) -> dict[str, str]:
+    """The environment secondstage runs under in the benchmarks (bench/raw_engine.py reads the same one)."""
     env = {
         **os.environ,
         "SECONDSTAGE_VAR_DIR": str(var_dir),
@@ -285,12 +302,40 @@ def secondstage_server(
         }
         env.update({name: str(value) for name, value in settings.items() if value is not None})
     env.update(extra_env or {})
+    return env
+
+
+def secondstage_server(
+    *,
+    redis_url: str,
+    var_dir: Path,
+    log: Path,
+    model: Path = DEMO,
+    policies: Path = ROOT / "policies",
+    engine: Engine | None = BENCH_ENGINE,
+    log_level: str = "warning",
+    extra_env: dict[str, str] | None = None,
+) -> ServerProcess:
+    """`python -m core.cli serve` on a free port, configured through SECONDSTAGE_* variables as users do."""
+    port = free_port()
+    env = secondstage_env(
+        redis_url=redis_url,
+        var_dir=var_dir,
+        port=port,
+        model=model,
+        policies=policies,
+        engine=engine,
+        extra_env=extra_env,
+    )
     argv = [PYTHON, "-m", "core.cli", "serve", "--log-level", log_level]
     return ServerProcess("secondstage", argv, env, port, log)
 
 
-def vllm_server(*, log: Path, model: Path = DEMO, engine: Engine = BENCH_ENGINE) -> ServerProcess:
-    """vLLM's own OpenAI server on a free port: what secondstage is compared with."""
+def vllm_server(
+    *, log: Path, model: Path = DEMO, engine: Engine = BENCH_ENGINE, lora_modules: dict[str, Path] | None = None
+) -> ServerProcess:
+    """vLLM's own OpenAI server on a free port: what secondstage is compared with. `lora_modules` (served name →
+    adapter directory) are loaded at start and served under their names (`--lora-modules`)."""
     port = free_port()
     argv = [
         PYTHON, "-m", "vllm.entrypoints.openai.api_server",
@@ -311,6 +356,8 @@ def vllm_server(*, log: Path, model: Path = DEMO, engine: Engine = BENCH_ENGINE)
         argv += ["--dtype", engine.dtype]
     if engine.seed is not None:
         argv += ["--seed", str(engine.seed)]
+    if lora_modules:
+        argv += ["--lora-modules", *(f"{name}={path}" for name, path in lora_modules.items())]
     argv += ["--enforce-eager", "--disable-uvicorn-access-log"]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     return ServerProcess("vllm", argv, env, port, log)

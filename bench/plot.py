@@ -1,20 +1,167 @@
-"""The benchmark figures as one PNG: the closed-loop curve and the serving-overhead comparison.
+"""The benchmark figures as pictures: one PNG per benchmark, bench/results/<name>.png from <name>.json.
 
-    .venv/bin/python -m bench.plot [OUT]     # bench/results/{closed_loop,serving}.json → bench/results/bench.png
+    .venv/bin/python -m bench.plot [NAME ...]     # default: every benchmark that has a JSON
 
 Needs matplotlib (`.venv/bin/pip install matplotlib`); without it, says so and exits 0 (the JSON is the record).
-A panel whose JSON is missing is drawn empty with a note.
+A benchmark without a JSON is skipped; one whose JSON lacks what its plot needs is reported and skipped, so a
+changed result format never stops the others. Every picture is titled with the load average it was measured
+under: the machine is shared and the figures move with it. To add a benchmark, add a function to `PLOTS`.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench.results import RESULTS, load_result
 
 
-def plot(out: Path = RESULTS / "bench.png") -> Path | None:
+def _load_note(data: dict[str, Any]) -> str:
+    m = data.get("machine") or {}
+    return f"{data.get('finished', '?')[:16]}, {m.get('cpus', '?')} CPUs, load avg {m.get('loadavg_1m', 0):.1f} at end"
+
+
+def plot_serving(data: dict[str, Any], plt: Any) -> Any:
+    """Ratios to the raw engine (left) and to vLLM's server (middle) per cell, TTFT p50 added (right)."""
+    table = data["table"]
+    names = [c["name"] for c in data["cells"]]
+    fig, axes = plt.subplots(1, 3, figsize=(20, 0.34 * len(names) + 2.5), sharey=True)
+    ys = list(range(len(names)))
+    series = {
+        "vs raw engine": [("a/r", "vLLM server"), ("b/r", "secondstage bare"), ("c/r", "secondstage full")],
+        "vs vLLM's server": [("b/a", "secondstage bare"), ("c/a", "secondstage full")],
+    }
+    colours = {"vLLM server": "tab:grey", "secondstage bare": "tab:blue", "secondstage full": "tab:orange"}
+    for ax, (title, pairs) in zip(axes[:2], series.items(), strict=True):
+        h = 0.8 / len(pairs)
+        for i, (key, label) in enumerate(pairs):
+            med, lo, hi, pos = [], [], [], []
+            for y, name in zip(ys, names, strict=True):
+                r = table[name]["ratios"].get(key)
+                if r is None:
+                    continue
+                pos.append(y + (i - (len(pairs) - 1) / 2) * h)
+                med.append(r["median"])
+                lo.append(r["median"] - r["min"])
+                hi.append(r["max"] - r["median"])
+            ax.barh(pos, med, h, xerr=[lo, hi], label=label, color=colours[label], capsize=2)
+        ax.axvline(1.0, color="black", lw=0.8)
+        if title == "vs raw engine":
+            ax.axvline(0.85, color="red", lw=0.8, ls=":", label="goal 0.85")
+        ax.set(title=f"throughput {title} (median, bars: min-max of passes)", xlabel="ratio")
+        ax.legend(fontsize=7, loc="lower right")
+    ax = axes[2]
+    h = 0.8 / 3
+    for i, (key, label) in enumerate(
+        [("a/r", "vLLM server"), ("b/r", "secondstage bare"), ("c/r", "secondstage full")]
+    ):
+        pos, vals = [], []
+        for y, name in zip(ys, names, strict=True):
+            r = table[name]["ratios"].get(key)
+            if r is not None and r["added_ttft_p50_ms"] is not None:
+                pos.append(y + (i - 1) * h)
+                vals.append(r["added_ttft_p50_ms"])
+        ax.barh(pos, vals, h, label=label, color=colours[label])
+    ax.axvline(5.0, color="red", lw=0.8, ls=":", label="goal +5 ms")
+    ax.set_xscale("symlog", linthresh=10)  # a few ms and several seconds in one panel
+    ax.set(title="TTFT p50 added over the raw engine (streamed cells)", xlabel="ms (symlog)")
+    ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_yticks(ys, names, fontsize=7)
+    axes[0].invert_yaxis()
+    passes = data.get("params", {}).get("passes", "?")
+    fig.suptitle(f"Serving sweep, {passes} alternating passes — {_load_note(data)}", fontsize=10)
+    return fig
+
+
+def plot_swap(data: dict[str, Any], plt: Any) -> Any:
+    """Per swap: server-side switch time and first response by the new version, idle and under load."""
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    idle = [s["switch_s"] for s in data.get("idle_server_switch", [])]
+    loaded = [s["switch_s"] for s in data.get("loaded_server_switch", [])]
+    ax.plot(range(1, len(idle) + 1), idle, "o-", label="idle: server switched")
+    ax.plot(range(1, len(data["idle_swap_s"]) + 1), data["idle_swap_s"], "o:", label="idle: first response")
+    ax.plot(range(1, len(loaded) + 1), loaded, "s-", label="under load: server switched")
+    ax.plot(
+        range(1, len(data["loaded_swap_s"]) + 1),
+        [x if x is not None else float("nan") for x in data["loaded_swap_s"]],
+        "s:",
+        label="under load: first probe response",
+    )
+    ax.axhline(1.0, color="red", lw=0.8, ls=":", label="goal 1 s")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    st = data["streams"]
+    clients = data.get("params", {}).get("clients", "?")
+    ax.set(
+        title=f"Hot-swap, {clients} streams: {st['streams']} streams, {st['failed']} failed, {st['mixed']} mixed, "
+        f"{st['mismatched']} mismatched\n{_load_note(data)}",
+        xlabel="swap #",
+        ylabel="seconds after activate()",
+    )
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_closed_loop(data: dict[str, Any], plt: Any) -> Any:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rounds = [r["round"] for r in data["rounds"]]
+    ax.plot(rounds, [100 * r["heldout_rate"] for r in data["rounds"]], "o-", label="held-out preferred")
+    ax.plot(rounds, [100 * (r["compliance"]["rate"] or 0) for r in data["rounds"]], "s--", label="policy compliance")
+    ax.plot(
+        rounds,
+        [100 * r["compliance"].get("target_exact", 0) for r in data["rounds"]],
+        "^:",
+        label="= corrected base answer",
+    )
+    ax.axhline(90, color="grey", lw=0.8, ls=":")
+    for r in data["rounds"][1:]:
+        ax.annotate(f"{r['feedback_events']} fb", (r["round"], 100 * r["heldout_rate"]), fontsize=8)
+    ax.set_xticks(rounds)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set(title=f"Closed loop (demo model) — {_load_note(data)}", xlabel="align round (0 = base)", ylabel="%")
+    ax.title.set_fontsize(9)
+    ax.set_ylim(-5, 105)
+    return fig
+
+
+def plot_logwriter(data: dict[str, Any], plt: Any) -> Any:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    tp = data["throughput"]
+    ax.bar(["completions/s"], [tp["per_s"]], color="tab:blue")
+    ax.axhline(20_000, color="red", lw=0.8, ls=":", label="goal 20k/s")
+    lost = tp["check"]["missing"]
+    ax.set(title=f"Log writer: {tp['check']['written']:,} records, {lost} lost\n{_load_note(data)}")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_policy_bench(data: dict[str, Any], plt: Any) -> Any:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sets = data["rule_sets"]
+    rules = [v["rules"] for v in sets.values()]
+    ax.plot(rules, [v["us_per_chunk"] for v in sets.values()], "o-", label="rules on")
+    ax.axhline(data["off_us_per_chunk"], color="grey", ls="--", label="no rules")
+    ax.axhline(20, color="red", lw=0.8, ls=":", label="goal 20 µs")
+    ax.set_xscale("log")
+    ax.set(title=f"Output filter cost per streamed chunk — {_load_note(data)}", xlabel="rules", ylabel="µs/chunk")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
+    return fig
+
+
+PLOTS: dict[str, Callable[[dict[str, Any], Any], Any]] = {
+    "serving": plot_serving,
+    "swap": plot_swap,
+    "closed_loop": plot_closed_loop,
+    "logwriter": plot_logwriter,
+    "policy_bench": plot_policy_bench,
+}
+
+
+def plot(names: list[str] | None = None, out_dir: Path = RESULTS) -> list[Path]:
     try:
         import matplotlib
 
@@ -22,61 +169,36 @@ def plot(out: Path = RESULTS / "bench.png") -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no PNG (install it with .venv/bin/pip install matplotlib)")
-        return None
-
-    fig, (loop_ax, serve_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    loop = load_result("closed_loop")
-    if loop:
-        rounds = [r["round"] for r in loop["rounds"]]
-        loop_ax.plot(rounds, [100 * r["heldout_rate"] for r in loop["rounds"]], "o-", label="held-out preferred")
-        loop_ax.plot(
-            rounds,
-            [100 * (r["compliance"]["rate"] or 0) for r in loop["rounds"]],
-            "s--",
-            label="policy compliance",
-        )
-        loop_ax.plot(
-            rounds,
-            [100 * r["compliance"].get("target_exact", 0) for r in loop["rounds"]],
-            "^:",
-            label="= corrected base answer",
-        )
-        loop_ax.axhline(90, color="grey", lw=0.8, ls=":")
-        for r in loop["rounds"][1:]:
-            loop_ax.annotate(f"{r['feedback_events']} fb", (r["round"], 100 * r["heldout_rate"]), fontsize=8)
-        loop_ax.set_xticks(rounds)
-        loop_ax.legend(loc="lower right", fontsize=8)
-    else:
-        loop_ax.text(0.5, 0.5, "no closed_loop.json", ha="center", transform=loop_ax.transAxes)
-    loop_ax.set(title="Closed loop (demo model)", xlabel="align round (0 = base)", ylabel="%", ylim=(-5, 105))
-
-    serving = load_result("serving")
-    if serving:
-        names = [n for n, r in serving["results"].items() if "error" not in r]
-        labels = [f"{n}\n{serving['labels'][n]}" for n in names]
-        width = 0.38
-        xs = range(len(names))
-        for i, mode in enumerate(("stream", "json")):
-            ref = serving["results"].get("a", {}).get(mode, {}).get("out_tok_per_s")
-            vals = [serving["results"][n][mode]["out_tok_per_s"] / ref if ref else 0 for n in names]
-            serve_ax.bar([x + (i - 0.5) * width for x in xs], vals, width, label=mode)
-        serve_ax.axhline(0.9, color="grey", lw=0.8, ls=":")
-        serve_ax.set_xticks(list(xs), labels, fontsize=8)
-        serve_ax.legend(fontsize=8)
-    else:
-        serve_ax.text(0.5, 0.5, "no serving.json", ha="center", transform=serve_ax.transAxes)
-    serve_ax.set(title="Output tokens/s relative to vLLM's server (a)", ylabel="ratio to a")
-    fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
-    return out
+        return []
+    written = []
+    for name in names or list(PLOTS):
+        data = load_result(name)
+        if data is None:
+            print(f"{name}: no {name}.json, nothing to plot")
+            continue
+        try:
+            fig = PLOTS[name](data, plt)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            # The JSON is the record; a plot that no longer fits its format must not hide the others.
+            print(f"{name}: could not plot ({type(exc).__name__}: {exc})")
+            continue
+        fig.tight_layout()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        print(f"wrote {path}")
+        written.append(path)
+    return written
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", nargs="?", type=Path, default=RESULTS / "bench.png", help="the PNG to write")
-    plot(parser.parse_args().out)
+    parser.add_argument("names", nargs="*", help=f"benchmarks to plot, of {', '.join(PLOTS)} (default: all)")
+    names = parser.parse_args().names
+    if unknown := set(names) - set(PLOTS):
+        parser.error(f"{sorted(unknown)}: no such plot; choose from {', '.join(PLOTS)}")
+    plot(names or None)
 
 
 if __name__ == "__main__":

@@ -22,23 +22,25 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     # name: (full arguments, --quick arguments)
     "policy_bench": ([], []),
     "logwriter": ([], ["--records", "20000", "--outage-records", "5000"]),
-    "serving": ([], ["--requests", "32", "--concurrency", "8", "--only", "abc"]),
-    "swap": ([], ["--versions", "2", "--idle-swaps", "3", "--swaps", "4"]),
+    # Quick: secondstage full only (bare runs the same code with two flags off), one pass.
+    "serving": ([], ["--quick", "--passes", "1", "--only", "rac"]),
+    "swap": ([], ["--versions", "2", "--idle-swaps", "3", "--swaps", "4", "--clients", "16"]),
     "closed_loop": ([], ["--rounds", "1", "--train", "16", "--heldout", "12"]),
 }
 
 
 def summary() -> list[str]:
     lines = []
-    if (s := load_result("serving")) and s.get("ratios"):
-        for name, modes in s["ratios"].items():
-            st = modes["stream"]
-            ttft = "-" if st["added_ttft_p50_ms"] is None else f"{st['added_ttft_p50_ms']:+.1f} ms"
-            lines.append(
-                f"serving {name}: stream tok/s x{st['out_tok_per_s']:.3f}, json x{modes['json']['out_tok_per_s']:.3f}, "
-                f"added TTFT p50 {ttft}"
-            )
-        lines.extend(f"serving note: {n}" for n in s.get("notes", []))
+    if (s := load_result("serving")) and s.get("table"):
+        for name, row in s["table"].items():
+            parts = []
+            for key in ("c/r", "c/a", "b/r", "a/r"):
+                if r := row["ratios"].get(key):
+                    parts.append(f"{key} x{r['median']:.2f} ({r['verdict']})")
+            if (r := row["ratios"].get("c/r")) and r["added_ttft_p50_ms"] is not None:
+                parts.append(f"c TTFT p50 {r['added_ttft_p50_ms']:+.1f} ms")
+            lines.append(f"serving {name}: " + ", ".join(parts))
+        lines.extend(f"serving: {name} failed: {e[0][:200]}" for name, e in s.get("errors", {}).items() if e)
     if lw := load_result("logwriter"):
         tp, ot = lw["throughput"], lw["outage"]
         lines.append(
@@ -50,8 +52,10 @@ def summary() -> list[str]:
         st = sw["streams"]
         lines.append(
             f"swap: idle p50 {sw['idle_swap_p50_s']:.3f}s max {sw['idle_swap_max_s']:.3f}s; under load p50 "
-            f"{sw['loaded_swap_p50_s'] or float('nan'):.3f}s; {st['streams']} streams: {st['failed']} failed, "
-            f"{st['mixed']} mixed, {st['mismatched']} mismatched"
+            f"{sw['loaded_swap_p50_s'] or float('nan'):.3f}s; server-side switch under load p50 "
+            f"{sw.get('loaded_server_switch_p50_s') or float('nan'):.3f}s max "
+            f"{sw.get('loaded_server_switch_max_s') or float('nan'):.3f}s; {st['streams']} streams: "
+            f"{st['failed']} failed, {st['mixed']} mixed, {st['mismatched']} mismatched"
         )
     if cl := load_result("closed_loop"):
         curve = " → ".join(f"{r['heldout_rate']:.0%}" for r in cl["rounds"])

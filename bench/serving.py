@@ -1,19 +1,34 @@
-"""Serving overhead: secondstage against vLLM's own OpenAI server, same model, same engine, same load.
+"""Serving against the limit: the raw engine, vLLM's own OpenAI server and secondstage, across a sweep of loads.
 
-    .venv/bin/python -m bench.serving [--concurrency 16] [--requests 160] [--max-tokens 64] [--repeats 2]
+    .venv/bin/python -m bench.serving [--quick] [--passes 3] [--only rabc] [--cells c16-] [--scale 1.0] [--grid]
+    .venv/bin/python -m bench.serving --report      # the last run's tables again, and as Markdown
 
-Servers run one at a time (the machine has 2 cores), each driven by the same asyncio + httpx load
-generator: `concurrency` clients, streamed then non-streamed, fixed prompt and `max_tokens` with
-`ignore_eos` so every response has the same length.
-  a  vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`)
-  b  secondstage, SECONDSTAGE_POLICIES_ENABLED=false, SECONDSTAGE_LOGGING_ENABLED=false
-  c  secondstage with the default policies (policies/) and Redis logging (a private redis-server, AOF always)
-  d  LiteLLM's proxy in front of (a), when a `litellm` executable is found (--litellm, or var/litellm-venv/bin)
-Every server is measured `--repeats` times (passes in alternating order, figures averaged) to damp the drift
-of a shared machine. Reports requests/s, output tokens/s, TTFT and latency p50/p99, the ratios b/a, c/a (d/a),
-and the TTFT p50 each adds. Writes bench/results/serving.json. The load generator shares the CPUs with the
-server, the same way for every server; absolute figures drift with the machine's load, ratios within one run
-hold better.
+Same model, same engine settings (`bench.harness.BENCH_ENGINE`, which are ServeSettings' defaults), same load:
+  r  the raw engine: `AsyncLLM` with secondstage's engine arguments, driven in-process with no HTTP
+     (bench/raw_engine.py, a fresh subprocess per pass; its docstring says why) — the ceiling
+  a  vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`), with the LoRA adapter under
+     `--lora-modules`
+  b  secondstage bare: SECONDSTAGE_POLICIES_ENABLED=false, SECONDSTAGE_LOGGING_ENABLED=false
+  c  secondstage full: the default policies (policies/) and Redis logging (a private redis-server, AOF always)
+  d  LiteLLM's proxy in front of (a), only when asked (`--only rabcd`) and a `litellm` executable is found
+
+The sweep (`sweep()`): 1, 16, 64 and 256 concurrent clients; 64 and 512 output tokens; ~50- and ~850-token
+prompts; streamed and JSON; a request-rate run at max_tokens=1 (per-request overhead); and the same
+16-client cells with a LoRA adapter active (r: a LoRARequest, a: `--lora-modules`, b/c: a version published
+and activated exactly as align does). Not every combination runs — `make bench` must finish in 30 minutes on
+two cores — `sweep()` says which are left out and why.
+
+Each server starts fresh once per pass, is warmed up (a burst of every cell's shape, unmeasured), then runs
+every cell in the same order. Passes alternate the servers' order (r a b c, then c b a r, ...) so a drift in
+the machine's load hits each alike. Per cell: the median over passes of each figure and its spread; ratios
+are computed per pass (x over r, x over a, same pass) and reported as median [min-max]. A ratio whose passes
+fall on both sides of 1.0 is "inside the noise"; one whose every pass is on the same side is not. TTFT added
+is the median over passes of the difference of TTFT p50s. Writes bench/results/serving.json; figures are
+printed, never judged by the exit status.
+
+The load generator (bench/load.py, asyncio + httpx) shares the CPUs with the HTTP servers; the raw engine
+has no such neighbour (part of what the ceiling leaves out). Absolute figures drift with the machine's load;
+every cell records the 1-minute load average after it ran.
 """
 
 from __future__ import annotations
@@ -23,196 +38,341 @@ import asyncio
 import json
 import os
 import shutil
+import statistics
+import subprocess
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 from rich.console import Console
 from rich.table import Table
 
 from bench.harness import (
+    PYTHON,
     ROOT,
     ServerProcess,
+    cpu_seconds,
     ensure_demo_model,
     free_port,
+    log_tail,
     running,
+    secondstage_env,
     secondstage_server,
     short_tmpdir,
     vllm_server,
 )
-from bench.results import fmt, percentile, write_result
+from bench.load import LONG_WORDS, SHORT_WORDS, chat_body, drive_http, prompt, summarise
+from bench.results import fmt, load_result, write_result
+from core.keys import Keys
 from core.redis_server import PrivateRedis
+from core.versions import BASE, Manifest, Registry, VersionStore
 
-console = Console(width=130)
-WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "a",
-    "lazy",
-    "dog",
-    "while",
-    "seven",
-    "small",
-    "birds",
-    "sing",
-    "in",
-    "the",
-    "tall",
-    "green",
-    "trees",
-]
+console = Console(width=220)
+LABELS = {
+    "r": "raw engine",
+    "a": "vLLM server",
+    "b": "secondstage bare",
+    "c": "secondstage full",
+    "d": "LiteLLM → vLLM",
+}
+LORA_NAME = "bench-lora"
+"""The adapter's served name on vLLM's server (`--lora-modules`)."""
 
 
-@dataclass
-class Load:
+@dataclass(frozen=True)
+class Cell:
     concurrency: int
-    requests: int
     max_tokens: int
-    prompt: str
-    warmup: int
+    prompt: str  # "short" | "long"
+    stream: bool
+    requests: int
+    lora: bool = False
+
+    @property
+    def name(self) -> str:
+        mode = "stream" if self.stream else "json"
+        return f"{'lora-' if self.lora else ''}c{self.concurrency}-o{self.max_tokens}-{self.prompt}-{mode}"
+
+    @property
+    def words(self) -> int:
+        return LONG_WORDS if self.prompt == "long" else SHORT_WORDS
+
+    @property
+    def warmup(self) -> int:
+        """Unmeasured requests of the cell's own shape right before it (the server-wide warm-up came first)."""
+        return min(self.concurrency, 4)
+
+    @property
+    def metric(self) -> str:
+        """The throughput figure ratios use: requests/s when there is one token out, tokens/s otherwise."""
+        return "req_per_s" if self.max_tokens == 1 else "out_tok_per_s"
 
 
-@dataclass
-class Sample:
-    ok: bool
-    latency: float
-    ttft: float | None = None
-    completion_tokens: int = 0
-    prompt_tokens: int = 0
-    error: str | None = None
+# Measured requests per cell, by (concurrency, output tokens, prompt): each client sends at least one, and a
+# cell lasts seconds, not minutes, at the demo model's ~1-3k tokens/s on 2 cores.
+REQUESTS = {
+    (1, 64, "short"): 8,
+    (16, 64, "short"): 48,
+    (64, 64, "short"): 128,
+    (256, 64, "short"): 256,
+    (1, 512, "short"): 2,
+    (16, 512, "short"): 16,
+    (64, 512, "short"): 64,
+    (256, 512, "short"): 256,
+    (1, 64, "long"): 8,
+    (16, 64, "long"): 32,
+    (64, 64, "long"): 64,
+    (256, 64, "long"): 256,
+}
+RATE_REQUESTS = 256
+"""The request-rate run (64 clients, one token out)."""
 
 
-@dataclass
-class RunStats:
-    samples: list[Sample] = field(default_factory=list)
-    wall_s: float = 0.0
+def sweep(quick: bool = False, scale: float = 1.0, grid: bool = False) -> list[Cell]:
+    """The cells every server runs, in order.
 
-    def summary(self) -> dict[str, Any]:
-        ok = [s for s in self.samples if s.ok]
-        ttfts = [s.ttft for s in ok if s.ttft is not None]
-        lats = [s.latency for s in ok]
-        return {
-            "requests": len(self.samples),
-            "errors": len(self.samples) - len(ok),
-            "first_error": next((s.error for s in self.samples if not s.ok), None),
-            "wall_s": self.wall_s,
-            "req_per_s": len(ok) / self.wall_s if self.wall_s else 0.0,
-            "out_tok_per_s": sum(s.completion_tokens for s in ok) / self.wall_s if self.wall_s else 0.0,
-            "completion_tokens_mean": sum(s.completion_tokens for s in ok) / len(ok) if ok else 0.0,
-            "prompt_tokens_mean": sum(s.prompt_tokens for s in ok) / len(ok) if ok else 0.0,
-            "ttft_p50_ms": _ms(percentile(ttfts, 50)),
-            "ttft_p99_ms": _ms(percentile(ttfts, 99)),
-            "latency_p50_ms": _ms(percentile(lats, 50)),
-            "latency_p99_ms": _ms(percentile(lats, 99)),
+    Default (`make bench`): 1/16/64/256 clients × 64 tokens out × ~50-token prompts; 16 clients × 512 tokens
+    out; 1/16/64 clients × ~850-token prompts; the request-rate run; LoRA at 16 clients — each streamed and
+    JSON, 20 cells. Three passes over four servers of these cost ~1,400 CPU-seconds (measured: a pass of the
+    four servers used 640 CPU-s with the cells below, 29% of them in 64 clients × 512 tokens), about 15
+    minutes with server starts on two idle cores, which leaves `make bench` room for the other benchmarks.
+    `grid=True` (`--grid`) adds what that leaves out: 512 tokens out at 1, 64 and 256 clients (the 1-client
+    cell shows latency the 64-token one already shows; 64 clients × 512 tokens is 32k tokens per server and
+    mode) and ~850-token prompts at 256 clients (218k prompt tokens; the engine runs 64 sequences at once, so
+    256 clients only queue behind what the 64-client cell shows). ~850-token prompts with 512 tokens out never
+    run: prompt + completion would exceed the 1,024-token context. `quick` keeps one small cell of each kind.
+    """
+
+    def cell(c: int, out: int, p: str, stream: bool, lora: bool = False) -> Cell:
+        n = REQUESTS[(c, out, p)] if not quick else max(2, min(c, 4096 // out // 4))
+        return Cell(c, out, p, stream, max(c, round(n * scale)), lora)
+
+    if quick:
+        shapes = [(1, 64, "short"), (16, 64, "long"), (16, 512, "short")]
+        cells = [cell(c, o, p, s) for c, o, p in shapes for s in (True, False)]
+        cells += [Cell(64, 1, "short", False, max(64, round(64 * scale)))]
+        return cells + [cell(16, 64, "short", s, lora=True) for s in (True, False)]
+    shapes = [
+        *[(c, 64, "short") for c in (1, 16, 64, 256)],
+        *[(c, 512, "short") for c in ((1, 16, 64, 256) if grid else (16,))],
+        *[(c, 64, "long") for c in (1, 16, 64, *((256,) if grid else ()))],
+    ]
+    cells = [cell(c, o, p, s) for c, o, p in shapes for s in (True, False)]
+    # The request-rate run: one token out, so each request is almost nothing but the server's own work.
+    cells += [Cell(64, 1, "short", s, max(64, round(RATE_REQUESTS * scale))) for s in (True, False)]
+    return cells + [cell(16, 64, "short", s, lora=True) for s in (True, False)]
+
+
+# -- running one server over the sweep -----------------------------------------------------------
+
+
+class Prompts:
+    """Unique prompts for a pass: every request of every server in the pass gets the same i-th text."""
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def take(self, n: int, words: int) -> list[str]:
+        out = [prompt(self.next + i, words) for i in range(n)]
+        self.next += n
+        return out
+
+
+def plan(cells: list[Cell]) -> list[dict[str, Any]]:
+    """Each cell with its warm-up and measured prompts, preceded by a server-wide warm-up burst."""
+    prompts = Prompts()
+    shapes = {(c.max_tokens, c.prompt, c.stream, c.lora) for c in cells}
+    warm = [
+        {
+            "name": f"warmup-{out}-{p}-{'stream' if s else 'json'}{'-lora' if lora else ''}",
+            "concurrency": 8,
+            "max_tokens": min(out, 64),
+            "stream": s,
+            "lora": lora,
+            "warmup": [],
+            "prompts": prompts.take(8, LONG_WORDS if p == "long" else SHORT_WORDS),
+            "discard": True,
         }
+        for out, p, s, lora in sorted(shapes)
+        if not lora  # the adapter's warm-up comes after the swap to it
+    ]
+    measured = [
+        {
+            "name": c.name,
+            "concurrency": c.concurrency,
+            "max_tokens": c.max_tokens,
+            "stream": c.stream,
+            "lora": c.lora,
+            "warmup": prompts.take(c.warmup, c.words),
+            "prompts": prompts.take(c.requests, c.words),
+            "discard": False,
+        }
+        for c in cells
+    ]
+    return warm + measured
 
 
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else seconds * 1000.0
+def run_http(
+    server: ServerProcess, steps: list[dict[str, Any]], on_lora: Any, extra_pids: tuple[int, ...] = ()
+) -> dict[str, Any]:
+    """Every step against `server`; `on_lora()` returns the model name LoRA steps ask for (after switching).
+    The CPU of the server's process tree (and of `extra_pids`: Redis for secondstage) is counted per cell."""
+    out: dict[str, Any] = {}
+    lora_model: str | None = None
+    pids = [p for p in (server.proc.pid if server.proc else None, *extra_pids) if p is not None]
 
+    def server_cpu() -> float:
+        return sum(cpu_seconds(pid) for pid in pids)
 
-def _body(load: Load, stream: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": "demo",
-        "messages": [{"role": "user", "content": load.prompt}],
-        "max_tokens": load.max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": stream,
-    }
-    if stream:
-        body["stream_options"] = {"include_usage": True}
-    return body
-
-
-async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Sample:
-    t0 = time.perf_counter()
-    try:
-        if not body["stream"]:
-            r = await client.post(url, json=body)
-            latency = time.perf_counter() - t0
-            if r.status_code != 200:
-                return Sample(False, latency, error=f"HTTP {r.status_code}: {r.text[:200]}")
-            usage = r.json().get("usage") or {}
-            return Sample(True, latency, None, usage.get("completion_tokens", 0), usage.get("prompt_tokens", 0))
-        ttft, chunks, usage = None, 0, {}
-        async with client.stream("POST", url, json=body) as r:
-            if r.status_code != 200:
-                text = (await r.aread()).decode(errors="replace")
-                return Sample(False, time.perf_counter() - t0, error=f"HTTP {r.status_code}: {text[:200]}")
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    return Sample(False, time.perf_counter() - t0, error=str(chunk["error"])[:200])
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                for choice in chunk.get("choices") or []:
-                    if (choice.get("delta") or {}).get("content"):
-                        chunks += 1
-                        if ttft is None:
-                            ttft = time.perf_counter() - t0
-        latency = time.perf_counter() - t0
-        return Sample(True, latency, ttft, usage.get("completion_tokens", chunks), usage.get("prompt_tokens", 0))
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
-        return Sample(False, time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}")
-
-
-async def drive(base_url: str, load: Load, stream: bool, headers: dict[str, str] | None = None) -> RunStats:
-    """`load.concurrency` clients send `load.requests` requests in all (after `load.warmup` unmeasured ones)."""
-    url = base_url + "/v1/chat/completions"
-    body = _body(load, stream)
-    limits = httpx.Limits(max_connections=load.concurrency + 4, max_keepalive_connections=load.concurrency + 4)
-    async with httpx.AsyncClient(timeout=300, limits=limits, headers=headers) as client:
-        warm = await asyncio.gather(*[_one(client, url, body) for _ in range(load.warmup)])
-        if not any(s.ok for s in warm) and warm:
-            raise RuntimeError(f"every warm-up request to {url} failed; first: {warm[0].error}")
-        left = load.requests
-        stats = RunStats()
-
-        async def worker() -> None:
-            nonlocal left
-            while left > 0:
-                left -= 1
-                stats.samples.append(await _one(client, url, body))
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*[worker() for _ in range(load.concurrency)])
-        stats.wall_s = time.perf_counter() - t0
-    return stats
-
-
-def measure(server: ServerProcess, load: Load) -> dict[str, Any]:
-    out = {}
-    for mode, stream in (("stream", True), ("json", False)):
-        stats = asyncio.run(drive(server.url, load, stream, server.headers))
-        out[mode] = stats.summary()
-        s = out[mode]
-        # The machine is shared: the 1-minute load average after each run says how much else was running.
-        s["loadavg_1m_after"] = os.getloadavg()[0]
-        console.print(
-            f"  {server.name:<24} {mode:<6} {s['req_per_s']:6.2f} req/s {s['out_tok_per_s']:8.1f} tok/s "
-            f"ttft p50 {fmt(s['ttft_p50_ms'])} ms  latency p50 {fmt(s['latency_p50_ms'])} ms  errors {s['errors']}  "
-            f"load avg {s['loadavg_1m_after']:.1f}"
+    for step in steps:
+        model = "demo"
+        if step["lora"]:
+            if lora_model is None:
+                lora_model = on_lora()
+            model = lora_model
+        bodies = [chat_body(model, p, step["max_tokens"], step["stream"]) for p in step["prompts"]]
+        warm = [chat_body(model, p, step["max_tokens"], step["stream"]) for p in step["warmup"]]
+        samples, wall, cores = asyncio.run(
+            drive_http(
+                server.url,
+                bodies,
+                concurrency=step["concurrency"],
+                warmup=warm,
+                headers=server.headers,
+                server_cpu=server_cpu,
+            )
         )
+        if step["discard"]:
+            continue
+        s = summarise(samples, wall) | cores
+        s["loadavg_1m_after"] = os.getloadavg()[0]
+        out[step["name"]] = s
+        _progress(server.name, step["name"], s)
     return out
 
 
-def _litellm_bin(explicit: str | None) -> str | None:
-    if explicit:
-        return explicit
+def run_raw(env: dict[str, str], steps: list[dict[str, Any]], adapter: Path, work: Path, rep: int) -> dict[str, Any]:
+    spec = work / f"raw-spec-{rep}.json"
+    result = work / f"raw-out-{rep}.json"
+    log = work / f"raw-{rep}.log"
+    cells = [{**s, "adapter": str(adapter) if s["lora"] else None} for s in steps]
+    spec.write_text(json.dumps({"cells": cells}))
+    t0 = time.monotonic()
+    with log.open("wb") as out:
+        rc = subprocess.run(
+            [PYTHON, "-m", "bench.raw_engine", str(spec), str(result)],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            timeout=3600,
+        ).returncode
+    if rc != 0:
+        raise RuntimeError(f"raw engine exited with {rc}; log {log}:\n{log_tail(log)}")
+    raw = json.loads(result.read_text())
+    console.print(f"  raw engine: ready in {raw['startup_s']:.0f}s, whole pass {time.monotonic() - t0:.0f}s")
+    kept = {}
+    for step in steps:
+        if not step["discard"]:
+            kept[step["name"]] = raw["cells"][step["name"]]
+            _progress("raw", step["name"], kept[step["name"]])
+    return kept
+
+
+def _progress(server: str, cell: str, s: dict[str, Any]) -> None:
+    console.print(
+        f"  {server:<12} {cell:<28} {s['req_per_s']:7.2f} req/s {s['out_tok_per_s']:8.1f} tok/s "
+        f"ttft p50 {fmt(s['ttft_p50_ms']):>7} ms  lat p50 {fmt(s['latency_p50_ms']):>8} ms  "
+        f"errors {s['errors']}  cores srv {s['server_cores']:.2f} cli {s['client_cores']:.2f}  "
+        f"load {s['loadavg_1m_after']:.1f}"
+    )
+
+
+def publish_adapter(adapter: Path, var_dir: Path, registry: Registry) -> str:
+    """Write the adapter into `var_dir`'s version store and register it, as align does; returns its name."""
+    store = VersionStore(var_dir / "models" / "versions")
+    manifest = Manifest(version="v1", base_model="demo", lora_rank=8)
+    if "v1" not in store.names():
+        store.write(manifest, adapter)
+    registry.register(manifest)
+    return manifest.version
+
+
+def switch_to(server: ServerProcess, registry: Registry, version: str, timeout: float = 120.0) -> float:
+    """Activate `version` and wait until the server answers with it; returns the seconds it took."""
+    t0 = time.monotonic()
+    registry.activate(version)
+    body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    while time.monotonic() - t0 < timeout:
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, headers=server.headers, timeout=60)
+        if r.status_code == 200 and r.json().get("system_fingerprint") == version:
+            return time.monotonic() - t0
+        time.sleep(0.2)
+    raise RuntimeError(f"{server.name} did not serve {version} within {timeout}s of its activation")
+
+
+def run_one(
+    name: str, rep: int, steps: list[dict[str, Any]], work: Path, rs: PrivateRedis, adapter: Path, args: Any
+) -> dict[str, Any]:
+    t0 = time.monotonic()
+    console.print(f"[bold]{name}[/] {LABELS[name]} pass {rep + 1}")
+    if name == "r":
+        env = secondstage_env(redis_url=rs.url, var_dir=work / "var-r", port=free_port())
+        return run_raw(env, steps, adapter, work, rep)
+    if name == "a":
+        with running(vllm_server(log=work / f"vllm-{rep}.log", lora_modules={LORA_NAME: adapter})) as server:
+            console.print(f"  ready in {time.monotonic() - t0:.0f}s")
+            return run_http(server, steps, lambda: LORA_NAME)
+    if name == "d":
+        return _litellm(rep, steps, work, args.litellm)
+    flag = "false" if name == "b" else "true"
+    var_dir = work / f"var-{name}"
+    client = redis.Redis.from_url(rs.url)
+    registry = Registry(client, Keys())
+    version = publish_adapter(adapter, var_dir, registry)
+    registry.activate(BASE)
+    server = secondstage_server(
+        redis_url=rs.url,
+        var_dir=var_dir,
+        log=work / f"secondstage-{name}-{rep}.log",
+        extra_env={"SECONDSTAGE_POLICIES_ENABLED": flag, "SECONDSTAGE_LOGGING_ENABLED": flag},
+    )
+    try:
+        with running(server):
+            console.print(f"  ready in {time.monotonic() - t0:.0f}s")
+
+            def on_lora() -> str:
+                took = switch_to(server, registry, version)
+                console.print(f"  activated {version}: served {took:.2f}s after activate()")
+                return "demo"
+
+            # Redis' CPU counts as the server's: logging (c) writes every completion there.
+            return run_http(server, steps, on_lora, extra_pids=(rs.pid,) if rs.pid else ())
+    finally:
+        registry.activate(BASE)  # the next server starts on the base model
+        client.close()
+
+
+def _litellm(rep: int, steps: list[dict[str, Any]], work: Path, explicit: str | None) -> dict[str, Any]:
+    binary = explicit or _litellm_bin()
+    if binary is None:
+        raise RuntimeError("no `litellm` executable (pip install 'litellm[proxy]' into var/litellm-venv, or --litellm)")
+    adapter_free = [s for s in steps if not s["lora"]]
+    with (
+        running(vllm_server(log=work / f"vllm-d-{rep}.log")) as upstream,
+        running(litellm_server(binary, upstream.url, work), timeout=180) as proxy,
+    ):
+        return run_http(proxy, adapter_free, lambda: "demo")
+
+
+def _litellm_bin() -> str | None:
     local = ROOT / "var" / "litellm-venv" / "bin" / "litellm"
-    if local.is_file():
-        return str(local)
-    return shutil.which("litellm")
+    return str(local) if local.is_file() else shutil.which("litellm")
 
 
 def litellm_server(binary: str, upstream: str, workdir: Path) -> ServerProcess:
@@ -237,216 +397,314 @@ def litellm_server(binary: str, upstream: str, workdir: Path) -> ServerProcess:
     )
 
 
-def ratios(results: dict[str, dict[str, Any]], ref: str = "a") -> dict[str, Any]:
+# -- figures over the passes -----------------------------------------------------------------------
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def combine(passes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median over passes of each numeric figure, plus the relative spread (max-min)/median of the rates."""
     out: dict[str, Any] = {}
-    base = results.get(ref)
-    if not base:
-        return out
-    for name, res in results.items():
-        if name == ref or "error" in res:
-            continue
-        r: dict[str, Any] = {}
-        for mode in ("stream", "json"):
-            a, x = base[mode], res[mode]
-            r[mode] = {
-                "req_per_s": x["req_per_s"] / a["req_per_s"] if a["req_per_s"] else None,
-                "out_tok_per_s": x["out_tok_per_s"] / a["out_tok_per_s"] if a["out_tok_per_s"] else None,
-                "added_ttft_p50_ms": (
-                    x["ttft_p50_ms"] - a["ttft_p50_ms"]
-                    if x["ttft_p50_ms"] is not None and a["ttft_p50_ms"] is not None
-                    else None
-                ),
-                "added_latency_p50_ms": x["latency_p50_ms"] - a["latency_p50_ms"],
-            }
-        out[f"{name}/{ref}"] = r
+    for key, value in passes[0].items():
+        values = [p[key] for p in passes if isinstance(p.get(key), (int, float))]
+        out[key] = _median(values) if isinstance(value, (int, float)) or values else value
+    for key in ("out_tok_per_s", "req_per_s"):
+        values = [p[key] for p in passes]
+        med = statistics.median(values)
+        out[f"{key}_spread"] = (max(values) - min(values)) / med if med else None
+        out[f"{key}_passes"] = values
+    out["errors"] = sum(p["errors"] for p in passes)
     return out
 
 
-def print_tables(results: dict[str, dict[str, Any]], rel: dict[str, Any], labels: dict[str, str]) -> None:
-    t = Table(title="Serving: same model, engine and load")
-    for col in ("server", "mode", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "lat p50 ms", "lat p99 ms"):
-        t.add_column(col, justify="left" if col in ("server", "mode") else "right")
-    t.add_column("errors", justify="right")
-    for name, res in results.items():
-        if "error" in res:
-            t.add_row(f"{name} {labels[name]}", "-", "-", "-", "-", "-", "-", "-", res["error"][:40])
+Runs = dict[str, list[dict[str, Any] | None]]
+
+
+def ratio(cell: Cell, runs: Runs, x: str, ref: str, ref_cell: str | None = None) -> dict[str, Any] | None:
+    """x over ref in `cell`, pass by pass (same pass: measured minutes apart), as median [min, max] + verdict."""
+    xs, refs = runs.get(x), runs.get(ref)
+    if not xs or not refs:
+        return None
+    key, other = cell.name, ref_cell or cell.name
+    per_pass = [
+        xp[key][cell.metric] / rp[other][cell.metric]
+        for xp, rp in zip(xs, refs, strict=True)
+        if xp and rp and key in xp and other in rp and rp[other][cell.metric]
+    ]
+    if not per_pass:
+        return None
+    ttft = [
+        xp[key]["ttft_p50_ms"] - rp[other]["ttft_p50_ms"]
+        for xp, rp in zip(xs, refs, strict=True)
+        if xp
+        and rp
+        and key in xp
+        and other in rp
+        and xp[key]["ttft_p50_ms"] is not None
+        and rp[other]["ttft_p50_ms"] is not None
+    ]
+    lo, hi = min(per_pass), max(per_pass)
+    if len(per_pass) < 2:
+        verdict = "one pass: no noise estimate"
+    elif lo <= 1.0 <= hi:
+        verdict = "inside the noise"
+    else:
+        verdict = "faster" if lo > 1.0 else "slower"
+    return {
+        "median": statistics.median(per_pass),
+        "min": lo,
+        "max": hi,
+        "passes": per_pass,
+        "verdict": verdict,
+        "added_ttft_p50_ms": _median(ttft),
+        "added_ttft_p50_ms_passes": ttft,
+    }
+
+
+COMPARISONS = [("c", "r"), ("c", "a"), ("b", "r"), ("b", "a"), ("a", "r"), ("d", "a")]
+
+
+def analyse(cells: list[Cell], runs: Runs) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for cell in cells:
+        row: dict[str, Any] = {"cell": asdict(cell), "servers": {}, "ratios": {}}
+        for name, passes in runs.items():
+            got = [p[cell.name] for p in passes if p and cell.name in p]
+            if got:
+                row["servers"][name] = combine(got)
+        for x, ref in COMPARISONS:
+            if r := ratio(cell, runs, x, ref):
+                row["ratios"][f"{x}/{ref}"] = r
+        if cell.lora:  # what the adapter costs each server: LoRA cell over the same server's base cell
+            base = cell.name.removeprefix("lora-")
+            for name in runs:
+                if r := ratio(cell, runs, name, name, ref_cell=base):
+                    row["ratios"][f"{name} lora/base"] = r
+        table[cell.name] = row
+    return table
+
+
+def goals(cells: list[Cell], table: dict[str, Any]) -> dict[str, Any]:
+    """The issue's goals for full secondstage (c) at 16 and 64 clients, cell by cell, with the noise verdicts."""
+    out: dict[str, Any] = {}
+    for cell in cells:
+        if cell.concurrency not in (16, 64) or cell.lora:
             continue
-        for mode in ("stream", "json"):
-            s = res[mode]
-            t.add_row(
-                f"{name} {labels[name]}",
-                mode,
-                fmt(s["req_per_s"], 2),
-                fmt(s["out_tok_per_s"]),
-                fmt(s["ttft_p50_ms"]),
-                fmt(s["ttft_p99_ms"]),
-                fmt(s["latency_p50_ms"]),
-                fmt(s["latency_p99_ms"]),
-                f"{s['errors']:g}",
-            )
-    console.print(t)
-    r = Table(title="Ratios against a (vLLM's own server)")
-    for col in ("ratio", "mode", "req/s", "out tok/s", "added TTFT p50 ms", "added latency p50 ms"):
-        r.add_column(col, justify="left" if col in ("ratio", "mode") else "right")
-    for name, modes in rel.items():
-        for mode, v in modes.items():
-            r.add_row(
-                name,
-                mode,
-                fmt(v["req_per_s"], 3),
-                fmt(v["out_tok_per_s"], 3),
-                fmt(v["added_ttft_p50_ms"]),
-                fmt(v["added_latency_p50_ms"]),
-            )
-    console.print(r)
+        rs = table[cell.name]["ratios"]
+        cr, ca = rs.get("c/r"), rs.get("c/a")
+        out[cell.name] = {
+            "c/r>=0.85": None if cr is None else cr["median"] >= 0.85,
+            "c/a>=1.0": None if ca is None else ca["median"] >= 1.0,
+            "c/a verdict": None if ca is None else ca["verdict"],
+            "added_ttft_p50_le_5ms": (
+                None if cr is None or cr["added_ttft_p50_ms"] is None else cr["added_ttft_p50_ms"] <= 5.0
+            ),
+        }
+    return out
 
 
-def run_one(
-    name: str,
-    rep: int,
-    load: Load,
-    work: Path,
-    redis: PrivateRedis,
-    labels: dict[str, str],
-    notes: list[str],
-    started: dict[str, float],
-    litellm: str | None,
-) -> dict[str, Any] | None:
-    """Start server `name`, measure it, stop it. None when it is skipped."""
-    if name == "a":
-        server = vllm_server(log=work / f"vllm-{rep}.log")
-    elif name in "bc":
-        flags = "false" if name == "b" else "true"
-        server = secondstage_server(
-            redis_url=redis.url,
-            var_dir=work / f"var-{name}",
-            log=work / f"secondstage-{name}-{rep}.log",
-            extra_env={"SECONDSTAGE_POLICIES_ENABLED": flags, "SECONDSTAGE_LOGGING_ENABLED": flags},
+def _r(r: dict[str, Any] | None) -> str:
+    if r is None:
+        return "-"
+    mark = {"inside the noise": "~", "faster": "+", "slower": "-"}.get(r["verdict"], "?")
+    return f"{r['median']:.2f}{mark} {r['min']:.2f}-{r['max']:.2f}"
+
+
+def _cores(s: dict[str, Any] | None) -> str:
+    if not s or s.get("server_cores") is None:
+        return "-"
+    return f"{s['server_cores']:.1f}+{s['client_cores']:.1f}"
+
+
+def print_table(cells: list[Cell], table: dict[str, Any]) -> None:
+    t = Table(
+        title="Serving sweep. Ratios pass by pass: median, mark, min-max (+ every pass above 1, - every pass below, "
+        "~ inside the noise, ? one pass). Cores: CPU cores used, server tree + load generator."
+    )
+    cols = ["cell", "r rate ±spread", "a/r", "b/r", "c/r", "c/a", "r TTFT", "+TTFT a", "+TTFT c", "c TTFT p99"]
+    cols += ["cores r", "cores a", "cores c", "err"]
+    for col in cols:
+        t.add_column(col, justify="left" if col == "cell" else "right", no_wrap=True)
+    for cell in cells:
+        row = table[cell.name]
+        sv, rs = row["servers"], row["ratios"]
+        raw = sv.get("r") or {}
+        spread = raw.get(f"{cell.metric}_spread")
+        rate = "-" if not raw else f"{fmt(raw.get(cell.metric), 0)}{'/s' if cell.metric == 'req_per_s' else ''}"
+        if spread is not None:
+            rate += f" ±{50 * spread:.0f}%"
+        cr, ar = rs.get("c/r"), rs.get("a/r")
+        t.add_row(
+            cell.name,
+            rate,
+            _r(ar),
+            _r(rs.get("b/r")),
+            _r(cr),
+            _r(rs.get("c/a")),
+            fmt(raw.get("ttft_p50_ms")),
+            "-" if ar is None else fmt(ar["added_ttft_p50_ms"]),
+            "-" if cr is None else fmt(cr["added_ttft_p50_ms"]),
+            fmt((sv.get("c") or {}).get("ttft_p99_ms")),
+            _cores(sv.get("r")),
+            _cores(sv.get("a")),
+            _cores(sv.get("c")),
+            str(sum(s.get("errors", 0) for s in sv.values())),
         )
-    else:  # d
-        binary = _litellm_bin(litellm)
-        if binary is None:
-            note = (
-                "d skipped: no `litellm` executable (pip install 'litellm[proxy]' into var/litellm-venv or --litellm)"
+    console.print(t)
+    console.print(
+        "rates: output tokens/s (req/s where marked /s) of the raw engine, median over passes ± half the spread"
+    )
+    lora = [c for c in cells if c.lora]
+    if lora:
+        t = Table(title="LoRA adapter against base, same server, same pass")
+        for col in ("cell", "r lora/base", "a lora/base", "b lora/base", "c lora/base", "c/a (lora)", "c/r (lora)"):
+            t.add_column(col, justify="left" if col == "cell" else "right", no_wrap=True)
+        for cell in lora:
+            rs = table[cell.name]["ratios"]
+            t.add_row(
+                cell.name,
+                *[_r(rs.get(f"{s} lora/base")) for s in "rabc"],
+                _r(rs.get("c/a")),
+                _r(rs.get("c/r")),
             )
-            if note not in notes:
-                notes.append(note)
-            return None
-        try:
-            with running(vllm_server(log=work / f"vllm-d-{rep}.log")) as upstream:
-                proxy = litellm_server(binary, upstream.url, work)
-                started[f"d{rep}"] = proxy.start(timeout=180)
-                try:
-                    console.print(f"[bold]d[/] {labels['d']} pass {rep + 1} (ready in {started[f'd{rep}']:.0f}s)")
-                    return measure(proxy, load)
-                finally:
-                    proxy.stop()
-        except RuntimeError as exc:
-            notes.append(f"d failed: {str(exc)[:300]}")
-            return {"error": str(exc).splitlines()[0]}
-    started[f"{name}{rep}"] = server.start()
-    try:
-        console.print(f"[bold]{name}[/] {labels[name]} pass {rep + 1} (ready in {started[f'{name}{rep}']:.0f}s)")
-        return measure(server, load)
-    finally:
-        server.stop()
+        console.print(t)
 
 
-def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean over the passes of each figure (rates and percentiles alike); the passes are kept too."""
-    ok = [r for r in runs if "error" not in r]
-    if not ok:
-        return runs[0]
-    out: dict[str, Any] = {"passes": runs}
-    for mode in ("stream", "json"):
-        merged: dict[str, Any] = {}
-        for key, value in ok[0][mode].items():
-            values = [r[mode][key] for r in ok]
-            if isinstance(value, (int, float)) and all(isinstance(v, (int, float)) for v in values):
-                merged[key] = sum(values) / len(values)
-            else:
-                merged[key] = value
-        out[mode] = merged
-    return out
+def markdown(cells: list[Cell], table: dict[str, Any]) -> str:
+    """The sweep as a Markdown table (README's Performance section is pasted from it)."""
+
+    def r(x: dict[str, Any] | None) -> str:
+        if x is None:
+            return "-"
+        mark = {"inside the noise": " ~", "faster": " ↑", "slower": " ↓"}.get(x["verdict"], "")
+        return f"{x['median']:.2f}{mark}"
+
+    def ms(x: float | None) -> str:
+        return "-" if x is None else f"{x:+.0f}"
+
+    lines = [
+        "| cell | raw engine | vLLM/raw | bare/raw | full/raw | full/vLLM | TTFT raw ms | +TTFT vLLM | +TTFT full "
+        "| cores raw / vLLM / full |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for cell in cells:
+        row = table[cell.name]
+        sv, rs = row["servers"], row["ratios"]
+        raw = sv.get("r") or {}
+        unit = " req/s" if cell.metric == "req_per_s" else " tok/s"
+        spread = raw.get(f"{cell.metric}_spread")
+        rate = "-" if not raw else f"{raw[cell.metric]:,.0f}{unit}" + (f" ±{50 * spread:.0f}%" if spread else "")
+        ar, cr = rs.get("a/r"), rs.get("c/r")
+        ttft = (sv.get("r") or {}).get("ttft_p50_ms")
+        cores = " / ".join(_cores(sv.get(k)) for k in "rac")
+        lines.append(
+            f"| {cell.name} | {rate} | {r(ar)} | {r(rs.get('b/r'))} | {r(cr)} | {r(rs.get('c/a'))} "
+            f"| {'-' if ttft is None else f'{ttft:.0f}'} | {ms(ar and ar['added_ttft_p50_ms'])} "
+            f"| {ms(cr and cr['added_ttft_p50_ms'])} | {cores} |"
+        )
+    return "\n".join(lines)
+
+
+def report() -> None:
+    """Print the last run's tables again (bench/results/serving.json), with the Markdown version."""
+    data = load_result("serving")
+    if data is None:
+        raise SystemExit("no bench/results/serving.json: run the benchmark first")
+    cells = [Cell(**{k: v for k, v in c.items() if k != "name"}) for c in data["cells"]]
+    print_table(cells, data["table"])
+    console.print(f"load avg at each server start: {[round(x, 1) for x in data['loadavg_1m_at_each_start']]}")
+    print(markdown(cells, data["table"]))
+
+
+def save(
+    args: Any,
+    cells: list[Cell],
+    table: dict[str, Any],
+    errors: dict[str, list[str]],
+    loadavg: list[float],
+    started: float,
+    *,
+    partial: bool,
+) -> Path:
+    return write_result(
+        "serving",
+        {
+            "partial": partial,
+            "params": {k: v for k, v in vars(args).items() if k not in ("litellm", "report")},
+            "labels": {k: LABELS[k] for k in args.only},
+            "engine": "bench.harness.BENCH_ENGINE (ServeSettings defaults: max_num_seqs 64, max_model_len 1024)",
+            "cells": [asdict(c) | {"name": c.name} for c in cells],
+            "table": table,
+            "goals": goals(cells, table),
+            "errors": errors,
+            "loadavg_1m_at_each_start": loadavg,
+            "total_s": time.monotonic() - started,
+        },
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
-    p.add_argument("--requests", type=int, default=160, help="measured requests per server and mode")
-    p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (ignore_eos)")
-    p.add_argument("--prompt-words", type=int, default=24, help="words in the user prompt")
-    p.add_argument("--warmup", type=int, default=8, help="unmeasured requests before each run")
-    p.add_argument("--only", default="abcd", help="which servers to run, e.g. 'ac'")
-    p.add_argument("--repeats", type=int, default=2, help="passes over the servers (alternating order), averaged")
+    p.add_argument("--quick", action="store_true", help="one cell of each kind, small sizes (a smoke run)")
+    p.add_argument("--passes", type=int, default=3, help="passes over the servers, in alternating order")
+    p.add_argument("--only", default="rabc", help="which servers, e.g. 'rc' (d: LiteLLM's proxy, off by default)")
+    p.add_argument("--cells", default="", help="run only cells whose name contains this, e.g. 'c16-'")
+    p.add_argument("--grid", action="store_true", help="add the 256-client cells the default leaves out")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every cell's requests (at least 1 per client)")
     p.add_argument("--litellm", default=None, help="path of a `litellm` executable for (d)")
+    p.add_argument("--report", action="store_true", help="print the last run's tables (and Markdown); run nothing")
     args = p.parse_args()
-    if set(args.only) - set("abcd"):
-        p.error(f"--only={args.only!r}: use letters from 'abcd'")
-    for name in ("concurrency", "requests", "max_tokens", "prompt_words", "repeats"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
+    if args.report:
+        report()
+        return
+    if not args.only or set(args.only) - set(LABELS):
+        p.error(f"--only={args.only!r}: use letters from {''.join(LABELS)}")
+    if args.passes < 1:
+        p.error(f"--passes={args.passes} must be at least 1")
+    if args.scale <= 0:
+        p.error(f"--scale={args.scale} must be above 0")
+    cells = [c for c in sweep(args.quick, args.scale, args.grid) if args.cells in c.name]
+    if not cells:
+        p.error(f"--cells={args.cells!r} matches no cell; names look like {sweep(True)[0].name}")
+
+    from bench.swap import make_adapters  # peft and transformers: imported only when the sweep runs
 
     ensure_demo_model()
-    prompt = " ".join(WORDS[i % len(WORDS)] for i in range(args.prompt_words))
-    load = Load(args.concurrency, args.requests, args.max_tokens, prompt, args.warmup)
     work = short_tmpdir("ssbench-serving-")
-    labels = {
-        "a": "vLLM server",
-        "b": "secondstage bare",
-        "c": "secondstage full",
-        "d": "LiteLLM → vLLM",
-    }
-    notes: list[str] = []
-    started: dict[str, float] = {}
-    console.print(f"load: {args.concurrency} clients, {args.requests} requests/mode, {args.max_tokens} tokens out")
-    runs: dict[str, list[dict[str, Any]]] = {}
-    redis = PrivateRedis(work / "redis")
-    redis.start()
-    try:
-        for rep in range(args.repeats):
+    adapter = make_adapters(1, work / "adapters")[0]
+    steps = plan(cells)
+    console.print(
+        f"{len(cells)} cells × {len(args.only)} servers × {args.passes} passes; "
+        f"{sum(c.requests for c in cells)} measured requests per server and pass; load avg {os.getloadavg()[0]:.1f}"
+    )
+    # runs[server][pass]: None where that pass failed, so ratios pair only passes both servers finished.
+    runs: dict[str, list[dict[str, Any] | None]] = {name: [None] * args.passes for name in args.only}
+    errors: dict[str, list[str]] = {}
+    started = time.monotonic()
+    loadavg: list[float] = []
+    with PrivateRedis(work / "redis") as rs:
+        for rep in range(args.passes):
             # Every other pass in reverse order, so a drift in the machine's load hits each server alike.
             order = args.only if rep % 2 == 0 else args.only[::-1]
             for name in order:
-                res = run_one(name, rep, load, work, redis, labels, notes, started, args.litellm)
-                if res is not None:
-                    runs.setdefault(name, []).append(res)
-    finally:
-        redis.stop()
-    results = {name: combine(rs) for name, rs in runs.items()}
-
-    rel = ratios(results)
-    print_tables(results, rel, labels)
-    goals = {}
-    if "c/a" in rel:
-        c = rel["c/a"]["stream"]
-        goals = {
-            "c_over_a_throughput_ge_0.90": c["out_tok_per_s"] is not None and c["out_tok_per_s"] >= 0.90,
-            "c_added_ttft_p50_le_5ms": c["added_ttft_p50_ms"] is not None and c["added_ttft_p50_ms"] <= 5.0,
-        }
-        console.print(f"goals (streamed): {goals}")
-    for note in notes:
-        console.print(f"[yellow]note:[/] {note}")
-    path = write_result(
-        "serving",
-        {
-            "load": {
-                "concurrency": args.concurrency,
-                "requests": args.requests,
-                "max_tokens": args.max_tokens,
-                "prompt_words": args.prompt_words,
-                "warmup": args.warmup,
-                "repeats": args.repeats,
-            },
-            "labels": labels,
-            "startup_s": started,
-            "results": results,
-            "ratios": rel,
-            "goals": goals,
-            "notes": notes,
-        },
-    )
-    console.print(f"wrote {path}")
+                loadavg.append(os.getloadavg()[0])
+                try:
+                    runs[name][rep] = run_one(name, rep, steps, work, rs, adapter, args)
+                except (RuntimeError, httpx.HTTPError, subprocess.TimeoutExpired) as exc:
+                    # A server that fails is reported and left out; the others still run.
+                    errors.setdefault(name, []).append(str(exc)[:2000])
+                    console.print(f"[red]{name} pass {rep + 1} failed:[/] {str(exc)[:500]}")
+                # Saved after every server pass: a run stopped half-way still leaves what it measured.
+                save(args, cells, analyse(cells, runs), errors, loadavg, started, partial=True)
+    table = analyse(cells, runs)
+    print_table(cells, table)
+    for name, g in goals(cells, table).items():
+        console.print(f"goal {name}: {g}")
+    path = save(args, cells, table, errors, loadavg, started, partial=False)
+    console.print(f"wrote {path} ({time.monotonic() - started:.0f}s)")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Hot-swap: time from a version's activation to the first response it serves, and what streams see meanwhile.
 
-    .venv/bin/python -m bench.swap [--versions 3] [--idle-swaps 6] [--clients 32] [--swaps 10] [--interval 2]
+    .venv/bin/python -m bench.swap [--versions 3] [--idle-swaps 6] [--clients 64] [--swaps 10] [--interval 2]
 
 Starts secondstage (default policies and logging, pub/sub + reconciliation every 5 s, as shipped) on the demo
 model, and publishes LoRA versions made on the spot with peft (random A and non-zero random B, so each version
@@ -13,6 +13,10 @@ align does.
    the swap latency as in 1. Every stream is checked: failed (HTTP error, error chunk, no [DONE]), mixed (its
    chunks name more than one version), or mismatched (its version was not active at any moment from
    `--grace` s before it started to its end — the grace covers the swap latency itself).
+Two latencies per swap: client-side, activate() → the first probe response naming the new version (includes
+the probe's own queueing behind the streams); server-side, activate() → the server's own log line "now
+serving version ..." (JSON log, millisecond timestamps, same clock): the moment `ModelEngine.activate`
+points new requests at the new version, i.e. event delivery + registry check + `add_lora` + the switch.
 Writes bench/results/swap.json.
 """
 
@@ -21,7 +25,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import datetime as dt
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -39,7 +45,7 @@ from core.keys import Keys
 from core.redis_server import PrivateRedis
 from core.versions import BASE, Manifest, Registry, VersionStore
 
-console = Console(width=130)
+console = Console(width=170)
 PROMPT = [{"role": "user", "content": "What colour is the sky?"}]
 
 
@@ -85,17 +91,59 @@ async def _fingerprint(client: httpx.AsyncClient, url: str) -> str | None:
     return r.json().get("system_fingerprint") if r.status_code == 200 else None
 
 
-async def idle_swaps(url: str, registry: Registry, order: list[str], timeout: float = 30.0) -> list[float]:
+async def idle_swaps(
+    url: str, registry: Registry, order: list[str], activations: list[tuple[float, str]], timeout: float = 30.0
+) -> list[float]:
     latencies = []
     async with httpx.AsyncClient(timeout=60) as client:
         for version in order:
             t0 = time.perf_counter()
+            activations.append((time.time(), version))
             await asyncio.to_thread(registry.activate, version)
             while await _fingerprint(client, url) != version:
                 if time.perf_counter() - t0 > timeout:
                     raise RuntimeError(f"version {version} not served within {timeout}s of activation")
             latencies.append(time.perf_counter() - t0)
     return latencies
+
+
+NOW_SERVING = re.compile(r"now serving version (\S+) \(was \S+; loaded in ([0-9.]+)s\)")
+
+
+def server_switches(log: Path) -> list[tuple[float, str, float]]:
+    """(epoch time, version, load seconds) of every "now serving" line in the server's JSON log."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        m = NOW_SERVING.match(str(entry.get("message", "")))
+        if m and entry.get("logger") == "secondstage.engine":
+            when = dt.datetime.fromisoformat(entry["time"]).timestamp()
+            out.append((when, m.group(1), float(m.group(2))))
+    return out
+
+
+def match_switches(
+    activations: list[tuple[float, str]], switches: list[tuple[float, str, float]]
+) -> list[dict[str, Any]]:
+    """For each activation (epoch time, version): the first switch to that version after it, server-side."""
+    out: list[dict[str, Any]] = []
+    for i, (t, version) in enumerate(activations):
+        until = activations[i + 1][0] if i + 1 < len(activations) else float("inf")
+        # The log's timestamps have millisecond resolution: allow for the rounding.
+        hit = next((sw for sw in switches if sw[1] == version and t - 0.001 <= sw[0] < until), None)
+        out.append(
+            {
+                "version": version,
+                "switch_s": None if hit is None else max(hit[0] - t, 0.0),
+                "load_s": None if hit is None else hit[2],
+            }
+        )
+    return out
 
 
 @dataclass
@@ -142,7 +190,14 @@ async def _stream(client: httpx.AsyncClient, url: str, max_tokens: int) -> Strea
 
 
 async def swaps_under_load(
-    url: str, registry: Registry, order: list[str], *, clients: int, interval: float, max_tokens: int
+    url: str,
+    registry: Registry,
+    order: list[str],
+    activations: list[tuple[float, str]],
+    *,
+    clients: int,
+    interval: float,
+    max_tokens: int,
 ) -> tuple[list[Stream], list[tuple[float, str]], list[float | None], list[float]]:
     timeline: list[tuple[float, str]] = [(0.0, await asyncio.to_thread(registry.active))]
     streams: list[Stream] = []
@@ -160,6 +215,7 @@ async def swaps_under_load(
             await asyncio.sleep(interval)
             for version in order:
                 t0 = time.perf_counter()
+                activations.append((time.time(), version))
                 await asyncio.to_thread(registry.activate, version)
                 timeline.append((t0, version))
                 seen: float | None = None
@@ -210,7 +266,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--versions", type=int, default=3, help="LoRA versions to publish")
     p.add_argument("--idle-swaps", type=int, default=6, help="swaps timed without load")
-    p.add_argument("--clients", type=int, default=32, help="concurrent streaming clients during swaps")
+    p.add_argument("--clients", type=int, default=64, help="concurrent streaming clients during swaps")
     p.add_argument("--swaps", type=int, default=10, help="swaps under load")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between swaps under load")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per stream (ignore_eos)")
@@ -227,7 +283,14 @@ def main() -> None:
         adapters = make_adapters(args.versions, work / "adapters")
         cycle = [*[f"v{i + 1}" for i in range(args.versions)], BASE]
         with PrivateRedis(work / "redis") as rs:
-            server = secondstage_server(redis_url=rs.url, var_dir=work / "var", log=work / "server.log")
+            # Log level info, JSON: the engine's "now serving" lines time the switch on the server's side.
+            server = secondstage_server(
+                redis_url=rs.url,
+                var_dir=work / "var",
+                log=work / "server.log",
+                log_level="info",
+                extra_env={"SECONDSTAGE_LOG_FORMAT": "json"},
+            )
             client = redis.Redis.from_url(rs.url)
             registry = Registry(client, Keys())
             names = publish(VersionStore(work / "var" / "models" / "versions"), registry, adapters)
@@ -235,26 +298,34 @@ def main() -> None:
             with running(server):
                 console.print(f"server up at {server.url}; idle swaps ...")
                 idle_order = [cycle[i % len(cycle)] for i in range(args.idle_swaps)]
-                idle = asyncio.run(idle_swaps(server.url, registry, idle_order))
+                idle_acts: list[tuple[float, str]] = []
+                idle = asyncio.run(idle_swaps(server.url, registry, idle_order, idle_acts))
                 console.print(f"under load: {args.clients} streaming clients, {args.swaps} swaps ...")
                 load_order = [cycle[(i + 1) % len(cycle)] for i in range(args.swaps)]
+                load_acts: list[tuple[float, str]] = []
                 streams, timeline, loaded, switched = asyncio.run(
                     swaps_under_load(
                         server.url,
                         registry,
                         load_order,
+                        load_acts,
                         clients=args.clients,
                         interval=args.interval,
                         max_tokens=args.max_tokens,
                     )
                 )
                 log_tail = server.tail(20)
+                switches = server_switches(server.log)
             client.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     result = check(streams, timeline, args.grace)
     seen = [x for x in loaded if x is not None]
+    idle_server = match_switches(idle_acts, switches)
+    load_server = match_switches(load_acts, switches)
+    idle_sw = [s["switch_s"] for s in idle_server if s["switch_s"] is not None]
+    load_sw = [s["switch_s"] for s in load_server if s["switch_s"] is not None]
     out = {
         "params": vars(args),
         "idle_swap_s": idle,
@@ -268,21 +339,46 @@ def main() -> None:
         # the probe that first got the new version bounds when the server had switched.
         "loaded_switched_by_p50_s": percentile(switched, 50),
         "loaded_switched_by_max_s": max(switched) if switched else None,
+        # Server-side: activate() → the engine's "now serving" log line (new requests get the new version).
+        "idle_server_switch": idle_server,
+        "idle_server_switch_p50_s": percentile(idle_sw, 50),
+        "idle_server_switch_max_s": max(idle_sw) if idle_sw else None,
+        "loaded_server_switch": load_server,
+        "loaded_server_switch_p50_s": percentile(load_sw, 50),
+        "loaded_server_switch_max_s": max(load_sw) if load_sw else None,
+        "loaded_server_switches_missing": len(load_server) - len(load_sw),
         "streams": result,
         "server_log_tail": log_tail if result["failed"] else None,
     }
     out["goals"] = {
         "swap_le_1s": out["idle_swap_max_s"] <= 1.0 and (out["loaded_swap_max_s"] or 99) <= 1.0,
+        "server_switch_le_1s": (out["loaded_server_switch_max_s"] or 99) <= 1.0
+        and not out["loaded_server_switches_missing"],
         "zero_failures": result["failed"] == 0 and result["mixed"] == 0 and result["mismatched"] == 0,
     }
     t = Table(title="Hot-swap")
-    for col in ("phase", "swaps", "latency p50 s", "latency max s", "streams", "failed", "mixed", "mismatched"):
+    cols = ["phase", "swaps", "server switch p50 s", "server switch max s", "first response p50 s"]
+    cols += ["first response max s", "streams", "failed", "mixed", "mismatched"]
+    for col in cols:
         t.add_column(col, justify="left" if col == "phase" else "right")
     idle_p50, idle_max = fmt(out["idle_swap_p50_s"], 3), fmt(out["idle_swap_max_s"], 3)
-    t.add_row("idle", str(len(idle)), idle_p50, idle_max, "-", "-", "-", "-")
+    t.add_row(
+        "idle",
+        str(len(idle)),
+        fmt(out["idle_server_switch_p50_s"], 3),
+        fmt(out["idle_server_switch_max_s"], 3),
+        idle_p50,
+        idle_max,
+        "-",
+        "-",
+        "-",
+        "-",
+    )
     t.add_row(
         f"{args.clients} streaming clients",
         f"{len(loaded)} ({out['loaded_swaps_not_seen']} unseen)",
+        fmt(out["loaded_server_switch_p50_s"], 3),
+        fmt(out["loaded_server_switch_max_s"], 3),
         fmt(out["loaded_swap_p50_s"], 3),
         fmt(out["loaded_swap_max_s"], 3),
         str(result["streams"]),

@@ -1,0 +1,175 @@
+"""The load generator the serving benchmarks share: prompts, one request's figures, a closed-loop HTTP run.
+
+    stats = asyncio.run(drive_http(server.url, cell_requests, stream=True, concurrency=16, warmup=4))
+
+`concurrency` clients (asyncio tasks on one httpx client) each send their next request as soon as the last
+one finished, until `requests` are done; every request has its own prompt (`prompt(i, words)`: a number in
+front, so no two share more than the chat template's prefix and the prefix cache cannot turn the benchmark
+into a cache test) and asks for exactly `max_tokens` tokens (`ignore_eos`). bench/raw_engine.py produces the
+same `Sample`s without HTTP, so every row of the serving table is computed by `summarise`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from bench.results import percentile
+
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "small",
+    "birds",
+    "sing",
+    "in",
+    "the",
+    "tall",
+    "green",
+    "trees",
+]
+SHORT_WORDS = 20
+"""~50 prompt tokens once the demo model's chat template is applied."""
+LONG_WORDS = 480
+"""~850 prompt tokens templated: with the ~95 tokens of instructions the default policies prepend and 64
+tokens out it still fits the 1,024-token context (the demo model's own limit)."""
+
+
+def prompt(i: int, words: int) -> str:
+    """The i-th request's user message: `words` words after a number no other request in the run has."""
+    return f"Request {i}: " + " ".join(WORDS[k % len(WORDS)] for k in range(words))
+
+
+@dataclass
+class Sample:
+    ok: bool
+    latency: float
+    ttft: float | None = None
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    error: str | None = None
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0
+
+
+def summarise(samples: list[Sample], wall_s: float) -> dict[str, Any]:
+    """Rates over the measured run's wall time, percentiles over its successful requests."""
+    ok = [s for s in samples if s.ok]
+    ttfts = [s.ttft for s in ok if s.ttft is not None]
+    lats = [s.latency for s in ok]
+    return {
+        "requests": len(samples),
+        "errors": len(samples) - len(ok),
+        "first_error": next((s.error for s in samples if not s.ok), None),
+        "wall_s": wall_s,
+        "req_per_s": len(ok) / wall_s if wall_s else 0.0,
+        "out_tok_per_s": sum(s.completion_tokens for s in ok) / wall_s if wall_s else 0.0,
+        "completion_tokens_mean": sum(s.completion_tokens for s in ok) / len(ok) if ok else 0.0,
+        "prompt_tokens_mean": sum(s.prompt_tokens for s in ok) / len(ok) if ok else 0.0,
+        "ttft_p50_ms": _ms(percentile(ttfts, 50)),
+        "ttft_p99_ms": _ms(percentile(ttfts, 99)),
+        "latency_p50_ms": _ms(percentile(lats, 50)),
+        "latency_p99_ms": _ms(percentile(lats, 99)),
+    }
+
+
+def chat_body(model: str, content: str, max_tokens: int, stream: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+    }
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+async def one_http(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Sample:
+    """One chat completion; TTFT is the first chunk with content (streams only)."""
+    t0 = time.perf_counter()
+    try:
+        if not body["stream"]:
+            r = await client.post(url, json=body)
+            latency = time.perf_counter() - t0
+            if r.status_code != 200:
+                return Sample(False, latency, error=f"HTTP {r.status_code}: {r.text[:200]}")
+            usage = r.json().get("usage") or {}
+            return Sample(True, latency, None, usage.get("completion_tokens", 0), usage.get("prompt_tokens", 0))
+        ttft, chunks, usage = None, 0, {}
+        async with client.stream("POST", url, json=body) as r:
+            if r.status_code != 200:
+                text = (await r.aread()).decode(errors="replace")
+                return Sample(False, time.perf_counter() - t0, error=f"HTTP {r.status_code}: {text[:200]}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return Sample(False, time.perf_counter() - t0, error=str(chunk["error"])[:200])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices") or []:
+                    if (choice.get("delta") or {}).get("content"):
+                        chunks += 1
+                        if ttft is None:
+                            ttft = time.perf_counter() - t0
+        latency = time.perf_counter() - t0
+        return Sample(True, latency, ttft, usage.get("completion_tokens", chunks), usage.get("prompt_tokens", 0))
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        return Sample(False, time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}")
+
+
+async def drive_http(
+    base_url: str,
+    bodies: list[dict[str, Any]],
+    *,
+    concurrency: int,
+    warmup: list[dict[str, Any]],
+    headers: dict[str, str] | None = None,
+    server_cpu: Callable[[], float] | None = None,
+) -> tuple[list[Sample], float, dict[str, float]]:
+    """Send `warmup` (all at once, unmeasured), then `bodies` through `concurrency` clients.
+
+    Returns the samples, the wall seconds of the measured part, and the CPU cores it used on average:
+    `client_cores` (this process: the load generator) and `server_cores` (`server_cpu()`'s CPU seconds).
+    """
+    url = base_url + "/v1/chat/completions"
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits, headers=headers) as client:
+        warm = await asyncio.gather(*[one_http(client, url, b) for b in warmup])
+        if warm and not any(s.ok for s in warm):
+            raise RuntimeError(f"every warm-up request to {url} failed; first: {warm[0].error}")
+        queue = list(reversed(bodies))
+        samples: list[Sample] = []
+
+        async def client_task() -> None:
+            while queue:
+                samples.append(await one_http(client, url, queue.pop()))
+
+        srv0, cli0 = server_cpu() if server_cpu else 0.0, time.process_time()
+        t0 = time.perf_counter()
+        await asyncio.gather(*[client_task() for _ in range(concurrency)])
+        wall = time.perf_counter() - t0
+        srv1, cli1 = server_cpu() if server_cpu else 0.0, time.process_time()
+    cores = {"client_cores": (cli1 - cli0) / wall, "server_cores": (srv1 - srv0) / wall}
+    return samples, wall, cores
