@@ -131,3 +131,30 @@ def plot_policy(out: Path = RESULTS / "policy_bench.png") -> Path | None:
     plt.close(fig)
     print(f"wrote {out}")
     return out
+
+
+def plot_logwriter(out: Path = RESULTS / "logwriter.png") -> Path | None:
+    """bench/results/logwriter.json → completions/s of each writer variant, every pass shown."""
+    plt = _pyplot()
+    data = load_result("logwriter")
+    if plt is None or data is None or not data.get("variants"):
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    names = list(data["variants"])
+    for i, name in enumerate(names):
+        v = data["variants"][name]
+        ax.bar(i, v["per_s_median"], 0.6, label=None)
+        ax.plot([i] * len(v["per_s_passes"]), v["per_s_passes"], "k.", ms=6)
+    ax.axhline(20_000, color="red", lw=0.8, ls=":", label="goal 20k/s")
+    ax.set_xticks(range(len(names)), names)
+    ax.set(ylabel="completions/s (bar: median, dots: passes)")
+    ax.set_title(
+        f"Log writer, {data['params']['records']:,} records, AOF always (load avg {data['machine']['loadavg_1m']:.1f})",
+        fontsize=10,
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return out
