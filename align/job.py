@@ -314,6 +314,7 @@ def _read_feedback(
         max_rows_per_user=settings.max_rows_per_user,
         include_policy_pairs=settings.include_policy_pairs,
         missing_completion_wait_s=settings.missing_completion_wait_s,
+        max_rows=settings.max_rows_per_run,
     )
     with console.status("reading feedback"):
         batch = reader.read(all_feedback=all_feedback, consume=consume)
