@@ -158,3 +158,38 @@ def plot_logwriter(out: Path = RESULTS / "logwriter.png") -> Path | None:
     plt.close(fig)
     print(f"wrote {out}")
     return out
+
+
+def plot_align_scale(out: Path = RESULTS / "align_scale.png") -> Path | None:
+    """bench/results/align_scale.json → dataset build time and memory, and whole align runs, against events."""
+    plt = _pyplot()
+    data = load_result("align_scale")
+    if plt is None or data is None:
+        return None
+    fig, (build_ax, run_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
+    builds = sorted((int(n), e) for n, e in data["build"].items())
+    ns = [n for n, _ in builds]
+    build_ax.plot(ns, [e["seconds"] for _, e in builds], "o-", label="seconds")
+    build_ax.set(title="Dataset build from Redis", xlabel="feedback events", ylabel="s", xscale="log", yscale="log")
+    mem_ax = build_ax.twinx()
+    mem_ax.plot(ns, [e["peak_mib"] for _, e in builds], "s--", color="C1")
+    mem_ax.set_ylabel("peak Python heap (MiB)", color="C1")
+    mem_ax.set_yscale("log")
+    runs = sorted((int(n), e) for n, e in data["runs"].items())
+    run_ax.plot(
+        [n for n, _ in runs], [e["wall_s"] for _, e in runs], "o-", label=f"wall s (max_steps {data['max_steps']})"
+    )
+    rss_ax = run_ax.twinx()
+    rss_ax.plot([n for n, _ in runs], [e["peak_rss_mib"] for _, e in runs], "s--", color="C1")
+    rss_ax.set_ylabel("peak RSS (MiB)", color="C1")
+    if goal := data.get("goal_run"):
+        run_ax.plot([goal["events"]], [goal["wall_s"]], "r*", ms=12, label="default schedule")
+        run_ax.axhline(120, color="red", lw=0.8, ls=":", label="goal 2 min")
+    run_ax.set(title="secondstage align run", xlabel="feedback events", ylabel="s", xscale="log")
+    run_ax.legend(fontsize=8)
+    fig.suptitle(f"Align against feedback (load avg {data['machine']['loadavg_1m']:.1f})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return out
