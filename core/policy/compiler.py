@@ -25,6 +25,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import hyperscan
 
@@ -63,6 +64,22 @@ class CompiledStage:
     tail_db: hyperscan.Database | None
     hold_back: int  # characters: the widest match any rule of this stage can have
     always_hold: list[int] = field(default_factory=list)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (a reload compiles in a worker process): the hyperscan databases travel serialised."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("widths", "all_indices", "unscoped")}
+        for name in ("stream_db", "tail_db"):
+            if state[name] is not None:
+                state[name] = hyperscan.dumpb(state[name])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, mode in (("stream_db", hyperscan.HS_MODE_STREAM), ("tail_db", hyperscan.HS_MODE_BLOCK)):
+            if state[name] is not None:
+                db = hyperscan.loadb(state[name], mode)
+                db.scratch = hyperscan.Scratch(db)  # loadb() gives a database without one; scanning needs it
+                state[name] = db
+        self.__dict__.update(state)
 
     @cached_property
     def widths(self) -> list[int]:

@@ -19,7 +19,7 @@ import hyperscan
 import pytest
 from prometheus_client import CollectorRegistry
 
-from core.policy import PolicyEngine, compiler
+from core.policy import PolicyEngine, compiler, loading
 from core.policy.presets import PRESETS
 from core.policy.stream import Matcher
 from tests.core.policy.conftest import CTX, WORDS, keyword_rules, stream, write_rules
@@ -182,3 +182,38 @@ def test_a_large_rule_set_reloads_without_stalling_the_loop(tmp_path: Path) -> N
     on_elapsed, on_gap = asyncio.run(on_loop())
     assert on_gap > on_elapsed / 2
     assert gap < elapsed / 3, f"the loop stalled {gap:.3f}s during a {elapsed:.3f}s reload"
+
+
+def test_reload_off_loop_compiles_in_a_worker_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The set is compiled by `python -m core.policy.worker`, not in this process; its errors come back located."""
+    engine = engine_for(tmp_path, preset_rules())
+
+    def not_here(_directory: Path) -> object:
+        raise AssertionError("compiled in the server's process")
+
+    monkeypatch.setattr(loading, "load_policy_set", not_here)
+    write_rules(tmp_path, preset_rules() + keyword_rules(5).removeprefix("rules:\n"))
+    result = asyncio.run(engine.reload_off_loop(announce=False))
+    assert result.ok and result.version != result.previous_version
+    out, _ = stream(engine, list("mail jane.doe@example.com now"))  # the worker's databases scan here
+    assert out == "mail [EMAIL] now"
+
+    write_rules(tmp_path, "rules:\n  - {id: bad, description: b, kind: regex, pattern: 'a+', action: redact}\n")
+    rejected = asyncio.run(engine.reload_off_loop(announce=False))
+    assert not rejected.ok and rejected.error is not None
+    assert (rejected.error.rule_id, rejected.error.field) == ("bad", "max_len")
+    assert engine.active.version == result.version  # the last good set stays
+
+
+def test_reload_falls_back_to_a_thread_when_the_worker_cannot_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engine_for(tmp_path, preset_rules())
+
+    async def broken(_directory: Path) -> object:
+        raise loading.WorkerFailed("exit 1: no interpreter")
+
+    monkeypatch.setattr(loading, "_compile_in_worker", broken)
+    write_rules(tmp_path, keyword_rules(3))
+    result = asyncio.run(engine.reload_off_loop(announce=False))
+    assert result.ok and len(engine.active.rules) == 3

@@ -42,7 +42,8 @@ def serving(app: FastAPI) -> Iterator[httpx.Client]:
         while not server.started:
             assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
             time.sleep(0.05)
-        with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=30) as client:
+        # 120 s: on the shared 2-core machine the first response took 55-65 s to start (load average 17).
+        with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=120) as client:
             yield client
     finally:
         server.should_exit = True
