@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from core.records import CompletionRecord, FeedbackRecord, PolicyPair, RecordErr
 from core.versions import Registry
 
 _PAGE = 500
+Entry = tuple[str, dict[str, str]]
 
 
 class FeedbackError(Exception):
@@ -91,6 +92,10 @@ class FeedbackBatch:
     """What the policies changed in what is kept: correction_redacted (a rule redacted or rewrote a correction)."""
     already_trained: dict[str, list[str]] = field(default_factory=dict)
     """Stream key → entry ids a published version already trained on (acknowledged by a consuming read)."""
+    # What parsing remembers from one page to the next: ids seen (dedupe) and rows per user (the cap).
+    _seen_feedback: set[str] = field(default_factory=set, repr=False)
+    _seen_pairs: set[str] = field(default_factory=set, repr=False)
+    _per_user: Counter[str] = field(default_factory=Counter, repr=False)
 
     @property
     def entries(self) -> int:
@@ -143,6 +148,7 @@ class FeedbackReader:
         include_policy_pairs: bool = True,
         missing_completion_wait_s: float = 3600.0,
         policies: PolicySet | None = None,
+        max_rows: int = 10_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
@@ -154,6 +160,8 @@ class FeedbackReader:
         self.missing_completion_wait_s = missing_completion_wait_s
         self.policies = policies
         """Corrections are checked against this set; None: not checked (see the module docstring)."""
+        self.max_rows = max_rows
+        """Most entries one read takes; the rest stays undelivered or pending for later runs."""
         self.clock = clock
 
     @property
@@ -172,22 +180,41 @@ class FeedbackReader:
     # --- reading -------------------------------------------------------------------------------------------
 
     def read(self, *, all_feedback: bool = False, consume: bool = True) -> FeedbackBatch:
-        """Collect the entries to train on. See the module docstring for `all_feedback` and `consume`."""
+        """Collect the entries to train on. See the module docstring for `all_feedback` and `consume`.
+
+        Streams are read a page at a time (at most `_PAGE` entries) and each page is parsed (decoded, joined with
+        its completions) before the next is read, so raw entries never pile up: memory grows with the rows
+        taken, never with the stream. At most `max_rows` entries are taken per read (each page asks for no more
+        than the room left); what is not read stays undelivered or pending, and the next run takes it. With
+        `all_feedback` that means the first `max_rows` entries of each stream.
+        """
         batch = FeedbackBatch()
-        raw: dict[str, list[tuple[str, dict[str, str]]]] = {}
         if consume:
             self.ensure_groups()
-        for stream in self.streams:
-            if consume:
-                delivered = self._group_read(stream)
-                batch.to_ack[stream] = [entry_id for entry_id, _ in delivered]
-                raw[stream] = self._xrange(stream) if all_feedback else delivered
-            else:
-                raw[stream] = self._xrange(stream) if all_feedback else self._peek_unconsumed(stream)
+
+        def room() -> int:
+            return min(_PAGE, self.max_rows - batch.entries)
+
         trained_feedback, trained_pairs = (set(), set()) if all_feedback else self._trained_ids()
-        deferred = self._parse_feedback(raw.get(self.keys.feedback, []), batch, trained_feedback)
-        if self.include_policy_pairs:
-            self._parse_policy_pairs(raw.get(self.keys.policy_pairs, []), batch, trained_pairs)
+        deferred: set[str] = set()
+        for stream in self.streams:
+            pages: Iterable[list[Entry]]
+            if consume:
+                acks = batch.to_ack.setdefault(stream, [])
+                if all_feedback:
+                    # Acknowledge what the group had not consumed (ids only), train on the stream from its start.
+                    for page in self._group_pages(stream, lambda: min(_PAGE, self.max_rows - len(acks))):  # noqa: B023
+                        acks.extend(entry_id for entry_id, _ in page)
+                    pages = self._xrange_pages(stream, "-", room)
+                else:
+                    pages = self._noting_acks(self._group_pages(stream, room), acks)
+            else:
+                pages = self._xrange_pages(stream, "-", room) if all_feedback else self._peek_pages(stream, room)
+            for page in pages:
+                if stream == self.keys.feedback:
+                    deferred |= self._parse_feedback(page, batch, trained_feedback)
+                else:
+                    self._parse_policy_pairs(page, batch, trained_pairs)
         # Entries deferred by the per-user cap stay pending, so a later run takes them.
         if deferred and self.keys.feedback in batch.to_ack:
             batch.to_ack[self.keys.feedback] = [i for i in batch.to_ack[self.keys.feedback] if i not in deferred]
@@ -221,6 +248,12 @@ class FeedbackReader:
             if stream in batch.to_ack:
                 batch.to_ack[stream] = [i for i in batch.to_ack[stream] if i not in done]
 
+    @staticmethod
+    def _noting_acks(pages: Iterable[list[Entry]], acks: list[str]) -> Iterator[list[Entry]]:
+        for page in pages:
+            acks.extend(entry_id for entry_id, _ in page)
+            yield page
+
     def ack(self, batch: FeedbackBatch) -> int:
         """Acknowledge what `batch` consumed; call only after its version is published."""
         done = 0
@@ -229,8 +262,12 @@ class FeedbackReader:
                 done += int(self.client.xack(stream, self.group, *ids[start : start + _PAGE]))
         return done
 
-    def _group_read(self, stream: str) -> list[tuple[str, dict[str, str]]]:
-        """Entries for this run: everything pending in the group (a failed run's data) and then everything new."""
+    def _group_pages(self, stream: str, room: Callable[[], int]) -> Iterator[list[Entry]]:
+        """Entries for this run, a page at a time: everything pending in the group (a failed run's data), then new.
+
+        Each page asks for `room()` entries at most; reading stops when it is 0, and what was not read stays
+        pending (or undelivered) for a later run.
+        """
         # Pending entries may belong to another consumer name (e.g. a renamed job): claim them. The Redis lock
         # guarantees no other align run is using them right now.
         cursor = "0-0"
@@ -239,52 +276,46 @@ class FeedbackReader:
             cursor = _s(claimed[0])
             if cursor == "0-0":
                 break
-        out: list[tuple[str, dict[str, str]]] = []
         for start in ("0", ">"):
             last = start
-            while True:
-                entries = _read_entries(self.client.xreadgroup(self.group, self.consumer, {stream: last}, count=_PAGE))
+            while (count := room()) > 0:
+                entries = _read_entries(self.client.xreadgroup(self.group, self.consumer, {stream: last}, count=count))
                 if not entries:
                     break
-                for entry_id, fields in entries:
-                    out.append((_s(entry_id), _fields(fields)))
+                yield [(_s(entry_id), _fields(fields)) for entry_id, fields in entries]
                 if start == "0":
                     last = _s(entries[-1][0])
-        return out
 
-    def _xrange(self, stream: str, start: str = "-") -> list[tuple[str, dict[str, str]]]:
-        out: list[tuple[str, dict[str, str]]] = []
-        while True:
-            entries = self.client.xrange(stream, min=start, max="+", count=_PAGE)
+    def _xrange_pages(self, stream: str, start: str, room: Callable[[], int]) -> Iterator[list[Entry]]:
+        while (count := room()) > 0:
+            entries = self.client.xrange(stream, min=start, max="+", count=count)
             if not entries:
-                return out
-            out.extend((_s(i), _fields(f)) for i, f in entries)
+                return
+            yield [(_s(i), _fields(f)) for i, f in entries]
             start = _after(_s(entries[-1][0]))
 
-    def _peek_unconsumed(self, stream: str) -> list[tuple[str, dict[str, str]]]:
+    def _peek_pages(self, stream: str, room: Callable[[], int]) -> Iterator[list[Entry]]:
         """What a consuming read would return, without touching the group: pending + undelivered entries."""
         last_delivered = "0-0"
         try:
             groups = self.client.xinfo_groups(stream)
         except redis.ResponseError:  # no such stream yet
-            return []
+            return
         for info in groups:
             if _s(info.get("name")) == self.group:
                 last_delivered = _s(info.get("last-delivered-id"))
-        pending: list[str] = []
         if last_delivered != "0-0":
-            while True:
-                start = _after(pending[-1]) if pending else "-"
-                rows = self.client.xpending_range(stream, self.group, min=start, max="+", count=_PAGE)
+            start = "-"
+            while (count := room()) > 0:
+                rows = self.client.xpending_range(stream, self.group, min=start, max="+", count=count)
                 if not rows:
                     break
-                pending.extend(_s(r["message_id"]) for r in rows)
-        out: list[tuple[str, dict[str, str]]] = []
-        for entry_id in pending:
-            found: Any = self.client.xrange(stream, min=entry_id, max=entry_id)
-            out.extend((_s(i), _fields(f)) for i, f in found)
-        start = "-" if last_delivered == "0-0" else _after(last_delivered)
-        return out + self._xrange(stream, start)
+                pipe = self.client.pipeline(transaction=False)
+                for row in rows:
+                    pipe.xrange(stream, min=row["message_id"], max=row["message_id"])
+                yield [(_s(i), _fields(f)) for found in pipe.execute() for i, f in found]
+                start = _after(_s(rows[-1]["message_id"]))
+        yield from self._xrange_pages(stream, "-" if last_delivered == "0-0" else _after(last_delivered), room)
 
     # --- parsing -------------------------------------------------------------------------------------------
 
@@ -292,7 +323,7 @@ class FeedbackReader:
         self, entries: Iterable[tuple[str, dict[str, str]]], batch: FeedbackBatch, trained: set[str]
     ) -> set[str]:
         """Fill `batch.feedback`; return the entry ids deferred by the per-user cap."""
-        seen: set[str] = set()
+        seen = batch._seen_feedback
         candidates: list[tuple[str, FeedbackRecord]] = []
         for entry_id, fields in entries:
             try:
@@ -310,7 +341,7 @@ class FeedbackReader:
             seen.add(record.id)
             candidates.append((entry_id, record))
         completions = self._completions([r.completion_id for _, r in candidates], batch)
-        per_user: Counter[str] = Counter()
+        per_user = batch._per_user
         deferred: set[str] = set()
         for entry_id, record in candidates:
             completion = completions.get(record.completion_id)
@@ -375,7 +406,7 @@ class FeedbackReader:
     def _parse_policy_pairs(
         self, entries: Iterable[tuple[str, dict[str, str]]], batch: FeedbackBatch, trained: set[str]
     ) -> None:
-        seen: set[str] = set()
+        seen = batch._seen_pairs
         for entry_id, fields in entries:
             try:
                 pair = decode(fields["data"], PolicyPair)

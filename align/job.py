@@ -353,6 +353,7 @@ def _read_feedback(
             max_rows_per_user=settings.max_rows_per_user,
             include_policy_pairs=settings.include_policy_pairs,
             missing_completion_wait_s=settings.missing_completion_wait_s,
+            max_rows=settings.max_rows_per_run,
             # Corrections pass the operator's rules again before they may train (align/feedback.py).
             policies=load_policies(settings.policies_dir),
         )

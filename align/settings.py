@@ -25,6 +25,12 @@ class AlignSettings(CommonSettings):
         ge=1,
         description="Most feedback entries one user may contribute to one run (a cap against poisoning).",
     )
+    max_rows_per_run: int = Field(
+        default=10_000,
+        ge=1,
+        description="Most feedback entries and policy pairs one run reads (a page at a time, never the whole "
+        "stream); the rest stays in the streams for the next runs. Bounds a run's memory and training time.",
+    )
     missing_completion_wait_s: float = Field(
         default=3600.0,
         ge=0,

@@ -20,12 +20,13 @@ from bench.results import load_result
 
 BENCHES: dict[str, tuple[list[str], list[str]]] = {
     # name: (full arguments, --quick arguments)
-    "policy_bench": ([], []),
-    "logwriter": ([], ["--records", "20000", "--outage-records", "5000"]),
+    "policy_bench": ([], ["--quick"]),
+    "logwriter": ([], ["--quick"]),
     # Quick: secondstage full only (bare runs the same code with two flags off), one pass.
     "serving": ([], ["--quick", "--passes", "1", "--only", "rac"]),
     "swap": ([], ["--versions", "2", "--idle-swaps", "3", "--swaps", "4", "--clients", "16"]),
     "closed_loop": ([], ["--rounds", "1", "--train", "16", "--heldout", "12"]),
+    "align_scale": ([], ["--quick"]),
 }
 
 
@@ -61,6 +62,20 @@ def summary() -> list[str]:
         curve = " → ".join(f"{r['heldout_rate']:.0%}" for r in cl["rounds"])
         events = [r["feedback_events"] for r in cl["rounds"][1:]]
         lines.append(f"closed loop: held-out preferred {curve} (feedback/round {events}, {cl['total_s']:.0f}s)")
+    if (pb := load_result("policy_bench")) and pb.get("sizes"):
+        sizes = sorted((int(n), e) for n, e in pb["sizes"].items() if int(n) > 0)
+        lines.append(
+            "policies: µs/chunk "
+            + ", ".join(f"{n} rules {e['us_per_chunk']:.1f}" for n, e in sizes)
+            + f"; input 4k chars at {sizes[-1][0]} rules {sizes[-1][1]['input_4k_ms']:.2f} ms"
+        )
+    if (al := load_result("align_scale")) and al.get("build"):
+        lines.append(
+            "align: dataset build "
+            + ", ".join(f"{n} events {e['seconds']:.2f}s/{e['peak_mib']:.1f} MiB" for n, e in al["build"].items())
+            + "; runs "
+            + ", ".join(f"{n}: {r['outcome']} {r['wall_s']}s" for n, r in al["runs"].items())
+        )
     return lines
 
 

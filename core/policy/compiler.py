@@ -7,7 +7,11 @@ scanning a chunk does not grow with the number of rules:
   then does Python (`re`, leftmost-first) run for that rule to find the precise spans.
 - `tail`: block mode with leftmost start-of-match, each rule's *prefix* pattern anchored at the
   end. Scanned over the last `hold_back` characters after each chunk, it says where a match could
-  still be growing, which is exactly the text the stream filter must hold back.
+  still be growing, which is exactly the text the stream filter must hold back. Every prefix pattern
+  has the same id (0): hyperscan then reports one match per end offset with the leftmost start of
+  all of them (its start-of-match dedupe keeps the minimum per id), so a scan costs one Python
+  callback whatever the number of rules. tests/core/policy/test_stream.py checks that against a
+  database with one id per rule.
 
 We use stream mode for exact matches instead of start-of-match tracking because hyperscan refuses
 SOM on many bounded-repeat patterns ("Pattern is too large"); the prefix patterns are relaxed to
@@ -20,6 +24,8 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
 
 import hyperscan
 
@@ -58,6 +64,37 @@ class CompiledStage:
     tail_db: hyperscan.Database | None
     hold_back: int  # characters: the widest match any rule of this stage can have
     always_hold: list[int] = field(default_factory=list)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (a reload compiles in a worker process): the hyperscan databases travel serialised."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("widths", "all_indices", "unscoped")}
+        for name in ("stream_db", "tail_db"):
+            if state[name] is not None:
+                state[name] = hyperscan.dumpb(state[name])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, mode in (("stream_db", hyperscan.HS_MODE_STREAM), ("tail_db", hyperscan.HS_MODE_BLOCK)):
+            if state[name] is not None:
+                db = hyperscan.loadb(state[name], mode)
+                db.scratch = hyperscan.Scratch(db)  # loadb() gives a database without one; scanning needs it
+                state[name] = db
+        self.__dict__.update(state)
+
+    @cached_property
+    def widths(self) -> list[int]:
+        """Each rule's widest match, by index."""
+        return [r.width for r in self.rules]
+
+    @cached_property
+    def all_indices(self) -> frozenset[int]:
+        """Every rule's index: the active set of a caller every rule applies to (built once, not per request)."""
+        return frozenset(r.index for r in self.rules)
+
+    @cached_property
+    def unscoped(self) -> bool:
+        """True when no rule has a scope or roles: every rule applies to every caller and message."""
+        return all(r.rule.scope is None and getattr(r.rule, "roles", None) is None for r in self.rules)
 
 
 def analyse_rule(rule: MatchRuleModel, file: str) -> tuple[Analysed, Callable[[str], bool] | None, str]:
@@ -113,6 +150,29 @@ def _compile(mode: int, exprs: Sequence[tuple[int, str, int]]) -> hyperscan.Data
     return db
 
 
+def _failing(mode: int, exprs: Sequence[tuple[int, str, int]]) -> list[int]:
+    """Positions of the expressions hyperscan cannot compile, found by halving the set that failed.
+
+    A compile has a large fixed cost: one per expression made a 1,000-rule set with one bad rule take
+    1,000 compiles; halving takes about 2·log2(n).
+    """
+    if len(exprs) == 1:
+        return [0]
+    mid = len(exprs) // 2
+    out: list[int] = []
+    for offset, part in ((0, exprs[:mid]), (mid, exprs[mid:])):
+        try:
+            _compile(mode, part)
+        except hyperscan.error:
+            out.extend(offset + k for k in _failing(mode, part))
+    return out
+
+
+def _one_id(exprs: Sequence[tuple[int, str, int]]) -> list[tuple[int, str, int]]:
+    """The tail expressions under one id, so that a scan reports only the leftmost start (module docstring)."""
+    return [(0, e[1], e[2]) for e in exprs]
+
+
 def compile_stage(entries: Sequence[tuple[MatchRuleModel, str]]) -> CompiledStage:
     """Compile the match rules of one stage. `entries` are (rule, file) in rule-set order."""
     compiled: list[CompiledRule] = []
@@ -129,18 +189,14 @@ def compile_stage(entries: Sequence[tuple[MatchRuleModel, str]]) -> CompiledStag
     if not compiled:
         return CompiledStage([], None, None, 0)
 
-    stream_exprs = [(r.index, r.analysed.hyperscan, _hs_flags(r.analysed, som=False)) for r in compiled]
+    stream_exprs = [(r.index, r.analysed.trigger, _hs_flags(r.analysed, som=False)) for r in compiled]
     try:
         stream_db = _compile(hyperscan.HS_MODE_STREAM, stream_exprs)
     except hyperscan.error:
         # Some pattern is too big for an exact automaton. Hyperscan's prefilter mode compiles a
         # superset of it instead, which is all we need: Python confirms every hit anyway.
-        for k, (r, expr) in enumerate(zip(compiled, stream_exprs, strict=True)):
-            try:
-                _compile(hyperscan.HS_MODE_STREAM, [expr])
-                continue
-            except hyperscan.error:
-                pass
+        for k in _failing(hyperscan.HS_MODE_STREAM, stream_exprs):
+            r, expr = compiled[k], stream_exprs[k]
             loose = (expr[0], expr[1], expr[2] | hyperscan.HS_FLAG_PREFILTER)
             try:
                 _compile(hyperscan.HS_MODE_STREAM, [loose])
@@ -160,25 +216,21 @@ def compile_stage(entries: Sequence[tuple[MatchRuleModel, str]]) -> CompiledStag
     always: list[int] = [r.index for r in compiled if r.analysed.prefix is None]
     tail_db: hyperscan.Database | None = None
     try:
-        tail_db = _compile(hyperscan.HS_MODE_BLOCK, tail_exprs) if tail_exprs else None
+        tail_db = _compile(hyperscan.HS_MODE_BLOCK, _one_id(tail_exprs)) if tail_exprs else None
     except hyperscan.error:
-        ok = []
-        for expr in tail_exprs:
-            try:
-                _compile(hyperscan.HS_MODE_BLOCK, [expr])
-                ok.append(expr)
-            except hyperscan.error as exc:
-                r = compiled[expr[0]]
-                log.warning(
-                    "policy rule %r (%s): no prefix matcher (%s); its full width (%d chars) is held back while "
-                    "streaming",
-                    r.rule.id,
-                    r.file,
-                    exc,
-                    r.width,
-                )
-                always.append(expr[0])
-        tail_db = _compile(hyperscan.HS_MODE_BLOCK, ok) if ok else None
+        bad = _failing(hyperscan.HS_MODE_BLOCK, tail_exprs)
+        ok = [expr for k, expr in enumerate(tail_exprs) if k not in set(bad)]
+        for k in bad:
+            r = compiled[tail_exprs[k][0]]
+            log.warning(
+                "policy rule %r (%s): no prefix matcher (hyperscan cannot compile it); its full width (%d chars) "
+                "is held back while streaming",
+                r.rule.id,
+                r.file,
+                r.width,
+            )
+            always.append(r.index)
+        tail_db = _compile(hyperscan.HS_MODE_BLOCK, _one_id(ok)) if ok else None
     for i in always:
         compiled[i] = CompiledRule(**{**compiled[i].__dict__, "always_hold": True})
     return CompiledStage(

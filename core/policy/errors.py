@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 class PolicyError(Exception):
@@ -27,5 +28,13 @@ class PolicyError(Exception):
             where.append(f"field {self.field!r}")
         return ": ".join([*where, self.message])
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled with its fields (a reload compiles in a worker process and sends the error back).
+        return (_rebuild, (self.message, self.file, self.rule_id, self.field))
+
     def to_dict(self) -> dict[str, str | None]:
         return {"message": self.message, "file": self.file, "rule_id": self.rule_id, "field": self.field}
+
+
+def _rebuild(message: str, file: str | None, rule_id: str | None, field: str | None) -> PolicyError:
+    return PolicyError(message, file=file, rule_id=rule_id, field=field)

@@ -120,10 +120,12 @@ def check_input(
         # Not `msgs`: a block returns before later messages were checked and redacted.
         return InputResult(withheld_input(rule.id), True, refusal_for(rule), max_tokens, decisions, ps.version)
 
-    in_scope_rules = [r for r in ps.rules if in_scope(r, ctx)]
+    # Per kind, not over every rule: with 1,000 keyword rules a pass over all of them cost ~0.3 ms per request.
+    def applying(kind: type[Any]) -> list[Any]:
+        return [r for r in ps.of_kind(kind) if in_scope(r, ctx)]
 
     # 1. Limits, on what the client sent.
-    for rule in (r for r in in_scope_rules if isinstance(r, LimitRule)):
+    for rule in applying(LimitRule):
         violations = limit_violations(rule, msgs, tokenizer_count)
         for detail in violations:
             decide(rule, rule.action, detail=detail)
@@ -135,7 +137,7 @@ def check_input(
                 max_tokens = rule.max_output_tokens
 
     # 2. Invisible and control characters.
-    for urule in (r for r in in_scope_rules if isinstance(r, UnicodeRule)):
+    for urule in applying(UnicodeRule):
         for mi, message in enumerate(msgs):
             for key, text in _text_parts(message):
                 bad = bad_chars(text, urule)
@@ -172,7 +174,7 @@ def check_input(
 
     # 4. Operator instructions: one system message at the front (chat templates want at most one).
     texts = []
-    for irule in (r for r in in_scope_rules if isinstance(r, InstructionsRule)):
+    for irule in applying(InstructionsRule):
         decide(irule, "instruct")
         if irule.mode == "enforce":
             texts.append(irule.text.strip())

@@ -5,9 +5,13 @@
 load must succeed (the server refuses to start otherwise); a reload that fails keeps the active set
 and reports why; `watch` reloads whenever a rule file changes.
 
-Compiling a rule set takes seconds (hyperscan databases), so the server reloads with `reload_off_loop`:
-in a worker thread, one at a time. Streams keep flowing meanwhile (tests/serve/policy/test_reload_off_loop.py
-measures their inter-chunk gap during a reload).
+Compiling a large rule set takes seconds (YAML, validation, pattern analysis, hyperscan databases), so the
+server reloads with `reload_off_loop`: one at a time, in a worker *process* (`python -m core.policy.worker`,
+one per reload), and the set comes back pickled (hyperscan databases serialised). A thread was not enough:
+hyperscan releases the GIL, but the Python half of a compile holds it in slices, and on a busy machine the OS
+preempting that thread while it holds the GIL stalled the event loop for up to 2 s during a 500-rule reload
+(bench/policy_bench.py). If the worker cannot run, the reload falls back to a thread. Streams keep flowing
+either way (tests/serve/policy/test_reload_off_loop.py measures their inter-chunk gap during a reload).
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from dataclasses import dataclass
+import os
+import pickle
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +37,10 @@ from core.policy.schema import MATCH_KINDS, RuleFile
 
 log = logging.getLogger("secondstage.policy")
 
+# libyaml's safe loader when PyYAML was built with it: the pure-Python one spent ~1 s of a 1,000-rule reload
+# holding the GIL (the event loop's streams wait for it); both accept the same YAML and report the same marks.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 @dataclass
 class PolicySet:
@@ -40,11 +51,21 @@ class PolicySet:
     rule_files: dict[str, str]  # rule id -> file it came from
     stages: dict[str, CompiledStage]
     files: list[str]
+    _by_kind: dict[type[Any], list[Any]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def hold_back(self) -> int:
         """Most characters the output filter can hold back (the widest output pattern)."""
         return self.stages["output"].hold_back
+
+    def of_kind(self, kind: type[Any]) -> list[Any]:
+        """The rules of one model class (LimitRule, UnicodeRule, …), in order; built once per set."""
+        if self._by_kind is None:
+            by_kind: dict[type[Any], list[Any]] = {}
+            for r in self.rules:
+                by_kind.setdefault(type(r), []).append(r)
+            self._by_kind = by_kind
+        return self._by_kind.get(kind, [])
 
     def rule(self, rule_id: str) -> Any | None:
         return next((r for r in self.rules if r.id == rule_id), None)
@@ -113,7 +134,7 @@ def load_policy_set(policies_dir: Path) -> PolicySet:
         raw = path.read_bytes()
         digest.update(path.name.encode() + b"\0" + raw + b"\0")
         try:
-            data = yaml.safe_load(raw)
+            data = yaml.load(raw, Loader=_YAML_LOADER)  # a safe loader (libyaml or Python)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -156,6 +177,30 @@ def load_policy_set(policies_dir: Path) -> PolicySet:
     )
 
 
+class WorkerFailed(Exception):
+    """The compile worker process did not answer with a rule set or a PolicyError."""
+
+
+async def _compile_in_worker(policies_dir: Path) -> PolicySet:
+    """`load_policy_set` in `python -m core.policy.worker` (see worker.py); raises its PolicyError."""
+    root = str(Path(__file__).resolve().parents[2])  # the directory that holds the `core` package
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "core.policy.worker", str(policies_dir),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise WorkerFailed(f"exit {proc.returncode}: {err.decode(errors='replace').strip()[-500:]}")
+    # Unpickling runs Python (pydantic models, re.compile): in a thread, so the loop keeps its turns.
+    result = await asyncio.to_thread(pickle.loads, out)
+    if isinstance(result, PolicyError):
+        raise result
+    if not isinstance(result, PolicySet):
+        raise WorkerFailed(f"answered a {type(result).__name__}, not a PolicySet")
+    return result
+
+
 class ReloadBusy(Exception):
     """A reload is already running (`reload_off_loop(wait=False)`)."""
 
@@ -174,11 +219,19 @@ class RuleSetLoader:
         return self._reloading.locked()
 
     async def reload_off_loop(self, *, wait: bool = True) -> ReloadResult:
-        """`reload` in a worker thread, one at a time; with wait=False, ReloadBusy while another runs."""
+        """`reload` in a worker process, one at a time; with wait=False, ReloadBusy while another runs."""
         if not wait and self._reloading.locked():
             raise ReloadBusy("a policy reload is already running")
         async with self._reloading:
-            return await asyncio.to_thread(self.reload)
+            previous = self.current.version if self.current is not None else None
+            try:
+                new = await _compile_in_worker(self.policies_dir)
+            except PolicyError as exc:
+                return self._rejected(exc, previous)
+            except (WorkerFailed, OSError, pickle.UnpicklingError, EOFError) as exc:
+                log.warning("policy compile worker failed (%s); compiling in a thread instead", exc)
+                return await asyncio.to_thread(self.reload)
+            return self._install(new, previous)
 
     def load(self) -> PolicySet:
         """Initial load: raises PolicyError on any invalid file (the server should refuse to start)."""
@@ -199,9 +252,15 @@ class RuleSetLoader:
         try:
             new = load_policy_set(self.policies_dir)
         except PolicyError as exc:
-            self._metrics.reloads.labels(result="error").inc()
-            log.error("policy reload rejected, keeping rule set %s: %s", previous, exc)
-            return ReloadResult(ok=False, version=previous or "", previous_version=previous, error=exc)
+            return self._rejected(exc, previous)
+        return self._install(new, previous)
+
+    def _rejected(self, exc: PolicyError, previous: str | None) -> ReloadResult:
+        self._metrics.reloads.labels(result="error").inc()
+        log.error("policy reload rejected, keeping rule set %s: %s", previous, exc)
+        return ReloadResult(ok=False, version=previous or "", previous_version=previous, error=exc)
+
+    def _install(self, new: PolicySet, previous: str | None) -> ReloadResult:
         self.current = new
         self._metrics.reloads.labels(result="ok").inc()
         self._metrics.set_version(new.version)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -33,8 +34,10 @@ def in_scope(rule: Rule, ctx: RequestContext) -> bool:
     return True
 
 
-def active_indices(stage: CompiledStage, ctx: RequestContext, role: str | None = None) -> list[int]:
+def active_indices(stage: CompiledStage, ctx: RequestContext, role: str | None = None) -> Collection[int]:
     """The indices of the stage's rules that apply to this caller (and, if given, to a message of this role)."""
+    if stage.unscoped:
+        return stage.all_indices  # no per-request pass over the rules: 1,000 rules cost what 10 do
     out = []
     for r in stage.rules:
         rule = r.rule

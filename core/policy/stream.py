@@ -9,10 +9,15 @@ longer change:
 
 - hyperscan (stream mode) reports "rule i matched, ending here"; Python runs only for such rules.
 - For rule i, a match attempt at position p is final once p < N - width_i (it examines at most
-  width_i + 1 characters), or once no prefix of a possible match starts at or before p at the end
-  of the text (the tail database, a block-mode scan of the last `hold_back` characters).
+  width_i + 1 characters), or once no prefix of a possible match of any rule starts at or before p
+  at the end of the text (the tail database, a block-mode scan of the last `hold_back` characters
+  that reports only the leftmost such start, whatever the number of rules).
 - The filter emits up to the smallest undecided position over all rules: it holds back text only
   while some pattern could still be matching, and never more than the widest rule.
+
+So the Python work per chunk is a fixed amount plus the rules with an exact hit to confirm: it does not
+grow with the number of rules (with 1,000 keyword rules, a chunk ending in a common word's first
+letters begins dozens of possible matches; none of them costs anything until one matches).
 
 Not thread-safe: the compiled databases share one hyperscan scratch; call from one thread (the
 event loop).
@@ -84,7 +89,11 @@ class Matcher:
         self._version = version
         self._on_decision = on_decision
         self._message_index = message_index
-        self._hold = max((stage.rules[i].width for i in self._active), default=0)
+        if len(self._active) == len(stage.rules):  # the usual case: no pass over the rules per response
+            self._hold = stage.hold_back
+        else:
+            widths = stage.widths
+            self._hold = max((widths[i] for i in self._active), default=0)
         self._always = [i for i in stage.always_hold if i in self._active]
 
         self.decisions: list[Decision] = []
@@ -98,7 +107,7 @@ class Matcher:
         self._done = 0  # output is decided up to here (absolute, original text)
         self._cursor: dict[int, int] = {}  # rules not caught up: every match starting before cursor is queued
         self._hit_end: dict[int, int] = {}  # rules with an exact hit that Python has not looked at yet
-        self._partial: dict[int, int] = {}  # rules a match may be growing for at the end: its leftmost start
+        self._partial: int | None = None  # leftmost start of a match that may be growing at the end, if any
         self._queue: list[tuple[int, int, int]] = []  # (start, rule index, end)
         self._finished = False
 
@@ -152,10 +161,17 @@ class Matcher:
         if self._stream is not None:
             self._stream.scan(text.encode("utf-8"), match_event_handler=self._on_hit)
         self._note_hits()
-        partial = self._tail_partials(prev)
-        for rule in {*self._cursor, *self._hit_end, *partial, *self._always}:
-            self._advance(rule, self._cursor.get(rule, prev), partial)
-        return self._process(min(self._cursor.values(), default=self._n))
+        before = self._partial
+        partial = self._tail_start(prev)
+        cursor = self._cursor
+        # Python runs only for rules with an exact hit to confirm (and those still catching up after one). A match
+        # ending in this chunk that started before it was growing at the previous end, so it starts at or after
+        # that end's partial start (prefix-closure, see _tail_start): the search for a rule starts there.
+        start = prev if before is None else before
+        for rule in {*cursor, *self._hit_end, *self._always}:
+            self._advance(rule, cursor.get(rule, start), partial)
+        safe = min(cursor.values(), default=self._n)
+        return self._process(safe if partial is None else min(safe, partial))
 
     def finish(self) -> str:
         """End of text: decide everything, return the rest to emit."""
@@ -170,8 +186,9 @@ class Matcher:
         if self.stopped:
             return ""
         self._note_hits()
+        start = self._n if self._partial is None else self._partial
         for rule in {*self._cursor, *self._hit_end}:
-            self._advance(rule, self._cursor.get(rule, self._n), {})
+            self._advance(rule, self._cursor.get(rule, start), None)
         return self._process(self._n)
 
     def close(self) -> None:
@@ -188,39 +205,41 @@ class Matcher:
             self._hit_end[rule] = self._n  # the hit ended somewhere in the last chunk: n is an upper bound
         self._hits.clear()
 
-    def _tail_partials(self, prev: int) -> dict[int, int]:
-        """Per rule, the leftmost start of a possible match prefix that ends at the end of the text.
+    def _tail_start(self, prev: int) -> int | None:
+        """The leftmost start of a possible match prefix (of any rule) that ends at the end of the text; None if none.
 
         Possible-match prefixes are prefix-closed: one that ends at the new end and starts before
         the previous end was already one at the previous end. So a scan from the leftmost start
         found last time (or from the previous end, if there was none) sees every one; with no
-        match in progress the window is just the new chunk.
+        match in progress the window is just the new chunk. The tail database gives every rule's
+        prefix pattern the same id, so hyperscan reports one match with the leftmost start among
+        them (compiler.py): one callback per chunk, whatever the number of rules. A rule outside
+        this caller's scope may hold text back a little longer; it never changes what is emitted.
         """
         db = self._stage.tail_db
         if db is None:
-            return {}
-        first = max(min(self._partial.values(), default=prev), self._n - self._hold)
+            return None
+        n = self._n
+        first = max(prev if self._partial is None else self._partial, n - self._hold)
         lo = max(first - 1, 0)  # one character of context, so `\b` at `first` is judged right
         window = self._buf[lo - self._base :]
         data = window.encode("utf-8")
-        starts: dict[int, int] = {}
-        active = self._active
+        found: list[int] = []
 
-        def on_prefix(rule: int, start: int, _to: int, _flags: int, _ctx: object) -> None:
-            if rule in active and (rule not in starts or start < starts[rule]):
-                starts[rule] = start
+        def on_prefix(_rule: int, start: int, _to: int, _flags: int, _ctx: object) -> None:
+            found.append(start)
 
         db.scan(data, match_event_handler=on_prefix)
-        out: dict[int, int] = {}
-        ascii_only = len(data) == len(window)  # byte offsets are character offsets
-        for r, b in starts.items():
-            start = lo + (b if ascii_only else len(data[:b].decode("utf-8")))
-            # Nothing starts before `first` (see above), and no true prefix is longer than the rule's width.
-            out[r] = max(start, first, self._n - self._stage.rules[r].width)
-        self._partial = out
-        return out
+        if not found:
+            self._partial = None
+            return None
+        b = min(found)  # one report; min() in case a hyperscan build reports each pattern
+        start = lo + (b if len(data) == len(window) else len(data[:b].decode("utf-8")))
+        # Nothing starts before `first` (see above).
+        self._partial = max(start, first)
+        return self._partial
 
-    def _advance(self, rule: int, cursor: int, partial: dict[int, int]) -> None:
+    def _advance(self, rule: int, cursor: int, partial: int | None) -> None:
         """Queue every final match of `rule` and move its cursor to the first undecided position."""
         compiled = self._stage.rules[rule]
         n = self._n
@@ -229,7 +248,7 @@ class Matcher:
         elif rule in self._always:
             final = n - compiled.width
         else:
-            final = max(n - compiled.width, partial.get(rule, n))
+            final = max(n - compiled.width, n if partial is None else partial)
         if self._hit_end.get(rule, -1) > cursor:
             pattern, validate, buf, base = compiled.python, compiled.validate, self._buf, self._base
             while True:
@@ -305,7 +324,7 @@ class Matcher:
             self._done,
             min(self._cursor.values(), default=self._n),
             self._queue[0][0] if self._queue else self._n,
-            min(self._partial.values(), default=self._n),
+            self._n if self._partial is None else self._partial,
         )
         keep -= 1  # one character of context for `\b` at the first position still needed
         if keep - self._base > _TRIM_AT:

@@ -44,6 +44,8 @@ class LogWriter:
     `op_timeout` bounds each Redis call; `pending_cap` bounds is_pending's memory (default 10 × max_queue,
     oldest forgotten first); `batch_script=False` writes with plain pipelines instead of the Lua script;
     `spool_max_bytes` caps the disk spool (past it records are dropped and counted, see spool.py).
+    `concurrent_batches` > 1 writes that many batches at once on separate connections when the queue holds them
+    (encoding overlaps Redis' work; batches may then reach the stream out of order, readers order by nothing but id).
     """
 
     def __init__(
@@ -57,10 +59,15 @@ class LogWriter:
         op_timeout: float = 5.0,
         pending_cap: int | None = None,
         batch_script: bool = True,
+        concurrent_batches: int = 1,
         registry: prometheus_client.CollectorRegistry | None = None,
         spool_max_bytes: int | None = None,
     ) -> None:
-        for name, value in (("max_queue", max_queue), ("batch_size", batch_size)):
+        for name, value in (
+            ("max_queue", max_queue),
+            ("batch_size", batch_size),
+            ("concurrent_batches", concurrent_batches),
+        ):
             if value < 1:
                 raise ValueError(f"LogWriter {name}={value} must be at least 1")
         for name, fvalue in (("retry_interval", retry_interval), ("op_timeout", op_timeout)):
@@ -83,6 +90,7 @@ class LogWriter:
         self._task: asyncio.Task[None] | None = None
         self._transport: BatchTransport | None = None  # from start() to stop()
         self._batch_script = batch_script
+        self._concurrent_batches = concurrent_batches
         self._down = False
         self._down_since = 0.0
         self._closed = False
@@ -342,6 +350,9 @@ class LogWriter:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if self._concurrent_batches > 1 and self._queue:
+                await self._write_concurrently(batch)
+                continue
             # Held here until written or spooled, so that stop() cancelling the write can spool it.
             self._inflight = batch
             try:
@@ -355,6 +366,33 @@ class LogWriter:
                 continue
             self._inflight = None
             self._done_pending(batch)
+
+    async def _write_concurrently(self, first: list[Record]) -> None:
+        """Up to `concurrent_batches` batches at once, each on its own pooled connection: this process encodes
+        the next batch while Redis applies (and, with appendfsync always, fsyncs) the one before. Batches may
+        land out of order; a batch that fails transiently is spooled, the others count as written."""
+        batches = [first]
+        while len(batches) < self._concurrent_batches and self._queue:
+            batches.append(self._take())
+        self._inflight = [r for b in batches for r in b]
+        results = await asyncio.gather(*(self._write(b) for b in batches), return_exceptions=True)
+        transient: BaseException | None = None
+        fatal: list[tuple[list[Record], BaseException]] = []
+        for batch, result in zip(batches, results, strict=True):
+            if result is None:
+                self._done_pending(batch)
+            elif isinstance(result, Exception) and is_transient(result):
+                self._spool_append(batch)
+                transient = transient or result
+            else:
+                fatal.append((batch, result))
+        self._inflight = None
+        if fatal:
+            # Only a bug gets here: the supervisor sets the batch aside, as with one batch at a time.
+            self._inflight = fatal[0][0]
+            raise fatal[0][1]
+        if transient is not None:
+            self._set_down(transient)
 
     def _take(self) -> list[Record]:
         q = self._queue

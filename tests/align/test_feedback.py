@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import redis
 
+from align import feedback
 from align.feedback import FeedbackReader
 from align.settings import AlignSettings
 from core.keys import Keys
@@ -134,3 +136,47 @@ def test_malformed_entries_are_counted(client: redis.Redis, settings: AlignSetti
     client.xadd(keys.feedback, {"schema": "1", "id": "x", "completion_id": "c", "data": "{not json"})
     batch = reader(client, settings).read()
     assert batch.feedback == [] and batch.skipped == {"malformed": 1}
+
+
+class CountingClient:
+    """The real client, noting how many entries each stream read asked for and how many came back."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self.reads: list[tuple[str, int, int]] = []  # (command, count asked, entries returned)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._client, name)
+
+    def xreadgroup(self, group: str, consumer: str, streams: dict[str, str], count: int) -> object:
+        reply = self._client.xreadgroup(group, consumer, streams, count=count)
+        self.reads.append(("xreadgroup", count, len(reply[0][1]) if reply else 0))  # type: ignore[index]
+        return reply
+
+    def xrange(self, name: str, min: str = "-", max: str = "+", count: int | None = None) -> object:
+        reply = self._client.xrange(name, min=min, max=max, count=count)
+        self.reads.append(("xrange", count or 0, len(reply)))  # type: ignore[arg-type]
+        return reply
+
+
+def test_reads_the_streams_in_bounded_pages_and_stops_at_max_rows(
+    client: redis.Redis, settings: AlignSettings, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read never asks Redis for more than a page, and takes at most max_rows entries: the rest stays for the
+    next run (so a run's memory follows the rows it trains on, not the length of the streams)."""
+    monkeypatch.setattr(feedback, "_PAGE", 7)
+    cid = server.completion("Q?", "A.")
+    for i in range(50):
+        server.feedback(cid, fb_id=f"f{i:02d}", thumbs="up")
+    counting = CountingClient(client)
+    r = reader(counting, settings, max_rows=20)  # type: ignore[arg-type]
+    first = r.read()
+    assert [f.id for f in first.feedback] == [f"f{i:02d}" for i in range(20)]
+    assert counting.reads and all(0 < asked <= 7 and got <= asked for _, asked, got in counting.reads)
+    assert sum(got for _, _, got in counting.reads) == 20  # nothing read past the cap
+    r.ack(first)
+    # The rest was never delivered: the next runs take it, 20 at a time.
+    assert [f.id for f in r.read().feedback] == [f"f{i:02d}" for i in range(20, 40)]
+    counting.reads.clear()
+    everything = r.read(consume=False, all_feedback=True)
+    assert len(everything.feedback) == 20 and all(asked <= 7 for _, asked, _ in counting.reads)

@@ -509,3 +509,49 @@ async def test_health_reports_a_writer_that_is_not_draining(
         assert registry.get_sample_value("secondstage_log_writer_up") == 1
         await eventually(lambda: w.written_total == 1)
         assert w.oldest_queued_s() == 0
+
+
+async def test_concurrent_batches_lose_nothing_across_a_redis_kill(
+    server: PrivateRedis,
+    factory: Callable[[], redis.asyncio.Redis],
+    reader: redis.asyncio.Redis,
+    registry: prometheus_client.CollectorRegistry,
+    tmp_path: Path,
+) -> None:
+    """Two batches in flight at once (concurrent_batches=2): every record arrives, in whatever order, kill included."""
+    w = LogWriter(
+        factory, tmp_path / "spool", batch_size=32, concurrent_batches=2, retry_interval=0.05, registry=registry
+    )
+    await w.start()
+    concurrent_rounds = 0
+    original = w._write_concurrently
+
+    async def counting(first: list[Record]) -> None:
+        nonlocal concurrent_rounds
+        concurrent_rounds += 1
+        await original(first)
+
+    w._write_concurrently = counting  # type: ignore[method-assign]
+    for i in range(2000):
+        w.submit(completion(i))
+    await eventually(lambda: w.written_total >= 1000)
+    await asyncio.to_thread(server.kill)
+    for i in range(2000, 4000):
+        w.submit(completion(i))
+        if i % 50 == 0:
+            await asyncio.sleep(0)
+    await eventually(lambda: w.redis_down)
+    await asyncio.to_thread(server.restart)
+    await eventually(lambda: not w.redis_down and w.spool_records == 0 and w.queue_depth == 0)
+    await w.stop()
+
+    assert concurrent_rounds > 0  # the queue held more than one batch: two were written at once
+    unique = set(await ids_in_stream(reader))
+    assert unique == {f"chatcmpl-{i:06d}" for i in range(4000)}
+    assert await reader.get(KEYS.completion("chatcmpl-003999")) is not None
+    assert not w.is_pending(KEYS.completion("chatcmpl-003999"))
+
+
+def test_concurrent_batches_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="concurrent_batches=0"):
+        LogWriter(lambda: redis.asyncio.Redis(), tmp_path / "spool", concurrent_batches=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,18 @@ from prometheus_client import CollectorRegistry
 from core.policy import PolicyEngine, RequestContext
 
 CTX = RequestContext(api_key="key-1", user="alice", model="demo")
+
+WORDS = str.split("the of and to in is was for on are with as his they at be this from have or by one had not but")
+
+
+def keyword_rules(n: int, seed: int = 1) -> str:
+    """`n` keyword rules whose keywords start with common words: prose keeps beginning them, never matches them."""
+    rng = random.Random(seed)
+    lines = ["rules:"]
+    for i in range(n):
+        kws = ", ".join(f"{rng.choice(WORDS)}{rng.choice(WORDS)}{rng.randrange(100)}" for _ in range(3))
+        lines.append(f"  - {{id: k{i}, description: kw, kind: keywords, keywords: [{kws}], action: redact}}")
+    return "\n".join(lines) + "\n"
 
 
 def write_rules(directory: Path, body: str, name: str = "rules.yaml") -> Path:

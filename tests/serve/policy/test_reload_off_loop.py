@@ -1,13 +1,15 @@
 """POST /admin/policies/reload compiles off the event loop: streams keep flowing, one reload at a time.
 
-Compiling the repository's rule files takes seconds (hyperscan databases); on the event loop it stalled
-every stream for that long. The test streams a chat answer from the fake engine (one byte every 10 ms)
-while a reload runs, and measures the largest gap between two chunks; a second reload sent meanwhile is
-a 409, and the first still succeeds.
+Compiling a large rule set takes seconds (hyperscan databases); on the event loop it stalled every stream
+for that long. The test reloads the repository's rule files plus 400 generated keyword rules (the shipped
+files alone now compile in well under a second, too quick to show a stall), streams a chat answer from the
+fake engine (one byte every 10 ms) while the reload runs, and measures the largest gap between two chunks;
+a second reload sent meanwhile is a 409, and the first still succeeds.
 """
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
@@ -21,6 +23,7 @@ from fastapi import FastAPI
 
 from serve.app import build_app
 from serve.settings import ServeSettings
+from tests.core.policy.conftest import keyword_rules
 from tests.fakes import FakeLLM, fake_engine
 
 POLICIES = Path(__file__).resolve().parents[3] / "policies"
@@ -39,7 +42,8 @@ def serving(app: FastAPI) -> Iterator[httpx.Client]:
         while not server.started:
             assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
             time.sleep(0.05)
-        with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=30) as client:
+        # 120 s: on the shared 2-core machine the first response took 55-65 s to start (load average 17).
+        with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=120) as client:
             yield client
     finally:
         server.should_exit = True
@@ -47,8 +51,12 @@ def serving(app: FastAPI) -> Iterator[httpx.Client]:
         sock.close()
 
 
-def test_streams_keep_flowing_while_policies_reload(settings: ServeSettings) -> None:
-    settings = settings.model_copy(update={"policies_enabled": True, "policies_dir": POLICIES, "max_model_len": 4096})
+def test_streams_keep_flowing_while_policies_reload(settings: ServeSettings, tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES, policies)
+    (policies / "zz-bulk.yaml").write_text(keyword_rules(400))
+    update = {"policies_enabled": True, "policies_dir": policies, "max_model_len": 4096}
+    settings = settings.model_copy(update=update)
     llm = FakeLLM(delay=0.01, reply=lambda _prompt: "The weather is mild and the sky is clear today. " * 8)
     with serving(build_app(settings, engine=fake_engine(llm, settings))) as client:
         # Admin routes need the admin key, also locally: the one the server wrote on start.
