@@ -188,10 +188,18 @@ def _train_dpo(
 ) -> Any:
     from trl import DPOConfig, DPOTrainer
 
-    console.print(f"[bold]DPO[/] on {len(dataset)} pairs (β={settings.beta}, sft_weight={settings.sft_weight})")
-    losses, weights = ["sigmoid"], [1.0]
+    console.print(
+        f"[bold]DPO[/] on {len(dataset)} pairs (β={settings.beta}, {settings.dpo_loss} weight "
+        f"{settings.dpo_weight}, sft_weight={settings.sft_weight})"
+    )
+    losses: list[str] = []
+    weights: list[float] = []
+    if settings.dpo_weight > 0:
+        losses, weights = [settings.dpo_loss], [settings.dpo_weight]
     if settings.sft_weight > 0:
         losses, weights = [*losses, "sft"], [*weights, settings.sft_weight]
+    if not losses:
+        raise TrainError("dpo_weight and sft_weight are both 0: the DPO phase would have no loss")
     args = DPOConfig(
         **_common_args(settings, work_dir, settings.epochs, settings.learning_rate),
         beta=settings.beta,

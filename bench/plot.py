@@ -37,9 +37,9 @@ def plot(out: Path = RESULTS / "bench.png") -> Path | None:
         )
         loop_ax.plot(
             rounds,
-            [100 * r["compliance"].get("target_exact", 0) for r in loop["rounds"]],
+            [100 * r.get("content_kept", r["compliance"].get("target_exact", 0)) for r in loop["rounds"]],
             "^:",
-            label="= corrected base answer",
+            label="base content kept",
         )
         loop_ax.axhline(90, color="grey", lw=0.8, ls=":")
         for r in loop["rounds"][1:]:
