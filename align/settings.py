@@ -63,8 +63,14 @@ class AlignSettings(CommonSettings):
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input during training.")
 
     # --- training
-    learning_rate: float = Field(default=2e-3, gt=0.0, description="AdamW learning rate for the LoRA weights.")
-    epochs: float = Field(default=6.0, gt=0.0, description="Passes over the DPO pairs (ignored when max_steps > 0).")
+    learning_rate: float = Field(
+        default=5e-4,
+        gt=0.0,
+        description="AdamW learning rate for the LoRA weights. Each run refines the promoted version, so a small step "
+        "per run adds up over runs; 2e-3 with 6 epochs (the old default) taught a house style in one run and broke "
+        "the answers' content and termination (README Performance, closed loop).",
+    )
+    epochs: float = Field(default=3.0, gt=0.0, description="Passes over the DPO pairs (ignored when max_steps > 0).")
     kto_epochs: float = Field(
         default=2.0, gt=0.0, description="Passes over the KTO rows (thumbs are a coarse signal: fewer passes)."
     )

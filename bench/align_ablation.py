@@ -38,8 +38,10 @@ from bench.closed_loop import (
     PREFERENCES,
     Preference,
     all_prompts,
+    correction,
     degenerate,
     instructions_message,
+    likes,
     load_preference,
     split_prompts,
 )
@@ -129,14 +131,18 @@ class Generator:
 
 
 def feedback_batch(
-    gen: Generator, prompts: list[str], answers: list[tuple[str, str, int]], pref: Preference
+    gen: Generator,
+    prompts: list[str],
+    answers: list[tuple[str, str, int]],
+    pref: Preference,
+    reference: dict[str, str],
 ) -> tuple[FeedbackBatch, int]:
-    """The simulated user's feedback on `answers`, as the typed items align's reader would return."""
+    """The (content-aware) simulated user's feedback on `answers`, as the typed items align's reader would return."""
     batch = FeedbackBatch()
     liked = 0
     for prompt, (text, finish, tokens) in zip(prompts, answers, strict=True):
         completion = _record(gen.messages(prompt), text, finish, tokens)
-        if pref.prefers(prompt, text):
+        if likes(pref, prompt, text, reference):
             liked += 1
             fb = FeedbackRecord(id=uuid.uuid4().hex, completion_id=completion.id, created=time.time(), thumbs="up")
         else:
@@ -145,7 +151,7 @@ def feedback_batch(
                 completion_id=completion.id,
                 created=time.time(),
                 thumbs="down",
-                correction=pref.improve(prompt, text),
+                correction=correction(pref, prompt, text, reference),
             )
         batch.feedback.append(FeedbackItem(fb.id, "0-0", completion.id, fb, completion, "sim"))
     return batch, liked
@@ -181,6 +187,7 @@ def main() -> None:
     base_heldout = gen.answer(heldout, None)
     base_train = gen.answer(train, None)
     wanted = {q: pref.improve(q, a[0]) for q, a in zip(heldout, base_heldout, strict=True)}
+    reference = {q: a[0] for q, a in zip(train, base_train, strict=True)}
     extra = dict(kv.split("=", 1) for kv in args.set)
     results: dict[str, Any] = {}
     for name in args.config or list(CONFIGS):
@@ -194,7 +201,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="ablation-") as tmp:
             for r in range(1, args.rounds + 1):
                 t0 = time.monotonic()
-                batch, _ = feedback_batch(gen, train, answers, pref)
+                batch, _ = feedback_batch(gen, train, answers, pref, reference)
                 data = build_datasets(batch, kto_on_corrected=kto_on_corrected)
                 if replay:
                     others = background[(r - 1) * replay : r * replay]

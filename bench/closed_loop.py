@@ -17,6 +17,11 @@ wait until the server serves the new version → ask the HELD-OUT prompts (never
   phrase three times in a row (`degenerate`);
 - feedback events used and the round's time.
 
+The simulated user (--user) is content-aware by default: it remembers what the base model answered to each training
+prompt (round 1's chats) and likes an answer only when it is the preferred form of that answer; otherwise it gives a
+thumbs-down with that preferred form as the correction — a styled answer whose content broke is corrected, not
+liked. `--user form-only` likes any answer in the preferred form (the bench before issue 9).
+
 Round 0 is the base model. Stops early once preferred ≥ --stop-at and content kept ≥ --keep-at. Prompts are the
 demo model's own question space (serve/demo/data/facts.json), split into train and held-out sets by a fixed seed.
 `--align-env NAME=VALUE` passes align settings to `align run` (the ablation in README Performance); the held-out
@@ -213,18 +218,34 @@ async def ask_all(url: str, prompts: list[str], max_tokens: int, concurrency: in
         return list(await asyncio.gather(*[one(p) for p in prompts]))
 
 
-async def give_feedback(url: str, answers: list[Answer], pref: Preference) -> dict[str, int]:
+def likes(pref: Preference, prompt: str, answer: str, reference: dict[str, str] | None) -> bool:
+    """The simulated user likes the preferred form; a content-aware one (`reference`: what the model first said to
+    each prompt) only when it is the preferred form of that first answer — broken content gets corrected too."""
+    if not pref.prefers(prompt, answer):
+        return False
+    return reference is None or prompt not in reference or answer.strip() == pref.improve(prompt, reference[prompt])
+
+
+def correction(pref: Preference, prompt: str, answer: str, reference: dict[str, str] | None) -> str:
+    """What the user writes instead: the preferred form of the model's first answer (content-aware) or of this one."""
+    source = reference[prompt] if reference is not None and prompt in reference else answer
+    return pref.improve(prompt, source)
+
+
+async def give_feedback(
+    url: str, answers: list[Answer], pref: Preference, reference: dict[str, str] | None = None
+) -> dict[str, int]:
     counts = {"up": 0, "down_with_correction": 0}
     async with httpx.AsyncClient(timeout=30) as client:
         for a in answers:
-            if pref.prefers(a.prompt, a.text):
+            if likes(pref, a.prompt, a.text, reference):
                 body: dict[str, Any] = {"completion_id": a.id, "thumbs": "up", "user": "sim"}
                 counts["up"] += 1
             else:
                 body = {
                     "completion_id": a.id,
                     "thumbs": "down",
-                    "correction": pref.improve(a.prompt, a.text),
+                    "correction": correction(pref, a.prompt, a.text, reference),
                     "user": "sim",
                 }
                 counts["down_with_correction"] += 1
@@ -303,6 +324,13 @@ def main() -> None:
     p.add_argument(
         "--align-env", action="append", default=[], metavar="NAME=VALUE", help="align setting for `align run`"
     )
+    p.add_argument(
+        "--user",
+        choices=("content-aware", "form-only"),
+        default="content-aware",
+        help="content-aware: likes only the preferred form of what the base model said, and corrects to it; "
+        "form-only: likes any answer in the preferred form (a styled but broken answer gets a thumbs-up)",
+    )
     p.add_argument("--label", default=None, help="name of the results file (default: the preference)")
     args = p.parse_args()
     if args.train > 200:
@@ -334,6 +362,7 @@ def main() -> None:
             client = redis.Redis.from_url(rs.url)
             with running(server):
                 wanted: dict[str, str] = {}  # held-out prompt → the base answer as the user would correct it
+                reference: dict[str, str] = {}  # training prompt → the base model's answer (content-aware user)
 
                 def evaluate() -> dict[str, Any]:
                     answers = asyncio.run(ask_all(server.url, heldout, args.max_tokens))
@@ -364,7 +393,11 @@ def main() -> None:
                     t0 = time.monotonic()
                     chats = asyncio.run(ask_all(server.url, train, args.max_tokens))
                     train_rate = sum(pref.prefers(a.prompt, a.text) for a in chats) / len(chats)
-                    counts = asyncio.run(give_feedback(server.url, chats, pref))
+                    if args.user == "content-aware" and not reference:
+                        reference.update({a.prompt: a.text for a in chats})  # round 1: the base model's answers
+                    counts = asyncio.run(
+                        give_feedback(server.url, chats, pref, reference if args.user == "content-aware" else None)
+                    )
                     before = _active(client, keys)
                     time.sleep(1.0)  # the log writer is asynchronous; align reads what reached Redis
                     ta = time.monotonic()
