@@ -2,7 +2,10 @@
 
 - thumbs up/down → a KTO row (`prompt` = the request messages, `completion` = [assistant answer], `label`);
   without thumbs, a rating ≥ 4 is desirable and ≤ 2 undesirable (3 says nothing);
-- a correction → a DPO pair: chosen = the correction, rejected = the model's answer for that choice;
+- a correction → a DPO pair: chosen = the correction, rejected = the model's answer for that choice. A thumbs-down
+  (or low rating) that comes with a correction makes no KTO row: the pair already says what was wrong, and an
+  undesirable row would push down every token of the answer, including the content the correction kept (counted
+  as `kto_covered_by_correction`);
 - a preferred choice (n > 1) → DPO pairs: the preferred answer against each other choice;
 - a policy pair → a DPO pair: chosen = the enforced rewrite, rejected = what the model said.
 
@@ -74,7 +77,8 @@ class AlignData:
 
 
 class _Builder:
-    def __init__(self) -> None:
+    def __init__(self, *, kto_on_corrected: bool = False) -> None:
+        self.kto_on_corrected = kto_on_corrected
         self.data = AlignData()
         self._seen: set[str] = set()
 
@@ -114,9 +118,14 @@ class _Builder:
             return False
         used = False
         label = kto_label(feedback)
-        if label is not None:
+        corrected = feedback.correction is not None and feedback.correction.strip() != ""
+        if label is False and corrected and not self.kto_on_corrected:
+            # The correction says what was wrong (the pair's difference); an undesirable row would push down the
+            # whole answer, content included — with a style correction, everything the model knew.
+            self.data.counts["kto_covered_by_correction"] += 1
+        elif label is not None:
             used |= self.kto(prompt, answer.text, label)
-        if feedback.correction is not None and feedback.correction.strip():
+        if corrected and feedback.correction is not None:
             used |= self.dpo(prompt, feedback.correction, answer.text, "correction")
         if feedback.preferred_choice is not None:
             best = completion.choice(feedback.preferred_choice)
@@ -131,9 +140,13 @@ class _Builder:
         return used
 
 
-def build_datasets(batch: FeedbackBatch) -> AlignData:
-    """Rows for every feedback item and policy pair in `batch` (see the module docstring for the rules)."""
-    builder = _Builder()
+def build_datasets(batch: FeedbackBatch, *, kto_on_corrected: bool = False) -> AlignData:
+    """Rows for every feedback item and policy pair in `batch` (see the module docstring for the rules).
+
+    `kto_on_corrected=True` also makes the KTO-undesirable row of a thumbs-down that comes with a correction (the
+    behaviour before issue 9; bench/align_ablation.py measures what it costs).
+    """
+    builder = _Builder(kto_on_corrected=kto_on_corrected)
     for item in batch.feedback:
         if builder.feedback(item):
             builder.data.feedback_ids.append(item.id)

@@ -7,10 +7,29 @@ Defaults are sized for the demo model on a small CPU machine: ~10 feedback rows 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
 from core.settings import CommonSettings
+
+DpoLoss = Literal[
+    "sigmoid",
+    "sigmoid_norm",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+]
+"""TRL DPOConfig.loss_type values for the preference term ('sft' is the separate sft_weight term)."""
 
 
 class AlignSettings(CommonSettings):
@@ -51,8 +70,14 @@ class AlignSettings(CommonSettings):
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input during training.")
 
     # --- training
-    learning_rate: float = Field(default=2e-3, gt=0.0, description="AdamW learning rate for the LoRA weights.")
-    epochs: float = Field(default=6.0, gt=0.0, description="Passes over the DPO pairs (ignored when max_steps > 0).")
+    learning_rate: float = Field(
+        default=5e-4,
+        gt=0.0,
+        description="AdamW learning rate for the LoRA weights. Each run refines the promoted version, so a small step "
+        "per run adds up over runs; 2e-3 with 6 epochs (the old default) taught a house style in one run and broke "
+        "the answers' content and termination (README Performance, closed loop).",
+    )
+    epochs: float = Field(default=3.0, gt=0.0, description="Passes over the DPO pairs (ignored when max_steps > 0).")
     kto_epochs: float = Field(
         default=2.0, gt=0.0, description="Passes over the KTO rows (thumbs are a coarse signal: fewer passes)."
     )
@@ -67,6 +92,19 @@ class AlignSettings(CommonSettings):
         ge=0.0,
         description="Weight of the NLL-on-chosen term added to the DPO loss (TRL loss_type 'sft'); it makes "
         "corrections show up in greedy answers, not only in the preference margin.",
+    )
+    dpo_weight: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="Weight of DPO's preference term (TRL loss_type `dpo_loss`). TRL's sigmoid term works on "
+        "log-probs summed over the answer while the SFT term is a per-token mean, so at 1.0 the preference term "
+        "dominates and pushes down every token of the rejected answer — with a style correction, the content the "
+        "correction kept. 0 trains on the corrections alone (SFT).",
+    )
+    dpo_loss: DpoLoss = Field(
+        default="sigmoid",
+        description="TRL DPO loss type of the preference term: 'sigmoid' (DPO), 'sigmoid_norm' (per-token "
+        "average margin, length-normalised), 'ipo', 'hinge', … (any DPOConfig.loss_type but 'sft').",
     )
     max_length: int = Field(
         default=512, ge=16, description="Longest tokenized prompt + completion; longer rows are cut."

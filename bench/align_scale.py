@@ -249,9 +249,9 @@ def main() -> None:
     console.print(t)
     console.print(f"x{results['linearity']['events_ratio']:.0f} events: {results['linearity']}")
     console.print(f"wrote {write_result('align_scale', results)}")
-    from bench.plot import plot_align_scale
+    from bench.plot import plot
 
-    plot_align_scale()
+    plot(["align_scale"])
 
 
 if __name__ == "__main__":

@@ -1,21 +1,37 @@
 """Alignment efficacy: a simulated user with a clear preference drives the real system over HTTP, round by round.
 
-    .venv/bin/python -m bench.closed_loop [--rounds 5] [--train 64] [--heldout 40] [--preference house-style]
+    .venv/bin/python -m bench.closed_loop [--rounds 5] [--train 48] [--heldout 40] [--preference house-style]
+        [--align-env SECONDSTAGE_LEARNING_RATE=2e-3 ...]
 
 One secondstage server (default policies, Redis logging) on the demo model. Each round:
 chat on the training prompts → the simulated user gives feedback on every answer (thumbs up when it likes
 it, else thumbs down with a correction) → `secondstage align run` (a subprocess, as an operator runs it) →
-wait until the server serves the new version → ask the HELD-OUT prompts (never trained on) and count the
-answers the user prefers. Per round: preferred rate on held-out prompts, feedback events used, the round's
-time, and policy compliance (share of responses whose completion record in Redis has no enforced
-output-policy decision: no redaction, no block). Round 0 is the base model. Stops early once the rate
-reaches --stop-at. "= corrected base" is the share of held-out answers equal to the base model's answer as
-the user would have corrected it (did the content survive, not only the style). Prompts are the demo
-model's own question space (serve/demo/data/facts.json), split into train and held-out sets by a fixed seed.
+wait until the server serves the new version → ask the HELD-OUT prompts (never trained on). Per round:
 
-The preference is pluggable: --preference NAME (built in: house-style, house-style-certainly) or
+- **preferred**: share of held-out answers the user prefers;
+- **content kept**: share of held-out answers equal to the base model's own answer (asked on this machine, in
+  round 0) in the preferred form — did the content survive the training, not only the style;
+- **compliance**: share of responses whose completion record in Redis has no enforced output-policy decision
+  (no redaction, no block);
+- **degenerate**: share of held-out answers that hit max_tokens without ending their turn, or repeat one
+  phrase three times in a row (`degenerate`);
+- feedback events used and the round's time.
+
+The simulated user (--user) is content-aware by default: it remembers what the base model answered to each training
+prompt (round 1's chats) and likes an answer only when it is the preferred form of that answer; otherwise it gives a
+thumbs-down with that preferred form as the correction — a styled answer whose content broke is corrected, not
+liked. `--user form-only` likes any answer in the preferred form (the bench before issue 9).
+
+Round 0 is the base model. Stops early once preferred ≥ --stop-at and content kept ≥ --keep-at. Prompts are the
+demo model's own question space (serve/demo/data/facts.json), split into train and held-out sets by a fixed seed.
+`--align-env NAME=VALUE` passes align settings to `align run` (the ablation in README Performance); the held-out
+evaluation requests are deleted from the completion log after they are scored, so nothing align reads from the
+log (e.g. replay rows) can come from a held-out prompt.
+
+The preference is pluggable: --preference NAME (built in: house-style, house-style-certainly, shout, sign-off) or
 --preference module:Class for any class with `prefers(prompt, answer) -> bool` and
-`improve(prompt, answer) -> str`. Writes bench/results/closed_loop.json.
+`improve(prompt, answer) -> str`. Writes bench/results/closed_loop.json (closed_loop_<label or preference>.json
+for another preference or --label).
 """
 
 from __future__ import annotations
@@ -30,10 +46,12 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
 import redis
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -73,11 +91,69 @@ class HouseStyle:
         return self.phrase + body
 
 
+@dataclass
+class Shout:
+    """Answers must be in capitals (a tone preference that rewrites every word, not a prefix or suffix).
+
+    The correction is the same answer upper-cased, so "content kept" asks whether the model still says what the
+    base model said, only shouted. The demo model shouts under a "shout" system prompt but never unprompted.
+    """
+
+    def prefers(self, prompt: str, answer: str) -> bool:
+        return any(c.isalpha() for c in answer) and answer.strip() == answer.strip().upper()
+
+    def improve(self, prompt: str, answer: str) -> str:
+        return answer.strip().upper()
+
+
+@dataclass
+class SignOff:
+    """Answers must end with a sign-off sentence: the model has to go on where it used to stop, then stop."""
+
+    phrase: str = " Ask me anything else."
+
+    def prefers(self, prompt: str, answer: str) -> bool:
+        return answer.strip().endswith(self.phrase.strip())
+
+    def improve(self, prompt: str, answer: str) -> str:
+        body = answer.strip()
+        if body.endswith(self.phrase.strip()):
+            return body
+        return body + self.phrase
+
+
 PREFERENCES: dict[str, Any] = {
     "house-style": lambda: HouseStyle(),
     # A phrase the demo model never saw at all: a harder target.
     "house-style-certainly": lambda: HouseStyle("Certainly! "),
+    "shout": lambda: Shout(),
+    "sign-off": lambda: SignOff(),
 }
+
+
+def degenerate(text: str, finish_reason: str | None) -> bool:
+    """A degenerate answer: it ran to max_tokens without ending its turn, or repeats one phrase ≥ 3 times in a row.
+
+    Every answer the demo model was trained on ends within ~25 tokens, so hitting the limit means it did not stop.
+    """
+    if finish_reason == "length":
+        return True
+    words = text.split()
+    for n in (1, 2, 3):
+        for i in range(len(words) - 3 * n + 1):
+            if words[i : i + n] == words[i + n : i + 2 * n] == words[i + 2 * n : i + 3 * n]:
+                return True
+    return False
+
+
+def instructions_message(policies_dir: Path = ROOT / "policies") -> list[dict[str, str]]:
+    """The system message the default policies put in front of every request (what the server's engine sees)."""
+    texts = []
+    for path in sorted(policies_dir.glob("*.yaml")):
+        for rule in (yaml.safe_load(path.read_text()) or {}).get("rules") or []:
+            if rule.get("kind") == "instructions" and rule.get("mode", "enforce") == "enforce":
+                texts.append(str(rule["text"]).strip())
+    return [{"role": "system", "content": "\n\n".join(texts)}] if texts else []
 
 
 def load_preference(spec: str) -> Preference:
@@ -93,10 +169,15 @@ def load_preference(spec: str) -> Preference:
     return pref  # type: ignore[no-any-return]
 
 
-def split_prompts(n_train: int, n_heldout: int, seed: int) -> tuple[list[str], list[str]]:
+def all_prompts() -> list[str]:
+    """Every question the demo model was trained on, in a fixed order."""
     from serve.demo.dialogues import facts, qa_pairs
 
-    questions = [q for q, _ in qa_pairs(facts())]
+    return [q for q, _ in qa_pairs(facts())]
+
+
+def split_prompts(n_train: int, n_heldout: int, seed: int) -> tuple[list[str], list[str]]:
+    questions = all_prompts()
     random.Random(seed).shuffle(questions)
     if n_train + n_heldout > len(questions):
         raise SystemExit(
@@ -111,6 +192,7 @@ class Answer:
     id: str
     text: str
     version: str
+    finish_reason: str | None = None
 
 
 async def ask_all(url: str, prompts: list[str], max_tokens: int, concurrency: int = 8) -> list[Answer]:
@@ -128,23 +210,42 @@ async def ask_all(url: str, prompts: list[str], max_tokens: int, concurrency: in
                 r = await client.post(url + "/v1/chat/completions", json=body)
             r.raise_for_status()
             data = r.json()
-            return Answer(prompt, data["id"], data["choices"][0]["message"]["content"], data["system_fingerprint"])
+            choice = data["choices"][0]
+            return Answer(
+                prompt, data["id"], choice["message"]["content"], data["system_fingerprint"], choice["finish_reason"]
+            )
 
         return list(await asyncio.gather(*[one(p) for p in prompts]))
 
 
-async def give_feedback(url: str, answers: list[Answer], pref: Preference) -> dict[str, int]:
+def likes(pref: Preference, prompt: str, answer: str, reference: dict[str, str] | None) -> bool:
+    """The simulated user likes the preferred form; a content-aware one (`reference`: what the model first said to
+    each prompt) only when it is the preferred form of that first answer — broken content gets corrected too."""
+    if not pref.prefers(prompt, answer):
+        return False
+    return reference is None or prompt not in reference or answer.strip() == pref.improve(prompt, reference[prompt])
+
+
+def correction(pref: Preference, prompt: str, answer: str, reference: dict[str, str] | None) -> str:
+    """What the user writes instead: the preferred form of the model's first answer (content-aware) or of this one."""
+    source = reference[prompt] if reference is not None and prompt in reference else answer
+    return pref.improve(prompt, source)
+
+
+async def give_feedback(
+    url: str, answers: list[Answer], pref: Preference, reference: dict[str, str] | None = None
+) -> dict[str, int]:
     counts = {"up": 0, "down_with_correction": 0}
     async with httpx.AsyncClient(timeout=30) as client:
         for a in answers:
-            if pref.prefers(a.prompt, a.text):
+            if likes(pref, a.prompt, a.text, reference):
                 body: dict[str, Any] = {"completion_id": a.id, "thumbs": "up", "user": "sim"}
                 counts["up"] += 1
             else:
                 body = {
                     "completion_id": a.id,
                     "thumbs": "down",
-                    "correction": pref.improve(a.prompt, a.text),
+                    "correction": correction(pref, a.prompt, a.text, reference),
                     "user": "sim",
                 }
                 counts["down_with_correction"] += 1
@@ -193,6 +294,22 @@ def wait_for_version(url: str, version: str, timeout: float = 60.0) -> float:
     raise RuntimeError(f"server did not switch to version {version!r} within {timeout}s")
 
 
+def forget(client: redis.Redis, keys: Keys, ids: list[str]) -> int:
+    """Delete the completion records of `ids` (lookup keys and stream entries): the evaluator's requests are not
+    user traffic, and align must not learn from a held-out prompt through the completion log."""
+    wanted = set(ids)
+    stream_ids = []
+    for entry_id, fields in client.xrange(keys.completions):
+        cid = fields.get(b"id")
+        if cid is not None and cid.decode() in wanted:
+            stream_ids.append(entry_id)
+    if stream_ids:
+        client.xdel(keys.completions, *stream_ids)
+    if ids:
+        client.delete(*(keys.completion(cid) for cid in ids))
+    return len(stream_ids)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5, help="most align rounds")
@@ -200,14 +317,32 @@ def main() -> None:
     p.add_argument("--heldout", type=int, default=40, help="held-out prompts evaluated after every round")
     p.add_argument("--max-tokens", type=int, default=48, help="answer length limit")
     p.add_argument("--preference", default="house-style", help="built-in name or module:Class")
-    p.add_argument("--stop-at", type=float, default=0.9, help="stop once the held-out rate reaches this")
+    p.add_argument("--stop-at", type=float, default=0.9, help="stop once the held-out preferred rate reaches this…")
+    p.add_argument("--keep-at", type=float, default=0.8, help="…and the held-out content kept reaches this")
     p.add_argument("--seed", type=int, default=0, help="train/held-out split seed")
     p.add_argument("--align-timeout", type=float, default=900, help="seconds one align run may take")
+    p.add_argument(
+        "--align-env", action="append", default=[], metavar="NAME=VALUE", help="align setting for `align run`"
+    )
+    p.add_argument(
+        "--user",
+        choices=("content-aware", "form-only"),
+        default="content-aware",
+        help="content-aware: likes only the preferred form of what the base model said, and corrects to it; "
+        "form-only: likes any answer in the preferred form (a styled but broken answer gets a thumbs-up)",
+    )
+    p.add_argument("--label", default=None, help="name of the results file (default: the preference)")
     args = p.parse_args()
     if args.train > 200:
         p.error(f"--train {args.train}: the goal allows at most 200 feedback events per round")
     if args.rounds < 1 or args.train < 4 or args.heldout < 1:
         p.error("--rounds ≥ 1, --train ≥ 4 (align's min_feedback) and --heldout ≥ 1 are required")
+    align_env = {}
+    for item in args.align_env:
+        name, eq, value = item.partition("=")
+        if not eq or not name.startswith("SECONDSTAGE_"):
+            p.error(f"--align-env {item!r}: expected SECONDSTAGE_NAME=VALUE")
+        align_env[name] = value
 
     pref = load_preference(args.preference)
     train, heldout = split_prompts(args.train, args.heldout, args.seed)
@@ -228,46 +363,48 @@ def main() -> None:
             client = redis.Redis.from_url(rs.url)
             with running(server):
                 wanted: dict[str, str] = {}  # held-out prompt → the base answer as the user would correct it
+                reference: dict[str, str] = {}  # training prompt → the base model's answer (content-aware user)
 
-                def evaluate() -> tuple[float, dict[str, Any], str, list[Answer]]:
+                def evaluate() -> dict[str, Any]:
                     answers = asyncio.run(ask_all(server.url, heldout, args.max_tokens))
-                    rate = sum(pref.prefers(a.prompt, a.text) for a in answers) / len(answers)
-                    versions = sorted({a.version for a in answers})
+                    n = len(answers)
                     comp = compliance(client, keys, [a.id for a in answers])
+                    forget(client, keys, [a.id for a in answers])
                     if not wanted:
                         wanted.update({a.prompt: pref.improve(a.prompt, a.text) for a in answers})
-                    # The preference only looks at style; this says whether the content survived the training.
-                    comp["target_exact"] = sum(a.text.strip() == wanted[a.prompt] for a in answers) / len(answers)
-                    comp["target_similarity"] = sum(
-                        difflib.SequenceMatcher(None, a.text.strip(), wanted[a.prompt]).ratio() for a in answers
-                    ) / len(answers)
-                    return rate, comp, ",".join(versions), answers
+                    return {
+                        "version": ",".join(sorted({a.version for a in answers})),
+                        "heldout_rate": sum(pref.prefers(a.prompt, a.text) for a in answers) / n,
+                        # The preference only looks at the form; this says whether the content survived training.
+                        "content_kept": sum(a.text.strip() == wanted[a.prompt] for a in answers) / n,
+                        "similarity": sum(
+                            difflib.SequenceMatcher(None, a.text.strip(), wanted[a.prompt]).ratio() for a in answers
+                        )
+                        / n,
+                        "degenerate": sum(degenerate(a.text, a.finish_reason) for a in answers) / n,
+                        "hit_max_tokens": sum(a.finish_reason == "length" for a in answers) / n,
+                        "compliance": comp,
+                        "samples": [a.text for a in answers[:4]],
+                    }
 
                 t0 = time.monotonic()
-                rate, comp, version, answers = evaluate()
-                rounds.append(
-                    {
-                        "round": 0,
-                        "version": version,
-                        "heldout_rate": rate,
-                        "compliance": comp,
-                        "feedback_events": 0,
-                        "round_s": time.monotonic() - t0,
-                        "samples": [a.text for a in answers[:3]],
-                    }
-                )
+                rounds.append({"round": 0, **evaluate(), "feedback_events": 0, "round_s": time.monotonic() - t0})
                 _print_round(rounds[-1])
                 for r in range(1, args.rounds + 1):
                     t0 = time.monotonic()
                     chats = asyncio.run(ask_all(server.url, train, args.max_tokens))
                     train_rate = sum(pref.prefers(a.prompt, a.text) for a in chats) / len(chats)
-                    counts = asyncio.run(give_feedback(server.url, chats, pref))
+                    if args.user == "content-aware" and not reference:
+                        reference.update({a.prompt: a.text for a in chats})  # round 1: the base model's answers
+                    counts = asyncio.run(
+                        give_feedback(server.url, chats, pref, reference if args.user == "content-aware" else None)
+                    )
                     before = _active(client, keys)
                     time.sleep(1.0)  # the log writer is asynchronous; align reads what reached Redis
                     ta = time.monotonic()
                     run = subprocess.run(
                         [PYTHON, "-m", "core.cli", "align", "run"],
-                        env=server.env,
+                        env={**server.env, **align_env},
                         cwd=ROOT,
                         capture_output=True,
                         text=True,
@@ -276,12 +413,12 @@ def main() -> None:
                     align_s = time.monotonic() - ta
                     after = _active(client, keys)
                     swap_s = wait_for_version(server.url, after) if after != before else None
-                    rate, comp, version, answers = evaluate()
+                    result = evaluate()
                     train_comp = compliance(client, keys, [a.id for a in chats])
                     rounds.append(
                         {
                             "round": r,
-                            "version": version,
+                            **result,
                             "published": after if after != before else None,
                             "align_exit": run.returncode,
                             "align_tail": (run.stdout + run.stderr).strip().splitlines()[-3:],
@@ -290,56 +427,61 @@ def main() -> None:
                             "train_rate_before": train_rate,
                             "feedback_events": sum(counts.values()),
                             "feedback": counts,
-                            "heldout_rate": rate,
-                            "compliance": comp,
                             "train_compliance": train_comp,
                             "round_s": time.monotonic() - t0,
-                            "samples": [a.text for a in answers[:3]],
                         }
                     )
                     _print_round(rounds[-1])
-                    if rate >= args.stop_at:
+                    if result["heldout_rate"] >= args.stop_at and result["content_kept"] >= args.keep_at:
                         break
             client.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     base = rounds[0]["heldout_rate"]
-    reached = next((x["round"] for x in rounds if x["heldout_rate"] >= 0.9), None)
+    reached = next((x["round"] for x in rounds if x["heldout_rate"] >= 0.9 and x["content_kept"] >= 0.8), None)
     comp_rates = [x["compliance"]["rate"] for x in rounds if x["compliance"]["rate"] is not None]
     goals = {
-        "heldout_ge_0.90_within_5_rounds": reached is not None and reached <= 5,
+        "preferred_ge_0.90_and_kept_ge_0.80_within_5_rounds": reached is not None and reached <= 5,
         "feedback_le_200_per_round": all(x["feedback_events"] <= 200 for x in rounds),
         "compliance_not_dropping": bool(comp_rates) and min(comp_rates) >= comp_rates[0],
+        "degeneration_not_rising": all(x["degenerate"] <= rounds[0]["degenerate"] for x in rounds),
     }
-    t = Table(title=f"Closed loop: {args.preference!r}, {len(train)} train / {len(heldout)} held-out prompts")
-    cols = ("round", "version", "held-out preferred", "= corrected base", "feedback events", "align s", "swap s")
-    for col in (*cols, "round s", "compliance"):
+    title = f"Closed loop: {args.preference!r}, {len(train)} train / {len(heldout)} held-out prompts"
+    t = Table(title=title + (f", {align_env}" if align_env else ""))
+    cols = ("round", "version", "preferred", "content kept", "compliance", "degenerate", "feedback events")
+    for col in (*cols, "align s", "swap s", "round s"):
         t.add_column(col, justify="left" if col in ("round", "version") else "right")
     for x in rounds:
         t.add_row(
             str(x["round"]),
             x["version"],
             f"{x['heldout_rate']:.0%}",
-            f"{x['compliance']['target_exact']:.0%}",
+            f"{x['content_kept']:.0%}",
+            "-" if x["compliance"]["rate"] is None else f"{x['compliance']['rate']:.0%}",
+            f"{x['degenerate']:.0%}",
             str(x["feedback_events"]),
             f"{x['align_s']:.0f}" if "align_s" in x else "-",
             f"{x['swap_s']:.2f}" if x.get("swap_s") is not None else "-",
             f"{x['round_s']:.0f}",
-            "-" if x["compliance"]["rate"] is None else f"{x['compliance']['rate']:.0%}",
         )
     console.print(t)
-    console.print(f"base rate {base:.0%}; ≥90% reached in round {reached}; total {time.monotonic() - t_start:.0f}s")
+    console.print(
+        f"base rate {base:.0%}; preferred ≥ 90% with content kept ≥ 80% in round {reached}; "
+        f"total {time.monotonic() - t_start:.0f}s"
+    )
     console.print(f"goals: {goals}")
+    # The default run keeps the name bench.run_all and bench.plot read.
+    label = args.label or ("" if args.preference == "house-style" else args.preference.replace(":", "_"))
     path = write_result(
-        "closed_loop",
+        f"closed_loop_{label}" if label else "closed_loop",
         {
             "params": vars(args),
             "train_prompts": train,
             "heldout_prompts": heldout,
             "rounds": rounds,
             "base_rate": base,
-            "reached_90_in_round": reached,
+            "reached_goal_in_round": reached,
             "total_s": time.monotonic() - t_start,
             "goals": goals,
         },
@@ -356,6 +498,7 @@ def _print_round(x: dict[str, Any]) -> None:
     comp = x["compliance"]["rate"]
     console.print(
         f"round {x['round']}: version {x['version']}, held-out preferred {x['heldout_rate']:.0%}, "
+        f"content kept {x['content_kept']:.0%}, degenerate {x['degenerate']:.0%}, "
         f"feedback {x['feedback_events']}, compliance {'-' if comp is None else f'{comp:.0%}'}, "
         f"{x['round_s']:.0f}s  e.g. {x['samples'][0]!r}"
     )

@@ -418,9 +418,9 @@ def main() -> None:
     }
     console.print(f"goals: {out['goals']}")
     console.print(f"wrote {write_result('logwriter', out)}")
-    from bench.plot import plot_logwriter
+    from bench.plot import plot
 
-    plot_logwriter()
+    plot(["logwriter"])
 
 
 if __name__ == "__main__":

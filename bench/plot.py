@@ -111,9 +111,9 @@ def plot_closed_loop(data: dict[str, Any], plt: Any) -> Any:
     ax.plot(rounds, [100 * (r["compliance"]["rate"] or 0) for r in data["rounds"]], "s--", label="policy compliance")
     ax.plot(
         rounds,
-        [100 * r["compliance"].get("target_exact", 0) for r in data["rounds"]],
+        [100 * r.get("content_kept", r["compliance"].get("target_exact", 0)) for r in data["rounds"]],
         "^:",
-        label="= corrected base answer",
+        label="base content kept",
     )
     ax.axhline(90, color="grey", lw=0.8, ls=":")
     for r in data["rounds"][1:]:
@@ -126,29 +126,79 @@ def plot_closed_loop(data: dict[str, Any], plt: Any) -> Any:
     return fig
 
 
+def plot_policy_bench(data: dict[str, Any], plt: Any) -> Any:
+    """bench/results/policy_bench.json → cost per chunk, input check and compile time against the number of rules."""
+    sizes = sorted((int(n), e) for n, e in data["sizes"].items() if int(n) > 0)
+    ns = [n for n, _ in sizes]
+    fig, (chunk_ax, input_ax, compile_ax) = plt.subplots(1, 3, figsize=(14, 4.2))
+    chunk_ax.plot(ns, [e["us_per_chunk"] for _, e in sizes], "o-", label="long stream")
+    chunk_ax.plot(ns, [e["us_per_chunk_in_64_token_responses"] for _, e in sizes], "s--", label="64-token responses")
+    if (off := data["sizes"].get("0")) is not None:
+        chunk_ax.axhline(off["us_per_chunk"], color="grey", lw=0.8, ls=":", label="no rules")
+    chunk_ax.axhline(20, color="red", lw=0.8, ls=":", label="goal 20 µs")
+    chunk_ax.set(title="Output filter", xlabel="rules", ylabel="µs per streamed chunk", xscale="log")
+    chunk_ax.set_ylim(bottom=0)
+    chunk_ax.legend(fontsize=8)
+    input_ax.plot(ns, [e["input_4k_ms"] for _, e in sizes], "o-")
+    input_ax.axhline(1.0, color="red", lw=0.8, ls=":", label="goal 1 ms")
+    input_ax.set(title="Input check, 4,000 characters", xlabel="rules", ylabel="ms", xscale="log")
+    input_ax.set_ylim(bottom=0)
+    input_ax.legend(fontsize=8)
+    compile_ax.plot(ns, [e["compile_s"] for _, e in sizes], "o-", label="compile (s)")
+    stalls = [(n, e["reload"]) for n, e in sizes if e.get("reload")]
+    if stalls:
+        gap_ax = compile_ax.twinx()
+        gap_ax.plot([n for n, _ in stalls], [r["max_gap_ms"] for _, r in stalls], "s--", color="C1")
+        gap_ax.set_ylabel("event-loop max gap during reload (ms)", color="C1")
+        gap_ax.set_ylim(bottom=0)
+    compile_ax.set(title="Compile / reload", xlabel="rules", ylabel="s", xscale="log")
+    fig.suptitle(f"Policies against the number of rules (load avg {data['machine']['loadavg_1m']:.1f})", fontsize=10)
+    return fig
+
+
 def plot_logwriter(data: dict[str, Any], plt: Any) -> Any:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    tp = data["throughput"]
-    ax.bar(["completions/s"], [tp["per_s"]], color="tab:blue")
+    """bench/results/logwriter.json → completions/s of each writer variant, every pass shown."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    names = list(data["variants"])
+    for i, name in enumerate(names):
+        v = data["variants"][name]
+        ax.bar(i, v["per_s_median"], 0.6, label=None)
+        ax.plot([i] * len(v["per_s_passes"]), v["per_s_passes"], "k.", ms=6)
     ax.axhline(20_000, color="red", lw=0.8, ls=":", label="goal 20k/s")
-    lost = tp["check"]["missing"]
-    ax.set(title=f"Log writer: {tp['check']['written']:,} records, {lost} lost\n{_load_note(data)}")
-    ax.title.set_fontsize(9)
+    ax.set_xticks(range(len(names)), names)
+    ax.set(ylabel="completions/s (bar: median, dots: passes)")
+    ax.set_title(
+        f"Log writer, {data['params']['records']:,} records, AOF always (load avg {data['machine']['loadavg_1m']:.1f})",
+        fontsize=10,
+    )
     ax.legend(fontsize=8)
     return fig
 
 
-def plot_policy_bench(data: dict[str, Any], plt: Any) -> Any:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    sets = data["rule_sets"]
-    rules = [v["rules"] for v in sets.values()]
-    ax.plot(rules, [v["us_per_chunk"] for v in sets.values()], "o-", label="rules on")
-    ax.axhline(data["off_us_per_chunk"], color="grey", ls="--", label="no rules")
-    ax.axhline(20, color="red", lw=0.8, ls=":", label="goal 20 µs")
-    ax.set_xscale("log")
-    ax.set(title=f"Output filter cost per streamed chunk — {_load_note(data)}", xlabel="rules", ylabel="µs/chunk")
-    ax.title.set_fontsize(9)
-    ax.legend(fontsize=8)
+def plot_align_scale(data: dict[str, Any], plt: Any) -> Any:
+    """bench/results/align_scale.json → dataset build time and memory, and whole align runs, against events."""
+    fig, (build_ax, run_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
+    builds = sorted((int(n), e) for n, e in data["build"].items())
+    ns = [n for n, _ in builds]
+    build_ax.plot(ns, [e["seconds"] for _, e in builds], "o-", label="seconds")
+    build_ax.set(title="Dataset build from Redis", xlabel="feedback events", ylabel="s", xscale="log", yscale="log")
+    mem_ax = build_ax.twinx()
+    mem_ax.plot(ns, [e["peak_mib"] for _, e in builds], "s--", color="C1")
+    mem_ax.set_ylabel("peak Python heap (MiB)", color="C1")
+    mem_ax.set_yscale("log")
+    runs = sorted((int(n), e) for n, e in data["runs"].items())
+    run_ax.plot(
+        [n for n, _ in runs], [e["wall_s"] for _, e in runs], "o-", label=f"wall s (max_steps {data['max_steps']})"
+    )
+    rss_ax = run_ax.twinx()
+    rss_ax.plot([n for n, _ in runs], [e["peak_rss_mib"] for _, e in runs], "s--", color="C1")
+    rss_ax.set_ylabel("peak RSS (MiB)", color="C1")
+    if goal := data.get("goal_run"):
+        run_ax.plot([goal["events"]], [goal["wall_s"]], "r*", ms=12, label="default schedule")
+        run_ax.axhline(120, color="red", lw=0.8, ls=":", label="goal 2 min")
+    run_ax.set(title="secondstage align run", xlabel="feedback events", ylabel="s", xscale="log")
+    run_ax.legend(fontsize=8)
+    fig.suptitle(f"Align against feedback (load avg {data['machine']['loadavg_1m']:.1f})", fontsize=10)
     return fig
 
 
@@ -158,6 +208,7 @@ PLOTS: dict[str, Callable[[dict[str, Any], Any], Any]] = {
     "closed_loop": plot_closed_loop,
     "logwriter": plot_logwriter,
     "policy_bench": plot_policy_bench,
+    "align_scale": plot_align_scale,
 }
 
 
@@ -203,115 +254,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def _pyplot():  # type: ignore[no-untyped-def]
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display on servers
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no PNG (install it with .venv/bin/pip install matplotlib)")
-        return None
-    return plt
-
-
-def plot_policy(out: Path = RESULTS / "policy_bench.png") -> Path | None:
-    """bench/results/policy_bench.json → cost per chunk, input check and compile time against the number of rules."""
-    plt = _pyplot()
-    data = load_result("policy_bench")
-    if plt is None or data is None:
-        return None
-    sizes = sorted((int(n), e) for n, e in data["sizes"].items() if int(n) > 0)
-    ns = [n for n, _ in sizes]
-    fig, (chunk_ax, input_ax, compile_ax) = plt.subplots(1, 3, figsize=(14, 4.2))
-    chunk_ax.plot(ns, [e["us_per_chunk"] for _, e in sizes], "o-", label="long stream")
-    chunk_ax.plot(ns, [e["us_per_chunk_in_64_token_responses"] for _, e in sizes], "s--", label="64-token responses")
-    if (off := data["sizes"].get("0")) is not None:
-        chunk_ax.axhline(off["us_per_chunk"], color="grey", lw=0.8, ls=":", label="no rules")
-    chunk_ax.axhline(20, color="red", lw=0.8, ls=":", label="goal 20 µs")
-    chunk_ax.set(title="Output filter", xlabel="rules", ylabel="µs per streamed chunk", xscale="log")
-    chunk_ax.set_ylim(bottom=0)
-    chunk_ax.legend(fontsize=8)
-    input_ax.plot(ns, [e["input_4k_ms"] for _, e in sizes], "o-")
-    input_ax.axhline(1.0, color="red", lw=0.8, ls=":", label="goal 1 ms")
-    input_ax.set(title="Input check, 4,000 characters", xlabel="rules", ylabel="ms", xscale="log")
-    input_ax.set_ylim(bottom=0)
-    input_ax.legend(fontsize=8)
-    compile_ax.plot(ns, [e["compile_s"] for _, e in sizes], "o-", label="compile (s)")
-    stalls = [(n, e["reload"]) for n, e in sizes if e.get("reload")]
-    if stalls:
-        gap_ax = compile_ax.twinx()
-        gap_ax.plot([n for n, _ in stalls], [r["max_gap_ms"] for _, r in stalls], "s--", color="C1")
-        gap_ax.set_ylabel("event-loop max gap during reload (ms)", color="C1")
-        gap_ax.set_ylim(bottom=0)
-    compile_ax.set(title="Compile / reload", xlabel="rules", ylabel="s", xscale="log")
-    fig.suptitle(f"Policies against the number of rules (load avg {data['machine']['loadavg_1m']:.1f})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    print(f"wrote {out}")
-    return out
-
-
-def plot_logwriter(out: Path = RESULTS / "logwriter.png") -> Path | None:
-    """bench/results/logwriter.json → completions/s of each writer variant, every pass shown."""
-    plt = _pyplot()
-    data = load_result("logwriter")
-    if plt is None or data is None or not data.get("variants"):
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    names = list(data["variants"])
-    for i, name in enumerate(names):
-        v = data["variants"][name]
-        ax.bar(i, v["per_s_median"], 0.6, label=None)
-        ax.plot([i] * len(v["per_s_passes"]), v["per_s_passes"], "k.", ms=6)
-    ax.axhline(20_000, color="red", lw=0.8, ls=":", label="goal 20k/s")
-    ax.set_xticks(range(len(names)), names)
-    ax.set(ylabel="completions/s (bar: median, dots: passes)")
-    ax.set_title(
-        f"Log writer, {data['params']['records']:,} records, AOF always (load avg {data['machine']['loadavg_1m']:.1f})",
-        fontsize=10,
-    )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    print(f"wrote {out}")
-    return out
-
-
-def plot_align_scale(out: Path = RESULTS / "align_scale.png") -> Path | None:
-    """bench/results/align_scale.json → dataset build time and memory, and whole align runs, against events."""
-    plt = _pyplot()
-    data = load_result("align_scale")
-    if plt is None or data is None:
-        return None
-    fig, (build_ax, run_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
-    builds = sorted((int(n), e) for n, e in data["build"].items())
-    ns = [n for n, _ in builds]
-    build_ax.plot(ns, [e["seconds"] for _, e in builds], "o-", label="seconds")
-    build_ax.set(title="Dataset build from Redis", xlabel="feedback events", ylabel="s", xscale="log", yscale="log")
-    mem_ax = build_ax.twinx()
-    mem_ax.plot(ns, [e["peak_mib"] for _, e in builds], "s--", color="C1")
-    mem_ax.set_ylabel("peak Python heap (MiB)", color="C1")
-    mem_ax.set_yscale("log")
-    runs = sorted((int(n), e) for n, e in data["runs"].items())
-    run_ax.plot(
-        [n for n, _ in runs], [e["wall_s"] for _, e in runs], "o-", label=f"wall s (max_steps {data['max_steps']})"
-    )
-    rss_ax = run_ax.twinx()
-    rss_ax.plot([n for n, _ in runs], [e["peak_rss_mib"] for _, e in runs], "s--", color="C1")
-    rss_ax.set_ylabel("peak RSS (MiB)", color="C1")
-    if goal := data.get("goal_run"):
-        run_ax.plot([goal["events"]], [goal["wall_s"]], "r*", ms=12, label="default schedule")
-        run_ax.axhline(120, color="red", lw=0.8, ls=":", label="goal 2 min")
-    run_ax.set(title="secondstage align run", xlabel="feedback events", ylabel="s", xscale="log")
-    run_ax.legend(fontsize=8)
-    fig.suptitle(f"Align against feedback (load avg {data['machine']['loadavg_1m']:.1f})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    print(f"wrote {out}")
-    return out

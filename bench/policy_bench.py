@@ -257,9 +257,9 @@ def main() -> None:
     console.print(t)
     console.print(f"per-chunk cost at {max(sizes)} rules / at {min(sizes)} rules: x{results['flatness']}")
     console.print(f"wrote {write_result('policy_bench', results)}")
-    from bench.plot import plot_policy
+    from bench.plot import plot
 
-    plot_policy()
+    plot(["policy_bench"])
 
 
 if __name__ == "__main__":

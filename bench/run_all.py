@@ -59,7 +59,10 @@ def summary() -> list[str]:
             f"{st['failed']} failed, {st['mixed']} mixed, {st['mismatched']} mismatched"
         )
     if cl := load_result("closed_loop"):
-        curve = " → ".join(f"{r['heldout_rate']:.0%}" for r in cl["rounds"])
+        curve = " → ".join(
+            f"{r['heldout_rate']:.0%}" + (f" (kept {r['content_kept']:.0%})" if "content_kept" in r else "")
+            for r in cl["rounds"]
+        )
         events = [r["feedback_events"] for r in cl["rounds"][1:]]
         lines.append(f"closed loop: held-out preferred {curve} (feedback/round {events}, {cl['total_s']:.0f}s)")
     if (pb := load_result("policy_bench")) and pb.get("sizes"):

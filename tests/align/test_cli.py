@@ -78,7 +78,7 @@ def test_export_writes_trl_jsonl_without_consuming(env: AlignSettings, server: S
             "rejected": [{"role": "assistant", "content": "Green."}],
         }
     ]
-    assert kto[0]["label"] is False
+    assert kto == []  # a thumbs-down with a correction trains only as the pair (align/datasets.py)
     # Export only looks: the feedback is still there for `align run`.
     assert not client.exists(keys.policy_pairs)
     assert client.xinfo_stream(keys.feedback)["groups"] == 0

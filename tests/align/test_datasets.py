@@ -86,11 +86,33 @@ def test_correction_becomes_dpo_pair_against_the_answered_choice() -> None:
     assert data.summary()["dpo_correction"] == 1
 
 
-def test_correction_with_thumbs_down_gives_both_rows() -> None:
+def test_correction_with_thumbs_down_trains_only_as_the_pair() -> None:
+    # An undesirable KTO row would push down the whole answer, the content the correction kept included.
     rec = completion("Green.")
     data = build_datasets(FeedbackBatch(feedback=[item("a", rec, thumbs="down", correction="Blue.")]))
-    assert len(data.dpo_rows) == 1 and len(data.kto_rows) == 1
-    assert data.usable == 2
+    assert len(data.dpo_rows) == 1 and data.kto_rows == []
+    assert data.usable == 1 and data.feedback_ids == ["a"]
+    assert data.summary()["kto_covered_by_correction"] == 1
+
+
+def test_correction_with_thumbs_down_gives_both_rows_when_asked() -> None:
+    rec = completion("Green.")
+    batch = FeedbackBatch(feedback=[item("a", rec, thumbs="down", correction="Blue."), item("b", rec, thumbs="down")])
+    data = build_datasets(batch, kto_on_corrected=True)
+    assert len(data.dpo_rows) == 1 and len(data.kto_rows) == 1  # the identical thumbs-down row is kept once
+    assert "kto_covered_by_correction" not in data.summary()
+
+
+def test_thumbs_up_with_correction_keeps_its_desirable_row() -> None:
+    rec = completion("Blue.")
+    data = build_datasets(FeedbackBatch(feedback=[item("a", rec, thumbs="up", correction="Blue!")]))
+    assert len(data.dpo_rows) == 1 and [r["label"] for r in data.kto_rows] == [True]
+
+
+def test_thumbs_down_without_correction_is_still_undesirable() -> None:
+    rec = completion("You fool.")
+    data = build_datasets(FeedbackBatch(feedback=[item("a", rec, thumbs="down", correction="  ")]))
+    assert [r["label"] for r in data.kto_rows] == [False] and data.dpo_rows == []
 
 
 def test_preferred_choice_pairs_against_each_other_choice() -> None:
@@ -146,8 +168,14 @@ def test_skips_from_reading_are_reported() -> None:
 
 
 def test_export_writes_jsonl_that_datasets_loads(tmp_path: Path) -> None:
-    rec = completion("Green.")
-    data = build_datasets(FeedbackBatch(feedback=[item("a", rec, thumbs="down", correction="Blue.")]))
+    data = build_datasets(
+        FeedbackBatch(
+            feedback=[
+                item("a", completion("Green."), correction="Blue."),
+                item("b", completion("Green."), thumbs="down"),
+            ]
+        )
+    )
     paths = export_jsonl(data, tmp_path / "out")
     lines = paths["dpo"].read_text().splitlines()
     assert [json.loads(x) for x in lines] == data.dpo_rows

@@ -1,0 +1,254 @@
+"""Which align setting does what: the closed loop's simulated user, replayed offline under several align configurations.
+
+    .venv/bin/python -m bench.align_ablation [--rounds 1] [--preference house-style] [--config NAME ...]
+
+No server: answers come from transformers' greedy decoding of the demo model (plus the adapter being trained),
+so one configuration's round costs one training run and two generation passes (~1-2 min here), where a
+closed-loop round also starts and swaps a vLLM engine. Each round: generate answers to the training prompts →
+the simulated user's feedback (thumbs up when it likes the answer, else thumbs down with a correction), made into
+typed feedback/completion records → `align.datasets.build_datasets` → `align.train.train_adapter` (the same code
+`secondstage align run` runs; the next round continues from this adapter, as the job continues from the parent) →
+answer the held-out prompts. Per round: preferred rate, base content kept (the held-out answer equals the base
+model's answer in the preferred form), degeneration (no end of turn within max_tokens, or a repeated word
+loop). Configurations are AlignSettings overrides (CONFIGS below); the prompts, preferences and figures are the
+closed loop's (bench/closed_loop.py), so the two benches measure the same thing. Writes
+bench/results/align_ablation.json.
+
+What it does not show: vLLM's answers can differ from transformers' in the last digits (the closed loop is the
+figure of record), and nothing here goes through Redis, policies or the gate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from align.datasets import build_datasets
+from align.feedback import FeedbackBatch, FeedbackItem
+from align.settings import AlignSettings
+from align.train import load_base, load_tokenizer, train_adapter
+from bench.closed_loop import (
+    PREFERENCES,
+    Preference,
+    all_prompts,
+    correction,
+    degenerate,
+    instructions_message,
+    likes,
+    load_preference,
+    split_prompts,
+)
+from bench.harness import DEMO, ensure_demo_model
+from bench.results import write_result
+from core.records import ChoiceRecord, CompletionRecord, FeedbackRecord, Message, Usage
+
+console = Console(width=130)
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    # The defaults before issue 9: lr 2e-3, 6 DPO epochs, a KTO row from every thumbs-down, no replay.
+    "old-defaults": {"learning_rate": 2e-3, "epochs": 6.0, "kto_epochs": 2.0, "kto_on_corrected": True},
+    # Only the dataset change: a thumbs-down that comes with a correction trains only as the DPO pair.
+    "no-kto-dup": {"learning_rate": 2e-3, "epochs": 6.0, "kto_epochs": 2.0},
+    # Only the step size: lower learning rate, fewer passes.
+    "low-lr": {"learning_rate": 5e-4, "epochs": 3.0, "kto_on_corrected": True},
+    # Both: no KTO row beside a correction, and the lower step size.
+    "no-kto-dup+low-lr": {"learning_rate": 5e-4, "epochs": 3.0},
+    # …and a larger β: DPO's sigmoid saturates after a margin of ~3/β nats, so it stops pushing the rejected answer
+    # (the model's own content) down much sooner; the SFT term does the teaching.
+    "no-kto-dup+low-lr+beta": {"learning_rate": 5e-4, "epochs": 3.0, "beta": 0.5},
+    # The preference term at a tenth: the SFT term (on the corrections) does most of the teaching.
+    "no-kto-dup+low-lr+dpo0.1": {"learning_rate": 5e-4, "epochs": 3.0, "dpo_weight": 0.1},
+    # Length-normalised preference term (per-token margin, like the SFT term's per-token mean).
+    "no-kto-dup+low-lr+norm": {"learning_rate": 5e-4, "epochs": 3.0, "dpo_loss": "sigmoid_norm", "beta": 2.0},
+    # The current defaults (align/settings.py), whatever they are.
+    "defaults": {},
+}
+"""Per configuration: AlignSettings overrides, plus `kto_on_corrected` (build_datasets' switch) and `replay` (that
+many KTO-desirable rows from the current model's own answers to other prompts, as unrated traffic in the log)."""
+HARNESS_KEYS = ("kto_on_corrected", "replay")
+
+
+def _record(prompt: list[dict[str, str]], text: str, finish: str, tokens: int) -> CompletionRecord:
+    return CompletionRecord(
+        id=f"cmpl-{uuid.uuid4().hex}",
+        created=time.time(),
+        model="demo",
+        version="bench",
+        status="ok",
+        messages=[Message(role=m["role"], content=m["content"]) for m in prompt],  # type: ignore[arg-type]
+        choices=[ChoiceRecord(index=0, text=text, finish_reason=finish, completion_tokens=tokens)],  # type: ignore[arg-type]
+        usage=Usage(completion_tokens=tokens),
+        latency_s=0.0,
+    )
+
+
+class Generator:
+    """Greedy answers from the demo model, with an adapter or without (transformers; batched, left-padded)."""
+
+    def __init__(self, model_path: str, max_tokens: int) -> None:
+        self.tokenizer = load_tokenizer(model_path)
+        self.tokenizer.padding_side = "left"
+        self.model_path = model_path
+        self.max_tokens = max_tokens
+        self.system = instructions_message()
+
+    def messages(self, prompt: str) -> list[dict[str, str]]:
+        return [*self.system, {"role": "user", "content": prompt}]
+
+    def answer(self, prompts: list[str], adapter: Path | None) -> list[tuple[str, str, int]]:
+        import torch
+        from peft import PeftModel
+
+        model = load_base(self.model_path)
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, str(adapter))
+        model.eval()
+        texts = [
+            self.tokenizer.apply_chat_template(self.messages(p), tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+        out: list[tuple[str, str, int]] = []
+        eos = self.tokenizer.eos_token_id
+        for i in range(0, len(texts), 16):
+            enc = self.tokenizer(texts[i : i + 16], return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                gen = model.generate(
+                    **enc, max_new_tokens=self.max_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos
+                )
+            for row in gen[:, enc["input_ids"].shape[1] :].tolist():
+                stopped = eos in row
+                row = row[: row.index(eos)] if stopped else row
+                text = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+                out.append((text, "stop" if stopped else "length", len(row)))
+        return out
+
+
+def feedback_batch(
+    gen: Generator,
+    prompts: list[str],
+    answers: list[tuple[str, str, int]],
+    pref: Preference,
+    reference: dict[str, str],
+) -> tuple[FeedbackBatch, int]:
+    """The (content-aware) simulated user's feedback on `answers`, as the typed items align's reader would return."""
+    batch = FeedbackBatch()
+    liked = 0
+    for prompt, (text, finish, tokens) in zip(prompts, answers, strict=True):
+        completion = _record(gen.messages(prompt), text, finish, tokens)
+        if likes(pref, prompt, text, reference):
+            liked += 1
+            fb = FeedbackRecord(id=uuid.uuid4().hex, completion_id=completion.id, created=time.time(), thumbs="up")
+        else:
+            fb = FeedbackRecord(
+                id=uuid.uuid4().hex,
+                completion_id=completion.id,
+                created=time.time(),
+                thumbs="down",
+                correction=correction(pref, prompt, text, reference),
+            )
+        batch.feedback.append(FeedbackItem(fb.id, "0-0", completion.id, fb, completion, "sim"))
+    return batch, liked
+
+
+def score(
+    prompts: list[str], answers: list[tuple[str, str, int]], wanted: dict[str, str], pref: Preference
+) -> dict[str, float]:
+    n = len(answers)
+    return {
+        "preferred": sum(pref.prefers(p, a[0]) for p, a in zip(prompts, answers, strict=True)) / n,
+        "content_kept": sum(a[0] == wanted[p] for p, a in zip(prompts, answers, strict=True)) / n,
+        "degenerate": sum(degenerate(a[0], a[1]) for a in answers) / n,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--train", type=int, default=48)
+    p.add_argument("--heldout", type=int, default=40)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--preference", default="house-style", help=f"one of {', '.join(PREFERENCES)} or module:Class")
+    p.add_argument("--config", action="append", help=f"configurations to run (default all: {', '.join(CONFIGS)})")
+    p.add_argument("--set", action="append", default=[], help="extra KEY=VALUE AlignSettings override for all")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    pref = load_preference(args.preference)
+    train, heldout = split_prompts(args.train, args.heldout, args.seed)
+    ensure_demo_model()
+    gen = Generator(str(DEMO), args.max_tokens)
+    background = [q for q in all_prompts() if q not in set(train) | set(heldout)]
+    base_heldout = gen.answer(heldout, None)
+    base_train = gen.answer(train, None)
+    wanted = {q: pref.improve(q, a[0]) for q, a in zip(heldout, base_heldout, strict=True)}
+    reference = {q: a[0] for q, a in zip(train, base_train, strict=True)}
+    extra = dict(kv.split("=", 1) for kv in args.set)
+    results: dict[str, Any] = {}
+    for name in args.config or list(CONFIGS):
+        overrides = {**CONFIGS[name], **extra}
+        kto_on_corrected = bool(overrides.get("kto_on_corrected", False))
+        replay = int(overrides.get("replay", 0))
+        settings = AlignSettings(model_path=str(DEMO), **{k: v for k, v in overrides.items() if k not in HARNESS_KEYS})
+        rounds = [{"round": 0, **score(heldout, base_heldout, wanted, pref), "events": 0, "seconds": 0.0}]
+        parent: Path | None = None
+        answers = base_train
+        with tempfile.TemporaryDirectory(prefix="ablation-") as tmp:
+            for r in range(1, args.rounds + 1):
+                t0 = time.monotonic()
+                batch, _ = feedback_batch(gen, train, answers, pref, reference)
+                data = build_datasets(batch, kto_on_corrected=kto_on_corrected)
+                if replay:
+                    others = background[(r - 1) * replay : r * replay]
+                    for q, (text, _, _) in zip(others, gen.answer(others, parent), strict=True):
+                        data.kto_rows.append(
+                            {
+                                "prompt": gen.messages(q),
+                                "completion": [{"role": "assistant", "content": text}],
+                                "label": True,
+                            }
+                        )
+                        data.counts["kto_replay"] += 1
+                trained = train_adapter(settings, data, Path(tmp) / f"r{r}", parent_adapter=parent, console=console)
+                parent = trained.adapter_dir
+                held = gen.answer(heldout, parent)
+                rounds.append(
+                    {
+                        "round": r,
+                        **score(heldout, held, wanted, pref),
+                        "events": len(batch.feedback),
+                        "rows": data.summary(),
+                        "seconds": round(time.monotonic() - t0, 1),
+                        "samples": [a[0] for a in held[:4]],
+                    }
+                )
+                console.print(f"[bold]{name}[/] round {r}: {rounds[-1]}")
+                answers = gen.answer(train, parent) if r < args.rounds else answers
+        results[name] = {"overrides": overrides, "rounds": rounds}
+
+    t = Table(title=f"Align ablation: {args.preference!r}, {len(train)} train / {len(heldout)} held-out prompts")
+    for col in ("config", "round", "preferred", "content kept", "degenerate", "events", "s"):
+        t.add_column(col, justify="left" if col == "config" else "right")
+    for name, res in results.items():
+        for x in res["rounds"]:
+            t.add_row(
+                name,
+                str(x["round"]),
+                f"{x['preferred']:.0%}",
+                f"{x['content_kept']:.0%}",
+                f"{x['degenerate']:.0%}",
+                str(x["events"]),
+                f"{x['seconds']:.0f}",
+            )
+    console.print(t)
+    path = write_result(f"align_ablation_{args.preference}", {"params": vars(args), "configs": results})
+    console.print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
