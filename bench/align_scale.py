@@ -14,7 +14,7 @@ them (typed records, completion lookup keys). Then:
    schedule (6 epochs over every pair) would take hours at 10,000 rows, and what this run measures is how the
    rest of the run scales (reading, tokenising, the gate);
 3. `--goal-events` (200) with the default training schedule: feedback → gated version, the issue's ≤ 2 min
-   goal (full mode only; --quick caps its steps like the others).
+   goal (full mode only). --quick: the build at 100 and 1,000 events and one run at 100 events, 2 steps.
 
 Prints tables; writes bench/results/align_scale.json and bench/results/align_scale.png. Figures only.
 """
@@ -163,15 +163,18 @@ def align_run(url: str, prefix: str, var_dir: Path, model: Path, env_extra: dict
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="sizes 100 and 200, 5 steps, one pass, no default-schedule run")
+    p.add_argument(
+        "--quick", action="store_true", help="build at 100 and 1,000 events, one align run (100 events, 2 steps)"
+    )
     p.add_argument("--sizes", default=None, help="comma-separated feedback counts (default 100,1000,10000)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps per phase in the scaling runs (10)")
     p.add_argument("--passes", type=int, default=None, help="alternating passes of the dataset build (2)")
     p.add_argument("--goal-events", type=int, default=200, help="events of the default-schedule run (0: skip)")
     p.add_argument("--timeout", type=float, default=1500, help="seconds one align run may take")
     args = p.parse_args()
-    sizes = [int(s) for s in (args.sizes or ("100,200" if args.quick else "100,1000,10000")).split(",")]
-    steps = args.max_steps or (5 if args.quick else 10)
+    sizes = [int(s) for s in (args.sizes or ("100,1000" if args.quick else "100,1000,10000")).split(",")]
+    steps = args.max_steps or (2 if args.quick else 10)
+    run_sizes = [min(sizes)] if args.quick else sizes
     passes = args.passes or (1 if args.quick else 2)
     goal = 0 if args.quick else args.goal_events
     if min(sizes) < 4 or steps < 1 or passes < 1:
@@ -184,7 +187,10 @@ def main() -> None:
         with PrivateRedis(work / "redis") as server:
             client = redis.Redis.from_url(server.url)
             for n in sorted({*sizes, *([goal] if goal else [])}):
-                for tag in ("build", "run", *(["goal"] if n == goal else [])):
+                tags = ["build"] if n in sizes else []
+                tags += ["run"] if n in run_sizes else []
+                tags += ["goal"] if n == goal else []
+                for tag in tags:
                     write_feedback(client, Keys(f"{tag}{n}"), n)
             console.print(f"wrote feedback for sizes {sizes} (+ {goal} for the default-schedule run)")
 
@@ -206,7 +212,7 @@ def main() -> None:
                     "kto_rows": runs[0]["kto_rows"],
                 }
 
-            for n in sizes:
+            for n in run_sizes:
                 console.print(f"align run on {n} events (max_steps {steps}) ...")
                 r = align_run(
                     server.url, f"run{n}", work / f"var-run{n}", model, {"SECONDSTAGE_MAX_STEPS": str(steps)},
@@ -241,7 +247,7 @@ def main() -> None:
     t = Table(title=f"`secondstage align run` (max_steps {steps} per phase; the goal run: default schedule)")
     for col in ("events", "outcome", "gate", "wall s", "peak RSS MiB"):
         t.add_column(col, justify="right")
-    rows = [(str(n), results["runs"][str(n)]) for n in sizes]
+    rows = [(str(n), results["runs"][str(n)]) for n in run_sizes]
     if "goal_run" in results:
         rows.append((f"{goal} (default)", results["goal_run"]))
     for label, r in rows:
