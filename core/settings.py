@@ -52,7 +52,9 @@ class CommonSettings(BaseSettings):
     redis_maxmemory: str = Field(
         default="1gb",
         description="Memory cap of the private Redis (redis-server's `maxmemory`, e.g. 512mb, 2gb). Past it, "
-        "writes are refused (policy noeviction) and serve spools records to disk; nothing is evicted silently.",
+        "writes are refused (policy noeviction) and serve spools records to disk; nothing is evicted silently. "
+        "Size it from bench/logwriter: a completion costs ~3.6 KB (stream entry + lookup key), so 1gb holds "
+        "~280k completions; keep stream_maxlen × 3.6 KB under it.",
     )
     retention_days: float = Field(
         default=30.0,
@@ -61,10 +63,12 @@ class CommonSettings(BaseSettings):
         "trimmed (XTRIM MINID, approximate) and each completion's lookup key expires after it (TTL).",
     )
     stream_maxlen: int = Field(
-        default=1_000_000,
+        default=250_000,
         ge=1,
         description="Most entries kept per record stream (completions, feedback, policy pairs): older ones are "
-        "trimmed on append (XADD MAXLEN ~, so a stream may briefly hold a little more).",
+        "trimmed on append (XADD MAXLEN ~, so a stream may briefly hold a little more). The default fits the "
+        "private Redis' default 1gb maxmemory (~3.6 KB per completion, measured by bench/logwriter); raise both "
+        "together (e.g. 1,000,000 with 4gb).",
     )
     policies_dir: Path = Field(
         default=Path("policies"),
