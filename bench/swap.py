@@ -301,7 +301,8 @@ def main() -> None:
                 idle_acts: list[tuple[float, str]] = []
                 idle = asyncio.run(idle_swaps(server.url, registry, idle_order, idle_acts))
                 console.print(f"under load: {args.clients} streaming clients, {args.swaps} swaps ...")
-                load_order = [cycle[(i + 1) % len(cycle)] for i in range(args.swaps)]
+                # Continue the cycle where the idle swaps left it: every activation is a real switch.
+                load_order = [cycle[(args.idle_swaps + i) % len(cycle)] for i in range(args.swaps)]
                 load_acts: list[tuple[float, str]] = []
                 streams, timeline, loaded, switched = asyncio.run(
                     swaps_under_load(
