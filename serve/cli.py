@@ -130,6 +130,10 @@ def serve(
         log_level=log_level,
         log_config=config,
         access_log=False,  # serve/logs.py writes the access lines (with request id, version and latency)
+        # The standard asyncio loop, not uvloop (uvicorn's default when installed): under uvloop a stream's
+        # chunks often reached the socket all at once at the end (a raw-socket client saw 55 chunks in one recv
+        # after 166-238 ms; with asyncio the first bytes left after 30-78 ms; bench/serving.py, README).
+        loop="asyncio",
     )
 
 

@@ -2,6 +2,10 @@
 
 Routers take what they need from here instead of reaching into `app.state`;
 everything here is built once in the app factory's lifespan.
+
+The accessors are `async def` on purpose: FastAPI runs a plain `def` dependency in its thread pool, a
+thread hop per dependency per request — py-spy put 26-43% of the API process' samples in those worker
+threads under load (bench/serving.py, README Performance).
 """
 
 from __future__ import annotations
@@ -25,45 +29,45 @@ from serve.services.feedback import FeedbackService
 from serve.settings import ServeSettings
 
 
-def _chat(request: Request) -> ChatService:
+async def _chat(request: Request) -> ChatService:
     return request.app.state.chat  # type: ignore[no-any-return]
 
 
-def _completions(request: Request) -> CompletionService:
+async def _completions(request: Request) -> CompletionService:
     return request.app.state.completions  # type: ignore[no-any-return]
 
 
-def _feedback(request: Request) -> FeedbackService:
+async def _feedback(request: Request) -> FeedbackService:
     service = getattr(request.app.state, "feedback", None)
     if service is None:
         raise Unavailable("feedback needs completion logging; this server runs with SECONDSTAGE_LOGGING_ENABLED=false")
     return service  # type: ignore[no-any-return]
 
 
-def _engine(request: Request) -> ModelEngine:
+async def _engine(request: Request) -> ModelEngine:
     return request.app.state.engine  # type: ignore[no-any-return]
 
 
-def _policy(request: Request) -> PolicyEngine:
+async def _policy(request: Request) -> PolicyEngine:
     engine = getattr(request.app.state, "policy", None)
     if engine is None:
         raise NotFound("policies are disabled on this server (SECONDSTAGE_POLICIES_ENABLED=false)")
     return engine  # type: ignore[no-any-return]
 
 
-def _settings(request: Request) -> ServeSettings:
+async def _settings(request: Request) -> ServeSettings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def _metrics(request: Request) -> Metrics:
+async def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics  # type: ignore[no-any-return]
 
 
-def _started(request: Request) -> float:
+async def _started(request: Request) -> float:
     return request.app.state.started  # type: ignore[no-any-return]
 
 
-def _redis_supervisor(request: Request) -> RedisSupervisor | None:
+async def _redis_supervisor(request: Request) -> RedisSupervisor | None:
     return getattr(request.app.state, "redis_supervisor", None)
 
 
