@@ -85,6 +85,13 @@ class AlignSettings(CommonSettings):
         default=None, gt=0.0, description="Learning rate of the KTO phase; unset = learning_rate."
     )
     max_steps: int = Field(default=0, ge=0, description="Optimizer steps per phase; 0 = derive from epochs.")
+    min_dpo_steps: int = Field(
+        default=64,
+        ge=0,
+        description="Fewest optimizer steps of the DPO phase when they are derived from epochs: a handful of "
+        "corrections at the small default learning rate would otherwise move the model too little to show in its "
+        "answers (8 pairs × 3 epochs is 12 steps). Not applied to KTO, whose undesirable rows push answers down.",
+    )
     batch_size: int = Field(default=2, ge=2, description="Rows per step (KTO needs ≥ 2 for its KL estimate).")
     beta: float = Field(default=0.1, gt=0.0, description="DPO/KTO β: how far the policy may move from the reference.")
     sft_weight: float = Field(

@@ -190,6 +190,14 @@ def dpo_losses(settings: AlignSettings) -> tuple[list[str], list[float]]:
     return losses, weights
 
 
+def dpo_steps(settings: AlignSettings, pairs: int) -> int:
+    """DPOConfig.max_steps: settings.max_steps when set, else -1 (epochs decide) unless that is < min_dpo_steps."""
+    if settings.max_steps > 0:
+        return settings.max_steps
+    from_epochs = math.ceil(math.ceil(pairs / settings.batch_size) * settings.epochs)
+    return settings.min_dpo_steps if from_epochs < settings.min_dpo_steps else -1
+
+
 def _train_dpo(
     settings: AlignSettings,
     model: Any,
@@ -206,8 +214,10 @@ def _train_dpo(
         f"{settings.dpo_weight}, sft_weight={settings.sft_weight})"
     )
     losses, weights = dpo_losses(settings)
+    common = _common_args(settings, work_dir, settings.epochs, settings.learning_rate)
+    common["max_steps"] = dpo_steps(settings, len(dataset))
     args = DPOConfig(
-        **_common_args(settings, work_dir, settings.epochs, settings.learning_rate),
+        **common,
         beta=settings.beta,
         loss_type=losses,
         loss_weights=weights,

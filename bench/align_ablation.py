@@ -67,6 +67,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "no-kto-dup+low-lr+dpo0.1": {"learning_rate": 5e-4, "epochs": 3.0, "dpo_weight": 0.1},
     # Length-normalised preference term (per-token margin, like the SFT term's per-token mean).
     "no-kto-dup+low-lr+norm": {"learning_rate": 5e-4, "epochs": 3.0, "dpo_loss": "sigmoid_norm", "beta": 2.0},
+    # Rehearsal: 24 of the current model's own answers to other prompts as KTO-desirable rows (not measured yet).
+    "defaults+replay24": {"replay": 24},
     # The current defaults (align/settings.py), whatever they are.
     "defaults": {},
 }

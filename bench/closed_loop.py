@@ -139,7 +139,7 @@ def degenerate(text: str, finish_reason: str | None) -> bool:
     if finish_reason == "length":
         return True
     words = text.split()
-    for n in (1, 2, 3):
+    for n in range(1, 9):  # up to 8-word phrases: a repeated sign-off sentence is a loop too
         for i in range(len(words) - 3 * n + 1):
             if words[i : i + n] == words[i + n : i + 2 * n] == words[i + 2 * n : i + 3 * n]:
                 return True
@@ -320,7 +320,9 @@ def main() -> None:
     p.add_argument("--stop-at", type=float, default=0.9, help="stop once the held-out preferred rate reaches this…")
     p.add_argument("--keep-at", type=float, default=0.8, help="…and the held-out content kept reaches this")
     p.add_argument("--seed", type=int, default=0, help="train/held-out split seed")
-    p.add_argument("--align-timeout", type=float, default=900, help="seconds one align run may take")
+    p.add_argument(
+        "--align-timeout", type=float, default=2400, help="seconds one align run may take (14 min seen under load)"
+    )
     p.add_argument(
         "--align-env", action="append", default=[], metavar="NAME=VALUE", help="align setting for `align run`"
     )

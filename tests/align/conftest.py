@@ -54,8 +54,10 @@ def settings(redis_server: PrivateRedis, tmp_path: Path) -> AlignSettings:
 
 @pytest.fixture
 def train_settings(settings: AlignSettings, tiny_model: Path) -> AlignSettings:
-    """`settings` on the tiny model, with a short, strong training schedule."""
-    return settings.model_copy(update={"model": str(tiny_model), "learning_rate": 5e-3, "epochs": 3.0})
+    """`settings` on the tiny model, with a short, strong training schedule (epochs decide the steps)."""
+    return settings.model_copy(
+        update={"model": str(tiny_model), "learning_rate": 5e-3, "epochs": 3.0, "min_dpo_steps": 0}
+    )
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from align.settings import AlignSettings
-from align.train import TrainError, dpo_losses
+from align.train import TrainError, dpo_losses, dpo_steps
 
 
 def settings(**kw: object) -> AlignSettings:
@@ -38,3 +38,10 @@ def test_an_unknown_loss_type_is_refused() -> None:
         settings(dpo_loss="sft")
     with pytest.raises(ValueError, match="dpo_loss"):
         settings(dpo_loss="nonsense")
+
+
+def test_few_pairs_train_at_least_min_dpo_steps() -> None:
+    assert dpo_steps(settings(), 8) == 64  # 4 batches × 3 epochs = 12 < 64
+    assert dpo_steps(settings(), 48) == -1  # 24 × 3 = 72 ≥ 64: the epochs decide
+    assert dpo_steps(settings(min_dpo_steps=0), 8) == -1
+    assert dpo_steps(settings(max_steps=5), 8) == 5  # an explicit step count wins
