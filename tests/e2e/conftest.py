@@ -29,11 +29,14 @@ class Server:
     log: Path
     policies: Path
 
-    def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        """Run `secondstage ARGS` against this server's Redis and var/ (as an operator would)."""
+    def cli(
+        self, *args: str, timeout: float = 600, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `secondstage ARGS` against this server's Redis and var/ (as an operator would); `env` adds to
+        the server's environment."""
         return subprocess.run(
             [sys.executable, "-m", "core.cli", *args],
-            env=self.env,
+            env={**self.env, **(env or {})},
             cwd=ROOT,
             capture_output=True,
             text=True,
