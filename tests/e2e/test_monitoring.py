@@ -141,7 +141,10 @@ def align_round(server: Server, gateway: str, sent: list[str]) -> None:
         assert time.monotonic() < deadline, f"{len(set(sent) - stored)} feedback events never reached Redis"
         time.sleep(0.2)
     client.close()
-    aligner = dataclasses.replace(server, env={**server.env, "SECONDSTAGE_PUSHGATEWAY_URL": gateway})
+    # The Align panels need a published run; one round that teaches the style can break a few demo-model facts,
+    # which the default gate refuses (as tests/e2e/test_loop.py explains), so regression and drift are lenient.
+    lenient = {"SECONDSTAGE_GATE_MAX_REGRESSIONS": "19", "SECONDSTAGE_GATE_MAX_DRIFT_NATS": "5"}
+    aligner = dataclasses.replace(server, env={**server.env, **lenient, "SECONDSTAGE_PUSHGATEWAY_URL": gateway})
     run = aligner.cli("align", "run", "--json", timeout=1200)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     report = json.loads(run.stdout)
