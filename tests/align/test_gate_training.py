@@ -107,7 +107,8 @@ def test_an_update_that_breaks_the_model_is_refused_and_a_sane_one_published(
     assert events.get_message(timeout=1) is None
     assert pending(client, keys) == len(STYLE)  # every entry, held-out ones too, waits for the next run
 
-    sane = demo_settings.model_copy(update={"learning_rate": 2e-4, "max_steps": 6})
+    # Activated at once (no canary): this test is about the gate, tests/align/test_canary_publish.py the canary.
+    sane = demo_settings.model_copy(update={"learning_rate": 2e-4, "max_steps": 6, "canary_enabled": False})
     result = run_once(sane, console=QUIET, client=client)
     print(f"sane LR: {result.status} in {result.duration_s:.0f}s (gate {result.gate.get('duration_s')}s)")
     for name, check in result.gate.get("checks", {}).items():

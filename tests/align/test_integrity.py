@@ -111,7 +111,8 @@ def test_a_correction_containing_a_secret_never_appears_in_a_training_row(
         ]
     )
     assert data.counts["correction_redacted"] == len(LEAKY_CORRECTIONS)
-    assert len(data.kto_rows) == len(LEAKY_CORRECTIONS)  # the thumbs still count
+    # Each thumbs-down came with a correction: its (redacted) DPO pair stands for it, no KTO row beside it.
+    assert data.kto_rows == [] and data.counts["kto_covered_by_correction"] == len(LEAKY_CORRECTIONS)
 
 
 def test_feedback_export_writes_no_secret(
@@ -283,6 +284,10 @@ def test_align_killed_between_publish_and_acknowledge_does_not_retrain_that_feed
         "SECONDSTAGE_EPOCHS": str(settings.epochs),
         "SECONDSTAGE_POLICIES_DIR": str(POLICIES),
         "SECONDSTAGE_LOCK_TTL_S": "10",  # the killed run cannot release its lock: let it expire soon
+        # As train_settings: nothing held out (random completion ids would split unpredictably), the steps
+        # the epochs give.
+        "SECONDSTAGE_HELDOUT_SHARE": str(settings.heldout_share),
+        "SECONDSTAGE_MIN_DPO_STEPS": str(settings.min_dpo_steps),
     }
     first_ids = seed_corrections(server)
     killed = subprocess.run(

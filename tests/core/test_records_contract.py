@@ -174,8 +174,10 @@ def test_serve_writes_what_align_reads(app: TestClient, rc: redis.Redis, setting
         {"role": "system", "content": "Answer briefly."},
         {"role": "user", "content": "What colour is the sky?"},
     ]
+    # The sky's thumbs-down came with a correction: its DPO pair says what was wrong, no KTO row beside it
+    # (align/datasets.py: an undesirable row would push the whole answer down, correct content included).
+    assert data.counts["kto_covered_by_correction"] == 1
     assert data.kto_rows == [
-        {"prompt": sky_prompt, "completion": [{"role": "assistant", "content": "The sky is green."}], "label": False},
         {
             "prompt": [
                 {"role": "system", "content": "Answer briefly."},
@@ -189,6 +191,7 @@ def test_serve_writes_what_align_reads(app: TestClient, rc: redis.Redis, setting
         ("The sky is blue.", "The sky is green."),
         ("Write to [EMAIL] today.", "Write to [withheld] today."),
     ]
+    assert data.dpo_rows[0]["prompt"] == sky_prompt
     assert sorted(data.feedback_ids) == sorted(item.id for item in batch.feedback)
     assert data.policy_pair_ids == [f"pp-{mail_id}-0"]
 
