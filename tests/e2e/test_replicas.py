@@ -237,7 +237,14 @@ def _scenario(
     )
     run = subprocess.run(
         [sys.executable, "-m", "core.cli", "align", "run"],
-        env={**a.env, "SECONDSTAGE_CANARY_ENABLED": "false"},  # for everyone at once; test_canary.py: canaries
+        env={
+            **a.env,
+            "SECONDSTAGE_CANARY_ENABLED": "false",  # for everyone at once; test_canary.py: canaries
+            # One round that teaches the style breaks a few demo-model facts, which the default gate refuses
+            # (test_loop.py explains; test_gate_live.py proves the refusal): lenient on regression and drift here.
+            "SECONDSTAGE_GATE_MAX_REGRESSIONS": "19",
+            "SECONDSTAGE_GATE_MAX_DRIFT_NATS": "5",
+        },
         cwd=ROOT,
         capture_output=True,
         text=True,
