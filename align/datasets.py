@@ -57,7 +57,8 @@ class AlignData:
     dpo_rows: list[dict[str, Any]] = field(default_factory=list)
     kto_rows: list[dict[str, Any]] = field(default_factory=list)
     feedback_ids: list[str] = field(default_factory=list)
-    """Feedback ids that produced at least one row."""
+    """Feedback ids this version consumed: those that produced at least one row, and votes the same identity's
+    later feedback on the same choice superseded (never trained, but never to be trained later either)."""
     policy_pair_ids: list[str] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
 
@@ -150,6 +151,7 @@ def build_datasets(batch: FeedbackBatch, *, kto_on_corrected: bool = False) -> A
     for item in batch.feedback:
         if builder.feedback(item):
             builder.data.feedback_ids.append(item.id)
+    builder.data.feedback_ids.extend(fid for fid, _ in batch.superseded)
     for pair_item in batch.policy_pairs:
         pair = pair_item.pair
         if builder.dpo(_messages(pair.prompt), pair.chosen, pair.rejected, "policy"):

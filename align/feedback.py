@@ -15,7 +15,10 @@ Entries are decoded into the typed records of core/records.py (`FeedbackRecord`,
 Logging is at-least-once, so entries are deduplicated by their `id`. Feedback whose completion record is gone (or
 unreadable) is skipped and counted. At most `max_rows_per_user` feedback entries per identity (the API key that
 posted them, never the client-set `user`) are taken in one run; the rest stay pending for later runs, so one
-identity cannot dominate a version.
+identity cannot dominate a version. One identity has one vote per completion choice: when it sent several
+feedback records with a signal (thumbs, rating, correction, preferred choice) on the same choice, the latest one
+(stream order) is taken and the earlier ones are skipped as
+`superseded` — a client that changes its mind, or one that repeats a thumbs-down to weigh it more, counts once.
 
 Two guards make what reaches training trustworthy:
 
@@ -86,16 +89,23 @@ class FeedbackBatch:
     """Stream key → entry ids delivered through the group, to XACK once the run is published."""
     skipped: Counter[str] = field(default_factory=Counter)
     """Why entries were left out: duplicate, malformed, missing_completion, malformed_completion, user_cap and
-    completion_pending (both deferred to a later run), already_trained (a published version used it), and
-    correction_blocked (the correction only: a block rule stopped it)."""
+    completion_pending (both deferred to a later run), already_trained (a published version used it),
+    superseded (the same identity's later feedback on the same choice replaced it), and correction_blocked (the
+    correction only: a block rule stopped it)."""
     screened: Counter[str] = field(default_factory=Counter)
     """What the policies changed in what is kept: correction_redacted (a rule redacted or rewrote a correction)."""
+    superseded: list[tuple[str, str]] = field(default_factory=list)
+    """(feedback id, completion id) of each vote a later one of the same identity replaced: consumed with the run
+    and listed with the version's feedback ids (align/datasets.py), so a rerun after a crash between publish and
+    acknowledge cannot train them either."""
     already_trained: dict[str, list[str]] = field(default_factory=dict)
     """Stream key → entry ids a published version already trained on (acknowledged by a consuming read)."""
     # What parsing remembers from one page to the next: ids seen (dedupe) and rows per user (the cap).
     _seen_feedback: set[str] = field(default_factory=set, repr=False)
     _seen_pairs: set[str] = field(default_factory=set, repr=False)
     _per_user: Counter[str] = field(default_factory=Counter, repr=False)
+    _votes: dict[tuple[str, str, int], int] = field(default_factory=dict, repr=False)
+    """(identity, completion id, choice index) → that identity's feedback on it, as an index into `feedback`."""
 
     @property
     def entries(self) -> int:
@@ -358,22 +368,38 @@ class FeedbackReader:
             # The authenticated identity, never the client-set `user`: feedback from before records carried
             # `key` falls back to the completion's key (only its owner may post feedback on it).
             user = record.key or completion.key or "anonymous"
+            vote = (user, record.completion_id, record.choice_index)
+            votes = any(
+                v is not None for v in (record.thumbs, record.rating, record.correction, record.preferred_choice)
+            )
+            if votes and (earlier := batch._votes.get(vote)) is not None:
+                # One vote per identity and choice: the later record replaces the earlier one in place (it
+                # already counts against the cap), so repeating a vote cannot weigh it more.
+                batch.skipped["superseded"] += 1
+                batch.superseded.append((batch.feedback[earlier].id, record.completion_id))
+                batch.feedback[earlier] = self._item(entry_id, record, completion, user, batch)
+                continue
             if per_user[user] >= self.max_rows_per_user:
                 batch.skipped["user_cap"] += 1
                 deferred.add(entry_id)
                 continue
             per_user[user] += 1
-            batch.feedback.append(
-                FeedbackItem(
-                    id=record.id,
-                    entry_id=entry_id,
-                    completion_id=record.completion_id,
-                    feedback=self._screen(record, batch),
-                    completion=completion,
-                    user=user,
-                )
-            )
+            if votes:  # a comment alone trains nothing, so it neither replaces nor is replaced by a vote
+                batch._votes[vote] = len(batch.feedback)
+            batch.feedback.append(self._item(entry_id, record, completion, user, batch))
         return deferred
+
+    def _item(
+        self, entry_id: str, record: FeedbackRecord, completion: CompletionRecord, user: str, batch: FeedbackBatch
+    ) -> FeedbackItem:
+        return FeedbackItem(
+            id=record.id,
+            entry_id=entry_id,
+            completion_id=record.completion_id,
+            feedback=self._screen(record, batch),
+            completion=completion,
+            user=user,
+        )
 
     def _screen(self, record: FeedbackRecord, batch: FeedbackBatch) -> FeedbackRecord:
         """`record` with its correction as the policies leave it (None when a block rule stops it)."""

@@ -53,4 +53,6 @@ def split_batch(batch: FeedbackBatch, share: float) -> Split:
     heldout = FeedbackBatch()
     for item in batch.feedback:
         (heldout if is_heldout(item.completion_id, share) else train).feedback.append(item)
+    for fid, completion_id in batch.superseded:
+        (heldout if is_heldout(completion_id, share) else train).superseded.append((fid, completion_id))
     return Split(train=train, heldout=heldout)

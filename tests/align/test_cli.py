@@ -48,9 +48,8 @@ def test_run_with_too_little_feedback_exits_zero(env: AlignSettings, server: Ser
 
 
 def test_run_min_feedback_flag_overrides_settings(env: AlignSettings, server: Server) -> None:
-    cid = server.completion("Q?", "A.")
-    server.feedback(cid, thumbs="up")
-    server.feedback(cid, thumbs="down")
+    server.feedback(server.completion("Q?", "A."), thumbs="up")
+    server.feedback(server.completion("Q2?", "B."), thumbs="down")
     result = CliRunner().invoke(align_app, ["run", "--dry-run", "--min-feedback", "2"])
     assert result.exit_code == 0, result.output
     assert "dry run: would train on 2 rows" in result.output

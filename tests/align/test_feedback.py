@@ -68,7 +68,7 @@ def test_unacked_read_is_read_again(client: redis.Redis, settings: AlignSettings
     server.feedback(cid, fb_id="a", thumbs="up")
     r = reader(client, settings)
     assert [f.id for f in r.read().feedback] == ["a"]  # a run that failed: no ack
-    server.feedback(cid, fb_id="b", thumbs="up")
+    server.feedback(server.completion("Q2?", "B."), fb_id="b", thumbs="up")
     # A different consumer name (a renamed job) still gets the pending entry, then the new one.
     again = reader(client, settings, consumer="other").read()
     assert [f.id for f in again.feedback] == ["a", "b"]
@@ -81,7 +81,7 @@ def test_all_rereads_everything_and_acks_the_unconsumed(
     server.feedback(cid, fb_id="a", thumbs="up")
     r = reader(client, settings)
     r.ack(r.read())
-    server.feedback(cid, fb_id="b", thumbs="down")
+    server.feedback(server.completion("Q2?", "B."), fb_id="b", thumbs="down")
     everything = r.read(all_feedback=True)
     assert [f.id for f in everything.feedback] == ["a", "b"]
     assert len(everything.to_ack[Keys(settings.redis_prefix).feedback]) == 1  # only "b" was new to the group
@@ -97,7 +97,7 @@ def test_peek_changes_nothing(client: redis.Redis, settings: AlignSettings, serv
     assert [f.id for f in r.read(consume=False).feedback] == ["a"]
     assert not client.exists(keys.policy_pairs)  # no group or stream was created
     pending_run = r.read()  # consumes "a" without ack: it is pending
-    server.feedback(cid, fb_id="b", thumbs="up")
+    server.feedback(server.completion("Q2?", "B."), fb_id="b", thumbs="up")
     assert [f.id for f in r.read(consume=False).feedback] == ["a", "b"]
     assert client.xpending(keys.feedback, keys.align_group)["pending"] == 1
     r.ack(pending_run)
@@ -165,9 +165,8 @@ def test_reads_the_streams_in_bounded_pages_and_stops_at_max_rows(
     """A read never asks Redis for more than a page, and takes at most max_rows entries: the rest stays for the
     next run (so a run's memory follows the rows it trains on, not the length of the streams)."""
     monkeypatch.setattr(feedback, "_PAGE", 7)
-    cid = server.completion("Q?", "A.")
     for i in range(50):
-        server.feedback(cid, fb_id=f"f{i:02d}", thumbs="up")
+        server.feedback(server.completion(f"Q{i}?", "A."), fb_id=f"f{i:02d}", thumbs="up")
     counting = CountingClient(client)
     r = reader(counting, settings, max_rows=20)  # type: ignore[arg-type]
     first = r.read()
@@ -180,3 +179,32 @@ def test_reads_the_streams_in_bounded_pages_and_stops_at_max_rows(
     counting.reads.clear()
     everything = r.read(consume=False, all_feedback=True)
     assert len(everything.feedback) == 20 and all(asked <= 7 for _, asked, _ in counting.reads)
+
+
+def test_one_vote_per_identity_and_choice_the_latest_wins(
+    client: redis.Redis, settings: AlignSettings, server: Server
+) -> None:
+    """Repeating a thumbs-down does not weigh it more, and a changed mind counts once; another identity's vote on the
+    same completion (an admin's) and a vote on another choice still count. Superseded ids are consumed with the run."""
+    from align.datasets import build_datasets
+
+    cid = server.completion("What colour is the sky?", "Green.", key="k-alice")
+    for i in range(3):
+        server.feedback(cid, fb_id=f"down{i}", thumbs="down", key="k-alice")
+    server.feedback(cid, fb_id="up", thumbs="up", key="k-alice")
+    server.feedback(cid, fb_id="admin", thumbs="down", key="k-admin")
+    server.feedback(cid, fb_id="other-choice", thumbs="down", key="k-alice", choice_index=1)
+    server.feedback(cid, fb_id="remark", comment="a comment alone is not a vote", key="k-alice")
+    batch = reader(client, settings, max_rows_per_user=3).read()
+    assert [(f.id, f.feedback.thumbs) for f in batch.feedback] == [
+        ("up", "up"),
+        ("admin", "down"),
+        ("other-choice", "down"),
+        ("remark", None),
+    ]
+    assert batch.skipped == {"superseded": 3}
+    # Superseding does not count against the cap: alice's two votes and her comment fit max_rows_per_user=3.
+    assert "user_cap" not in batch.skipped
+    data = build_datasets(batch)
+    assert {"down0", "down1", "down2"} <= set(data.feedback_ids)
+    assert data.counts["kto_desirable"] == 1
