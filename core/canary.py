@@ -24,7 +24,9 @@ signal is significantly worse than the incumbent's — one-sided Fisher exact te
 policy-violation and negative-feedback (thumbs down or correction) rates per request and on the
 thumbs-up rate per request (lower), a one-sided Welch z-test on the mean rating, Bonferroni-corrected
 (each test at alpha / number of tests run) — or when its mean TTFT exceeds `max_ttft_ratio` times the
-incumbent's; otherwise it is promoted. The tests are hand-written on `math.lgamma` and
+incumbent's; otherwise it is promoted. Before the minimums, a canary that is clearly broken (error,
+violation or negative-feedback rate worse at the much stricter `early_alpha`, on at least `early_min_requests`
+each) is rolled back at once (`_early`); nothing is promoted early. The tests are hand-written on `math.lgamma` and
 `statistics.NormalDist` because scipy is not a dependency and the two formulas are short.
 """
 
@@ -329,6 +331,9 @@ class Criteria:
     alpha: float = 0.05
     max_ttft_ratio: float = 1.5
     min_ratings: int = 20
+    early_alpha: float = 0.001
+    """Level of the early rollback (0: none): see `evaluate`."""
+    early_min_requests: int = 20
 
 
 @dataclass
@@ -380,9 +385,6 @@ def evaluate(canary: Signals, incumbent: Signals, elapsed_s: float, criteria: Cr
     for role, s in (("canary", canary), ("incumbent", incumbent)):
         if s.requests < criteria.min_requests:
             missing.append(f"{role} {s.requests} of {criteria.min_requests} requests")
-    if missing:
-        return Verdict("wait", "not enough data yet: " + ", ".join(missing))
-
     # (name, canary events, incumbent events, higher_is_worse)
     rates = [
         ("error_rate", canary.errors, incumbent.errors, True),
@@ -390,15 +392,15 @@ def evaluate(canary: Signals, incumbent: Signals, elapsed_s: float, criteria: Cr
         ("negative_feedback_rate", canary.negative, incumbent.negative, True),
         ("thumbs_up_rate", canary.thumbs_up, incumbent.thumbs_up, False),
     ]
+    if missing:
+        return _early(canary, incumbent, rates[:3], criteria) or Verdict(
+            "wait", "not enough data yet: " + ", ".join(missing)
+        )
+
     p_values: dict[str, float] = {}
     checks: dict[str, dict[str, Any]] = {}
     for name, ce, ie, higher_worse in rates:
-        p = (
-            fisher_greater(ce, canary.requests, ie, incumbent.requests)
-            if higher_worse
-            else fisher_greater(ie, incumbent.requests, ce, canary.requests)
-        )
-        p_values[name] = p
+        p_values[name] = p = _rate_p(canary, incumbent, ce, ie, higher_worse)
         checks[name] = {"canary": ce / canary.requests, "incumbent": ie / incumbent.requests, "p": p}
     if canary.ratings >= criteria.min_ratings and incumbent.ratings >= criteria.min_ratings:
         p_values["mean_rating"] = p = welch_less(canary, incumbent)
@@ -418,3 +420,41 @@ def evaluate(canary: Signals, incumbent: Signals, elapsed_s: float, criteria: Cr
     if worse:
         return Verdict("rollback", "worse than the incumbent: " + "; ".join(worse), checks)
     return Verdict("promote", f"not worse than the incumbent on {len(checks)} checks (alpha {criteria.alpha})", checks)
+
+
+def _rate_p(canary: Signals, incumbent: Signals, ce: int, ie: int, higher_worse: bool) -> float:
+    if higher_worse:
+        return fisher_greater(ce, canary.requests, ie, incumbent.requests)
+    return fisher_greater(ie, incumbent.requests, ce, canary.requests)
+
+
+def _early(
+    canary: Signals, incumbent: Signals, rates: list[tuple[str, int, int, bool]], criteria: Criteria
+) -> Verdict | None:
+    """A rollback before the minimums, for a canary that is clearly broken; None when there is no such evidence.
+
+    The minimums give the full rule its power to *promote*; waiting them out while a canary fails or violates
+    policy on a large share of its requests hurts its users for nothing. So once both sides served
+    `early_min_requests`, the error, policy-violation and negative-feedback rates are tested at `early_alpha`
+    (0.001 by default, each test, no Bonferroni needed at that level): the judge looks every interval, and each
+    look is another chance of a false alarm, so the early level is far stricter than the final one. The looks are
+    strongly correlated (the counts only grow), so the false-rollback rate over a run stays far below the union
+    bound of looks × tests × early_alpha. Nothing is promoted early.
+    """
+    if criteria.early_alpha <= 0 or min(canary.requests, incumbent.requests) < criteria.early_min_requests:
+        return None
+    checks: dict[str, dict[str, Any]] = {}
+    worse = []
+    for name, ce, ie, higher_worse in rates:
+        p = _rate_p(canary, incumbent, ce, ie, higher_worse)
+        c_rate, i_rate = ce / canary.requests, ie / incumbent.requests
+        checks[name] = {"canary": c_rate, "incumbent": i_rate, "p": p, "worse": p < criteria.early_alpha}
+        if p < criteria.early_alpha:
+            worse.append(f"{name} {c_rate:.3g} vs {i_rate:.3g} (p={p:.2g})")
+    if not worse:
+        return None
+    return Verdict(
+        "rollback",
+        f"clearly worse before the minimums (early level {criteria.early_alpha}): " + "; ".join(worse),
+        checks,
+    )

@@ -212,6 +212,8 @@ async def _start(
             alpha=settings.canary_alpha,
             max_ttft_ratio=settings.canary_max_ttft_ratio,
             min_ratings=settings.canary_min_ratings,
+            early_alpha=settings.canary_early_alpha,
+            early_min_requests=settings.canary_early_min_requests,
         ),
         interval_s=settings.canary_eval_interval_s,
         metrics=metrics,

@@ -164,6 +164,17 @@ class ServeSettings(CommonSettings):
     canary_min_ratings: int = Field(
         default=20, ge=2, description="Ratings each version needs before the mean rating is compared."
     )
+    canary_early_alpha: float = Field(
+        default=0.001,
+        ge=0,
+        lt=1,
+        description="Before the minimums, roll back a canary whose error, policy-violation or negative-feedback "
+        "rate is worse than the incumbent's at this level (one-sided Fisher, each test; far stricter than "
+        "canary_alpha because the judge looks again every interval). 0 turns the early rollback off.",
+    )
+    canary_early_min_requests: int = Field(
+        default=20, ge=1, description="Requests each version needs before the early rollback may judge."
+    )
     replica_name: str = Field(
         default_factory=socket.gethostname,
         description="This replica's name: its log spool is var/spool/<name>/. Default: the hostname (in "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 
@@ -53,7 +54,8 @@ def test_fisher_matches_the_tea_tasting_table() -> None:
 
 def test_not_enough_data_waits_whatever_the_figures() -> None:
     awful = healthy(requests=99, errors=99)
-    verdict = evaluate(awful, healthy(), elapsed_s=600, criteria=CRITERIA)
+    # (The early rollback, off here, acts on figures this bad: its own test is below.)
+    verdict = evaluate(awful, healthy(), elapsed_s=600, criteria=dataclasses.replace(CRITERIA, early_alpha=0.0))
     assert verdict.decision == "wait" and "canary 99 of 100 requests" in verdict.reason
     verdict = evaluate(healthy(), healthy(), elapsed_s=59, criteria=CRITERIA)
     assert verdict.decision == "wait" and "59s of 60s" in verdict.reason
@@ -256,3 +258,20 @@ def test_cli_starts_promotes_and_rolls_back(
     assert rolled.exit_code == 0 and "v1 serves everyone" in rolled.output
     again = runner.invoke(cli, ["versions", "rollback"])
     assert again.exit_code == 2 and "no canary is running" in again.output
+
+
+def test_a_clearly_broken_canary_is_rolled_back_before_the_minimums() -> None:
+    # Half its requests fail, none of the incumbent's: p ≈ 4e-5 on 30 requests each, far below 0.001.
+    broken = evaluate(healthy(requests=30, errors=15), healthy(requests=30), elapsed_s=5, criteria=CRITERIA)
+    assert broken.decision == "rollback", broken.reason
+    assert "before the minimums" in broken.reason and broken.checks["error_rate"]["worse"]
+    # The same evidence at the ordinary level is not enough early: 3 failures in 30 against none waits.
+    unclear = evaluate(healthy(requests=30, errors=3), healthy(requests=30), elapsed_s=5, criteria=CRITERIA)
+    assert unclear.decision == "wait", unclear.reason
+    # Too few requests to judge at all, however bad; and it can be turned off.
+    few = evaluate(healthy(requests=10, errors=10), healthy(requests=10), elapsed_s=5, criteria=CRITERIA)
+    assert few.decision == "wait"
+    off = dataclasses.replace(CRITERIA, early_alpha=0.0)
+    assert evaluate(healthy(requests=30, errors=15), healthy(requests=30), elapsed_s=5, criteria=off).decision == "wait"
+    # Nothing is promoted early, however good it looks.
+    assert evaluate(healthy(requests=30), healthy(requests=30, errors=15), 5, CRITERIA).decision == "wait"
