@@ -291,3 +291,23 @@ def test_version_is_a_content_hash(tmp_path: Path) -> None:
 
 def test_context_is_a_dataclass() -> None:
     assert RequestContext(api_key=None, user=None, model="m").model == "m"
+
+
+def test_token_limit_tokenizes_only_what_could_exceed_it() -> None:
+    """A prompt whose UTF-8 bytes cannot make more tokens than the limit is not tokenized; one that could is, and
+    is still flagged when it exceeds the limit (here: a tokenizer that counts every character, emoji included)."""
+    from core.policy.input import limit_violations
+    from core.policy.schema import LimitRule
+
+    calls: list[str] = []
+
+    def count(text: str) -> int:
+        calls.append(text)
+        return len(text)
+
+    rule = LimitRule(id="tokens", kind="limit", description="a token limit", max_input_tokens=30)
+    assert limit_violations(rule, [{"role": "user", "content": "short"}], count) == []
+    assert calls == []
+    long = "🙂" * 31  # 124 bytes: over the bound, so counted exactly
+    assert limit_violations(rule, [{"role": "user", "content": long}], count) == ["max_input_tokens: 31 > 30"]
+    assert calls == [long]
