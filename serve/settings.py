@@ -55,6 +55,15 @@ class ServeSettings(CommonSettings):
         description="Reuse the KV cache of shared prompt prefixes (system prompts, the policy instructions). "
         "Unset: vLLM's default for the platform.",
     )
+    merged_weights: bool = Field(
+        default=False,
+        description="Serve the promoted version merged into full weights (as fast as the base model; a LoRA "
+        "adapter on every request costs about half the throughput on CPU) instead of as a LoRA adapter. A swap "
+        "then drains running requests and reloads the weights (pause, reload, prefix-cache reset, resume: "
+        "seconds, versus milliseconds for an adapter), and so does a rollback; each version's merged copy "
+        "takes the base model's size on disk (versions/<v>/merged/), no extra GPU memory. A canary stays a "
+        "LoRA, as its delta from the incumbent (rank of both adapters; vLLM gets twice max_lora_rank).",
+    )
     log_format: Literal["text", "json"] = Field(
         default="text",
         description="`json`: one JSON object per log line (request id, version, route, status, latency on "
