@@ -260,7 +260,7 @@ def delta_adapter(target: Path | None, incumbent: Path | None, out_dir: Path) ->
         tensors[f"{prefix}.lora_A.weight"] = torch.cat([a_c, a_i], dim=0).contiguous()
         tensors[f"{prefix}.lora_B.weight"] = torch.cat([b_c, -b_i], dim=1).contiguous()
     config = dict(_adapter_config(target if target is not None else incumbent))
-    modules = {p.rsplit(".", 1)[-1] for p in tensors}
+    modules = {prefix.rsplit(".", 1)[-1] for prefix in set(inc) | set(tgt)}
     config.update(
         r=rank,
         lora_alpha=rank,  # scaling alpha / r = 1: the scalings are folded into B above
