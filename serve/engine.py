@@ -347,22 +347,43 @@ class ModelEngine:
         while self._waiting_engine.get(weights, 0):
             await self._changed.wait()
 
-    async def _reload(self, name: str, path: Any) -> None:
-        """pause (draining the engine) → reload_weights(path) → reset the prefix cache → resume."""
+    async def _reload(self, name: str, path: Any, fallback: tuple[str, Any]) -> None:
+        """pause (draining the engine) → reload_weights(path) → reset the prefix cache → resume.
+
+        When the reload fails, `fallback` (version, directory: the weights held before) is reloaded before
+        resuming: a failed reload can leave the model half loaded — vLLM's in-place reload first moves the
+        parameters to the meta device, and one engine step on them kills the engine core — so nothing may
+        run in between. The error propagates either way.
+        """
         llm: WeightsLLM = self.llm  # type: ignore[assignment]  # merged mode runs on AsyncLLM
         self._reloading = True
         try:
             await llm.pause_generation(mode="wait", clear_cache=True)
             try:
-                await llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+                try:
+                    await llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+                except Exception as exc:
+                    await self._restore(llm, fallback, exc)
+                    raise
                 # pause(clear_cache) reset it before the reload; this guards anything cached since (nothing
                 # may run while paused) and says so when vLLM could not.
                 if not await llm.reset_prefix_cache():
                     logger.warning("vLLM did not reset its prefix cache after loading %s's weights", name)
             finally:
+                # Also when the restore failed: `_enter_weights` then refuses every request, so none runs.
                 await llm.resume_generation()
         finally:
             self._reloading = False
+
+    async def _restore(self, llm: WeightsLLM, fallback: tuple[str, Any], error: Exception) -> None:
+        old, path = fallback
+        logger.error("loading new weights failed (%s); restoring %s's weights from %s", error, old, path)
+        try:
+            await llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+            await llm.reset_prefix_cache()
+        except Exception as exc:
+            self._broken = f"reloading failed ({error}) and restoring {old}'s weights failed too ({exc})"
+            logger.critical("%s; the engine has no usable weights: restart this replica", self._broken)
 
     # -- versions ------------------------------------------------------------------------------
 
@@ -429,19 +450,15 @@ class ModelEngine:
         if canary is not None:
             self.canary = None  # its adapter is a delta from the old weights
             self._canary_metrics()
-        reloading = False
         try:
             await self._drain(old)
             drained = time.perf_counter()
-            reloading = True
-            await self._reload(name, path)
-        except BaseException as exc:
-            self._target = old  # requests on the old version wait for it again
-            self.current, self.canary = previous, canary
+            await self._reload(name, path, fallback=(old, self.weights_source.path(old)))
+        except BaseException:
+            # The old weights serve again (restored by `_reload` if the reload got that far); requests that
+            # waited for `name` are refused with a retryable 503 (`_enter_weights`).
+            self.current, self.canary, self._target = previous, canary, None
             self._canary_metrics()
-            if reloading and isinstance(exc, Exception):
-                await self._restore(old, exc)
-            self._target = None
             self._notify()
             raise
         self.weights, self._target, self._broken = name, None, None
@@ -452,16 +469,6 @@ class ModelEngine:
         for version in list(self._loaded.values()):
             await self._unload(version)
         return previous
-
-    async def _restore(self, old: str, error: Exception) -> None:
-        assert self.weights_source is not None
-        logger.error("reloading weights failed (%s); restoring %s's weights", error, old)
-        try:
-            await self._reload(old, self.weights_source.path(old))
-        except Exception as exc:
-            self._broken = f"reloading failed ({error}) and restoring {old}'s weights failed too ({exc})"
-            logger.critical("%s; the engine has no usable weights: restart this replica", self._broken)
-            self._notify()
 
     async def set_canary(self, name: str | None, *, share: float = 0.0, run: str = "", since: float = 0.0) -> None:
         """Route `share` of identities to version `name` (loaded first), or stop routing to a canary (None).

@@ -91,6 +91,9 @@ class FakeLLM:
         while self.paused:  # held, as vLLM holds new requests while paused
             await asyncio.sleep(0.001)
         weights = self.weights
+        if weights == "corrupt":  # vLLM: a step on half-reloaded (meta) parameters kills the engine core
+            self.healthy = False
+            raise RuntimeError("engine core died: weights on the meta device")
         self.seen.append(
             {"prompt": text, "params": params, "lora": lora_request, "request_id": request_id, "weights": weights}
         )

@@ -171,6 +171,7 @@ async def test_failed_reload_restores_the_old_weights(merged: ModelEngine, llm: 
         await waiting
     assert await _ask(merged, "after") == ("v1", "[v1] echo: hello there")
     await merged.check_health()
+    assert llm.healthy  # nothing ran on the half-loaded weights between the failed reload and the restore
 
 
 async def test_reload_and_restore_failing_reports_unhealthy_until_a_reload_works(
