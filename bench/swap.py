@@ -371,6 +371,7 @@ def main() -> None:
     p.add_argument("--tp-clients", type=int, default=16, help="merged: streaming clients per throughput cell")
     p.add_argument("--tp-requests", type=int, default=64, help="merged: requests per throughput cell")
     p.add_argument("--tp-tokens", type=int, default=64, help="merged: tokens per request (ignore_eos)")
+    p.add_argument("--max-lora-rank", type=int, default=None, help="SECONDSTAGE_MAX_LORA_RANK (default: 16)")
     args = p.parse_args()
     for name in ("versions", "clients", "swaps", "max_tokens"):
         if getattr(args, name) < 1:
@@ -387,6 +388,8 @@ def main() -> None:
         with PrivateRedis(work / "redis") as rs:
             # Log level info, JSON: the engine's "now serving" lines time the switch on the server's side.
             env = {"SECONDSTAGE_LOG_FORMAT": "json"}
+            if args.max_lora_rank is not None:
+                env["SECONDSTAGE_MAX_LORA_RANK"] = str(args.max_lora_rank)
             if args.merged_weights:
                 # No automatic decision while the throughput phase runs v1 as a canary.
                 env |= {"SECONDSTAGE_MERGED_WEIGHTS": "true", "SECONDSTAGE_CANARY_MIN_DURATION_S": "86400"}

@@ -52,18 +52,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("secondstage.engine")
 
-# The ranks vLLM accepts for max_lora_rank (vllm.config.lora.MaxLoRARanks).
-_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _DELTA_LORA_ID = 1_000_000
 """Delta adapters get vLLM LoRA ids from here up (a version's own adapter uses its number)."""
-
-
-def engine_lora_rank(settings: ServeSettings) -> int:
-    """vLLM's max_lora_rank: the setting, or in merged mode room for a canary's delta (two adapters' ranks)."""
-    if not settings.merged_weights:
-        return settings.max_lora_rank
-    want = 2 * settings.max_lora_rank
-    return next((r for r in _VLLM_LORA_RANKS if r >= want), want)
 
 
 def engine_kwargs(settings: ServeSettings, *, cuda: bool) -> dict[str, Any]:
@@ -79,7 +69,7 @@ def engine_kwargs(settings: ServeSettings, *, cuda: bool) -> dict[str, Any]:
         "gpu_memory_utilization": settings.kv_cache_memory_fraction,
         "max_num_seqs": settings.max_num_seqs,
         "enable_lora": True,
-        "max_lora_rank": engine_lora_rank(settings),
+        "max_lora_rank": settings.max_lora_rank,
         "max_loras": settings.max_loras,
         "tensor_parallel_size": settings.tensor_parallel_size,
         "pipeline_parallel_size": settings.pipeline_parallel_size,
@@ -544,10 +534,12 @@ class ModelEngine:
         except VersionError as exc:  # MergeError included: an adapter kind a delta cannot reproduce
             raise NotFound(str(exc), param="version") from exc
         if delta.rank > self.max_lora_rank:
+            # Not raised by default: vLLM pads every LoRA to max_lora_rank, so a larger one slows every LoRA request.
             raise MergeError(
                 f"canary {name} beside merged {incumbent} needs a LoRA of rank {delta.rank} (the two adapters' "
-                f"ranks added), above the engine's max_lora_rank {self.max_lora_rank}; raise "
-                "SECONDSTAGE_MAX_LORA_RANK (merged mode gives vLLM twice it), or serve in LoRA mode"
+                f"ranks added), above the engine's max_lora_rank {self.max_lora_rank}; set "
+                f"SECONDSTAGE_MAX_LORA_RANK to at least {delta.rank} (vLLM takes 8, 16, 32, 64, ...), train "
+                "smaller adapters, or serve in LoRA mode"
             )
         self._next_delta_id += 1
         served = await self._add_adapter(ServedVersion(name, None, weights=incumbent, key=key), delta.path,

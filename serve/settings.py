@@ -62,7 +62,8 @@ class ServeSettings(CommonSettings):
         "then drains running requests and reloads the weights (pause, reload, prefix-cache reset, resume: "
         "seconds, versus milliseconds for an adapter), and so does a rollback; each version's merged copy "
         "takes the base model's size on disk (versions/<v>/merged/), no extra GPU memory. A canary stays a "
-        "LoRA, as its delta from the incumbent (rank of both adapters; vLLM gets twice max_lora_rank).",
+        "LoRA, as its delta from the incumbent: a LoRA of both adapters' ranks added, which max_lora_rank must "
+        "hold (align's default rank 8: 8 + 8 = 16, the default).",
     )
     log_format: Literal["text", "json"] = Field(
         default="text",

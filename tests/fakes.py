@@ -238,5 +238,5 @@ def fake_engine(llm: FakeLLM, settings: Any, *, merged: bool = False) -> Any:
         store=store,
         lora_request_cls=FakeLoRARequest,
         weights=FakeMergedWeights(store, str(settings.var_dir / "base-model")) if merged else None,  # type: ignore[arg-type]
-        max_lora_rank=32 if merged else 16,
+        max_lora_rank=16,
     )

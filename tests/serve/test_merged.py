@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from core.keys import Keys
 from core.merge import MergeError
 from core.versions import BASE, Manifest, Registry, VersionStore
-from serve.engine import ModelEngine, engine_kwargs
+from serve.engine import ModelEngine
 from serve.errors import Unavailable
 from serve.settings import ServeSettings
 from tests.fakes import FakeLLM, FakeMergedWeights, fake_engine
@@ -221,24 +221,11 @@ async def test_canary_whose_delta_exceeds_the_rank_is_refused(
 ) -> None:
     _write(merged, tmp_path, "v1", "v2")
     await merged.activate("v1")
-    _source(merged).delta_rank = 64  # above the engine's 32
-    with pytest.raises(MergeError, match="rank 64"):
+    _source(merged).delta_rank = 32  # above the engine's 16
+    with pytest.raises(MergeError, match=r"rank 32.*SECONDSTAGE_MAX_LORA_RANK to at least 32"):
         await merged.set_canary("v2", share=1.0, run="run1", since=time.time())
     assert merged.canary is None and llm.loras == {}
     assert await _ask(merged, "r", identity="anyone") == ("v1", "[v1] echo: hello there")
-
-
-def test_engine_gets_room_for_a_delta_in_merged_mode(tmp_path: Path) -> None:
-    lora = ServeSettings(var_dir=tmp_path, max_lora_rank=16)
-    merged = ServeSettings(var_dir=tmp_path, max_lora_rank=16, merged_weights=True)
-    assert engine_kwargs(lora, cuda=False)["max_lora_rank"] == 16
-    assert engine_kwargs(merged, cuda=False)["max_lora_rank"] == 32
-    assert (
-        engine_kwargs(ServeSettings(var_dir=tmp_path, max_lora_rank=8, merged_weights=True), cuda=False)[
-            "max_lora_rank"
-        ]
-        == 16
-    )
 
 
 def test_failed_merge_is_reported_as_skew_over_http(settings: ServeSettings, tmp_path: Path) -> None:
