@@ -72,7 +72,11 @@ class MergedWeights:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
-        _, err = await proc.communicate()
+        try:
+            _, err = await proc.communicate()
+        except asyncio.CancelledError:  # shutting down: do not leave a merge running behind the server
+            proc.kill()
+            raise
         if proc.returncode != 0:
             tail = err.decode(errors="replace").strip().splitlines()[-3:]
             raise MergeError(f"merging version {name} failed (exit {proc.returncode}): {' | '.join(tail)}")

@@ -184,3 +184,21 @@ def test_merge_refuses_a_directory_that_is_no_adapter(tiny_model: Path, tmp_path
     with pytest.raises(MergeError, match=r"has no adapter_config\.json"):
         merge_adapter(tiny_model, tmp_path / "empty", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_versions_merge_command(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from core.cli import app
+    from core.versions import Manifest
+
+    monkeypatch.setenv("SECONDSTAGE_VAR_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("SECONDSTAGE_MODEL", str(tiny_model))
+    store = VersionStore(tmp_path / "var" / "models" / "versions")
+    _peft_adapter(tiny_model, tmp_path / "a1", seed=1)
+    store.write(Manifest(version="v1", base_model=str(tiny_model)), tmp_path / "a1")
+    done = CliRunner().invoke(app, ["versions", "merge", "v1"])
+    assert done.exit_code == 0, done.output
+    assert merged_ready(merged_path(store, "v1"), tiny_model, store.adapter_path("v1"))
+    missing = CliRunner().invoke(app, ["versions", "merge", "v9"])
+    assert missing.exit_code == 1 and "no manifest" in missing.output
