@@ -430,7 +430,9 @@ class ModelEngine:
         start = time.perf_counter()
         try:
             path = await self.weights_source.ensure(name)  # the old weights serve on meanwhile
-        except VersionError as exc:
+        except MergeError:
+            raise
+        except VersionError as exc:  # no such version on disk
             raise NotFound(str(exc), param="version") from exc
         merged = time.perf_counter()
         old, previous, canary = self.weights, self.current, self.canary
@@ -531,7 +533,9 @@ class ModelEngine:
             return self._loaded[key]
         try:
             delta = await self.weights_source.delta(name, incumbent)
-        except VersionError as exc:  # MergeError included: an adapter kind a delta cannot reproduce
+        except MergeError:  # an adapter kind a delta cannot reproduce
+            raise
+        except VersionError as exc:  # no such version on disk
             raise NotFound(str(exc), param="version") from exc
         if delta.rank > self.max_lora_rank:
             # Not raised by default: vLLM pads every LoRA to max_lora_rank, so a larger one slows every LoRA request.

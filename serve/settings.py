@@ -59,11 +59,11 @@ class ServeSettings(CommonSettings):
         default=False,
         description="Serve the promoted version merged into full weights (as fast as the base model; a LoRA "
         "adapter on every request costs about half the throughput on CPU) instead of as a LoRA adapter. A swap "
-        "then drains running requests and reloads the weights (pause, reload, prefix-cache reset, resume: "
-        "seconds, versus milliseconds for an adapter), and so does a rollback; each version's merged copy "
-        "takes the base model's size on disk (versions/<v>/merged/), no extra GPU memory. A canary stays a "
-        "LoRA, as its delta from the incumbent: a LoRA of both adapters' ranks added, which max_lora_rank must "
-        "hold (align's default rank 8: 8 + 8 = 16, the default).",
+        "or rollback then drains running requests and reloads the weights (pause, reload, prefix-cache reset, "
+        "resume: 0.05-0.3 s on the demo model, longer for a larger one, which is read in full; an adapter swap "
+        "takes milliseconds); each version's merged copy takes the base model's size on disk "
+        "(versions/<v>/merged/), no extra GPU memory. A canary stays a LoRA, as its delta from the incumbent: a "
+        "LoRA of both adapters' ranks added, which max_lora_rank must hold (align's default 8 + 8 = 16, the default).",
     )
     log_format: Literal["text", "json"] = Field(
         default="text",
