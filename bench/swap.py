@@ -18,6 +18,19 @@ the probe's own queueing behind the streams); server-side, activate() → the se
 serving version ..." (JSON log, millisecond timestamps, same clock): the moment `ModelEngine.activate`
 points new requests at the new version, i.e. event delivery + registry check + `add_lora` + the switch.
 Writes bench/results/swap.json.
+
+`--merged-weights` runs the same on a server in merged-weights mode (SECONDSTAGE_MERGED_WEIGHTS: the incumbent
+is merged into the engine's weights, a swap is pause → reload_weights → prefix-cache reset → resume), with
+the versions merged ahead (`--no-premerge`: the server merges on the swap) and first a throughput phase on
+the same server, `--throughput-passes` times in alternating order, after a warm-up each:
+   base    the base model is the incumbent (no adapter);
+   lora    v1 as a canary for (nearly) every caller beside the base: v1's adapter on every request, what
+           LoRA mode costs (a canary beside `base` is the version's own adapter);
+   merged  v1 promoted: its merged weights, no adapter.
+Each: `--tp-clients` clients streaming `--tp-requests` requests of `--tp-tokens` tokens (ignore_eos). The
+server switch then is activate() → the "now serving" line, which merged mode writes once the new weights
+are loaded and new requests run on them; the log's phases (merge, drain, reload) are reported too.
+Writes bench/results/swap_merged.json.
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import contextlib
 import datetime as dt
 import json
 import re
@@ -39,8 +53,10 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from bench.harness import DEMO, ensure_demo_model, running, secondstage_server, short_tmpdir
+from bench.harness import DEMO, ServerProcess, ensure_demo_model, running, secondstage_server, short_tmpdir
+from bench.load import chat_body, drive_http, prompt, summarise
 from bench.results import fmt, percentile, write_result
+from core.canary import Rollout
 from core.keys import Keys
 from core.redis_server import PrivateRedis
 from core.versions import BASE, Manifest, Registry, VersionStore
@@ -108,6 +124,22 @@ async def idle_swaps(
 
 
 NOW_SERVING = re.compile(r"now serving version (\S+) \(was \S+; loaded in ([0-9.]+)s\)")
+WEIGHTS_LOADED = re.compile(r"weights of (\S+) loaded \(merge ([0-9.]+)s, drain ([0-9.]+)s, reload ([0-9.]+)s\)")
+
+
+def reload_phases(log: Path) -> list[dict[str, Any]]:
+    """Merged mode: (version, merge s, drain s, reload s) of every weights swap in the server's JSON log."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                m = WEIGHTS_LOADED.match(str(json.loads(line).get("message", "")))
+                if m:
+                    out.append({"version": m.group(1), **{k: float(m.group(i + 2)) for i, k in enumerate(PHASES)}})
+    return out
+
+
+PHASES = ("merge_s", "drain_s", "reload_s")
 
 
 def server_switches(log: Path) -> list[tuple[float, str, float]]:
@@ -262,6 +294,68 @@ def check(streams: list[Stream], timeline: list[tuple[float, str]], grace: float
     }
 
 
+async def _wait_served(url: str, version: str, timeout: float = 300.0) -> None:
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=120) as client:
+        while await _fingerprint(client, url) != version:
+            if time.perf_counter() - t0 > timeout:
+                raise RuntimeError(f"version {version} not served within {timeout}s")
+            await asyncio.sleep(0.1)
+
+
+def set_mode(server: ServerProcess, registry: Registry, mode: str, version: str) -> None:
+    """Make the server serve the throughput phase's `mode` (base, lora, merged) and wait until it does."""
+    rollout = Rollout(registry.client, registry.keys)
+    if mode == "lora":
+        if registry.active() != BASE:
+            registry.activate(BASE)
+            asyncio.run(_wait_served(server.url, BASE))
+        for _ in range(5):  # the share is < 1 by contract: retry in the rare run whose hash leaves us out
+            rollout.start(version, share=0.999, reason="bench: LoRA on every request")
+            try:
+                asyncio.run(_wait_served(server.url, version, timeout=60))
+                return
+            except RuntimeError:
+                continue
+        raise RuntimeError("the canary never served the benchmark's caller")
+    target = BASE if mode == "base" else version
+    registry.activate(target)  # ends a running canary
+    asyncio.run(_wait_served(server.url, target))
+
+
+def throughput(
+    server: ServerProcess, registry: Registry, version: str, *, passes: int, clients: int, requests: int, tokens: int
+) -> dict[str, Any]:
+    """tok/s of base, LoRA (v1 as a canary for everyone) and merged v1 on one server, in alternating passes."""
+    import os
+
+    modes = ["base", "lora", "merged"]
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    serial = 0
+    for rep in range(passes):
+        for mode in modes if rep % 2 == 0 else list(reversed(modes)):
+            set_mode(server, registry, mode, version)
+            bodies = [chat_body("demo", prompt(serial + i, 20), tokens, True) for i in range(requests)]
+            warm = [chat_body("demo", prompt(serial + requests + i, 20), tokens, True) for i in range(clients)]
+            serial += requests + clients
+            samples, wall, _ = asyncio.run(drive_http(server.url, bodies, concurrency=clients, warmup=warm))
+            stats = summarise(samples, wall)
+            stats["load_1m"] = os.getloadavg()[0]
+            runs[mode].append(stats)
+            console.print(
+                f"  pass {rep + 1} {mode:6s} {stats['out_tok_per_s']:7.0f} tok/s  ttft p50 "
+                f"{fmt(stats['ttft_p50_ms'], 0)} ms  errors {stats['errors']}  load {stats['load_1m']:.1f}"
+            )
+    out: dict[str, Any] = {"params": {"passes": passes, "clients": clients, "requests": requests, "tokens": tokens}}
+    for mode in modes:
+        rates = [r["out_tok_per_s"] for r in runs[mode]]
+        out[mode] = {"tok_per_s": rates, "tok_per_s_median": percentile(rates, 50), "runs": runs[mode]}
+    for mode in ("lora", "merged"):
+        ratios = [m["out_tok_per_s"] / b["out_tok_per_s"] for m, b in zip(runs[mode], runs["base"], strict=True)]
+        out[f"{mode}/base"] = {"per_pass": ratios, "median": percentile(ratios, 50)}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--versions", type=int, default=3, help="LoRA versions to publish")
@@ -271,6 +365,13 @@ def main() -> None:
     p.add_argument("--interval", type=float, default=2.0, help="seconds between swaps under load")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per stream (ignore_eos)")
     p.add_argument("--grace", type=float, default=2.0, help="seconds a superseded version may still start streams")
+    p.add_argument("--merged-weights", action="store_true", help="the server in merged-weights mode (see above)")
+    p.add_argument("--premerge", action=argparse.BooleanOptionalAction, default=True, help="merged: merge ahead")
+    p.add_argument("--throughput-passes", type=int, default=2, help="merged: passes of base/lora/merged (0: none)")
+    p.add_argument("--tp-clients", type=int, default=16, help="merged: streaming clients per throughput cell")
+    p.add_argument("--tp-requests", type=int, default=64, help="merged: requests per throughput cell")
+    p.add_argument("--tp-tokens", type=int, default=64, help="merged: tokens per request (ignore_eos)")
+    p.add_argument("--max-lora-rank", type=int, default=None, help="SECONDSTAGE_MAX_LORA_RANK (default: 16)")
     args = p.parse_args()
     for name in ("versions", "clients", "swaps", "max_tokens"):
         if getattr(args, name) < 1:
@@ -282,20 +383,46 @@ def main() -> None:
         console.print(f"making {args.versions} LoRA adapters with peft ...")
         adapters = make_adapters(args.versions, work / "adapters")
         cycle = [*[f"v{i + 1}" for i in range(args.versions)], BASE]
+        merge_s: list[float] = []
+        tput: dict[str, Any] | None = None
         with PrivateRedis(work / "redis") as rs:
             # Log level info, JSON: the engine's "now serving" lines time the switch on the server's side.
+            env = {"SECONDSTAGE_LOG_FORMAT": "json"}
+            if args.max_lora_rank is not None:
+                env["SECONDSTAGE_MAX_LORA_RANK"] = str(args.max_lora_rank)
+            if args.merged_weights:
+                # No automatic decision while the throughput phase runs v1 as a canary.
+                env |= {"SECONDSTAGE_MERGED_WEIGHTS": "true", "SECONDSTAGE_CANARY_MIN_DURATION_S": "86400"}
             server = secondstage_server(
-                redis_url=rs.url,
-                var_dir=work / "var",
-                log=work / "server.log",
-                log_level="info",
-                extra_env={"SECONDSTAGE_LOG_FORMAT": "json"},
+                redis_url=rs.url, var_dir=work / "var", log=work / "server.log", log_level="info", extra_env=env
             )
             client = redis.Redis.from_url(rs.url)
             registry = Registry(client, Keys())
-            names = publish(VersionStore(work / "var" / "models" / "versions"), registry, adapters)
+            store = VersionStore(work / "var" / "models" / "versions")
+            names = publish(store, registry, adapters)
             assert names == cycle[:-1], names
+            if args.merged_weights and args.premerge:
+                from core.merge import merge_adapter, merged_path
+
+                for name in names:
+                    t0 = time.perf_counter()
+                    merge_adapter(str(DEMO), store.adapter_path(name), merged_path(store, name))
+                    merge_s.append(time.perf_counter() - t0)
+                console.print(f"merged {len(names)} versions ahead: {', '.join(f'{s:.1f}s' for s in merge_s)}")
             with running(server):
+                if args.merged_weights and args.throughput_passes:
+                    console.print(f"throughput: base / lora / merged, {args.throughput_passes} passes ...")
+                    tput = throughput(
+                        server,
+                        registry,
+                        names[0],
+                        passes=args.throughput_passes,
+                        clients=args.tp_clients,
+                        requests=args.tp_requests,
+                        tokens=args.tp_tokens,
+                    )
+                    registry.activate(BASE)  # the swap phases start from the base, as in LoRA mode
+                    asyncio.run(_wait_served(server.url, BASE))
                 console.print(f"server up at {server.url}; idle swaps ...")
                 idle_order = [cycle[i % len(cycle)] for i in range(args.idle_swaps)]
                 idle_acts: list[tuple[float, str]] = []
@@ -317,6 +444,7 @@ def main() -> None:
                 )
                 log_tail = server.tail(20)
                 switches = server_switches(server.log)
+                phases = reload_phases(server.log)
             client.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -351,13 +479,19 @@ def main() -> None:
         "streams": result,
         "server_log_tail": log_tail if result["failed"] else None,
     }
+    if args.merged_weights:
+        out["merge_ahead_s"] = merge_s
+        out["reload_phases"] = phases
+        out["reload_s_p50"] = percentile([ph["reload_s"] for ph in phases], 50)
+        out["drain_s_p50"] = percentile([ph["drain_s"] for ph in phases], 50)
+        out["throughput"] = tput
     out["goals"] = {
         "swap_le_1s": out["idle_swap_max_s"] <= 1.0 and (out["loaded_swap_max_s"] or 99) <= 1.0,
         "server_switch_le_1s": (out["loaded_server_switch_max_s"] or 99) <= 1.0
         and not out["loaded_server_switches_missing"],
         "zero_failures": result["failed"] == 0 and result["mixed"] == 0 and result["mismatched"] == 0,
     }
-    t = Table(title="Hot-swap")
+    t = Table(title="Hot-swap (merged weights)" if args.merged_weights else "Hot-swap")
     cols = ["phase", "swaps", "server switch p50 s", "server switch max s", "first response p50 s"]
     cols += ["first response max s", "streams", "failed", "mixed", "mismatched"]
     for col in cols:
@@ -397,7 +531,19 @@ def main() -> None:
     if result["first_errors"]:
         console.print(f"[red]first errors:[/] {result['first_errors']}")
     console.print(f"goals: {out['goals']}")
-    console.print(f"wrote {write_result('swap', out)}")
+    if args.merged_weights:
+        if tput is not None:
+            console.print(
+                f"throughput ({args.tp_clients} streaming clients x {args.tp_tokens} tokens, median of "
+                f"{args.throughput_passes} passes): base {fmt(tput['base']['tok_per_s_median'], 0)} tok/s, "
+                f"lora {fmt(tput['lora']['tok_per_s_median'], 0)} (x{fmt(tput['lora/base']['median'], 2)}), "
+                f"merged {fmt(tput['merged']['tok_per_s_median'], 0)} (x{fmt(tput['merged/base']['median'], 2)})"
+            )
+        console.print(
+            f"merged swaps: reload p50 {fmt(out['reload_s_p50'], 3)} s, drain p50 {fmt(out['drain_s_p50'], 3)} s "
+            f"over {len(phases)} swaps; merge ahead {', '.join(f'{x:.1f}s' for x in merge_s) or 'not done'}"
+        )
+    console.print(f"wrote {write_result('swap_merged' if args.merged_weights else 'swap', out)}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ secondstage feedback export            # TRL datasets as JSONL                  
 secondstage versions list | activate V # what exists, and rollback/roll forward (also to `base`)  [core]
 secondstage versions canary V | promote [V] | rollback   # canary rollouts by hand (core/canary.py) [core]
 secondstage versions show V [--json]   # lineage, datasets, metrics and the gate report of V     [core]
+secondstage versions merge V           # V merged into full weights, for serve --merged-weights   [core]
 secondstage data purge --key ID | --user ID [--dry-run]   # delete a person's records            [core]
 
 The core owns the root app, the `versions` commands (the registry is core's) and `data purge`
@@ -289,6 +290,36 @@ def versions_rollback(
     """Roll the running canary back now: the incumbent serves everyone again."""
     event = _rollout_command("rollback", trigger="operator", reason=reason)
     console.print(f"[green]rolled back {event['version']}[/]; {event['incumbent']} serves everyone")
+
+
+@versions_app.command("merge")
+def versions_merge(
+    version: Annotated[str, typer.Argument(help="A version name (v<N>).")],
+) -> None:
+    """Merge VERSION's adapter into full weights (versions/<V>/merged/), ahead of serving with --merged-weights.
+
+    A replica in merged-weights mode merges a version itself when it first needs it; merging ahead makes
+    its swap only a reload. Reads the disk only (no Redis); the base model is SECONDSTAGE_MODEL (or the demo).
+    """
+    import time
+
+    from core.merge import MergeError, merge_adapter, merged_path
+    from core.settings import CommonSettings
+    from core.versions import VersionError, VersionStore
+
+    settings = CommonSettings()
+    store = VersionStore(settings.versions_dir)
+    start = time.perf_counter()
+    try:
+        manifest = store.manifest(version)
+        out = merge_adapter(settings.model_path, store.adapter_path(manifest.version), merged_path(store, version))
+    except MergeError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+    except VersionError as exc:
+        console.print(f"[red]{exc}[/] (`secondstage versions list` shows the versions)")
+        raise typer.Exit(1) from exc
+    console.print(f"[green]{version} merged[/] into {out} ({time.perf_counter() - start:.1f}s)")
 
 
 @data_app.command("purge")

@@ -2,6 +2,7 @@
 
 secondstage serve                      # the API on 127.0.0.1:8000 (demo model unless --model)
 secondstage serve -tp 2 --no-enforce-eager --log-format json   # vLLM's engine arguments; JSON logs
+secondstage serve --merged-weights     # the promoted version as merged full weights (base-model speed)
 secondstage model demo                 # build the offline demo model into var/models/demo
 secondstage policy check | test TEXT   # validate rules, try them on text
 secondstage keys create | list | revoke  # API keys (serve/auth/cli.py)
@@ -79,6 +80,13 @@ def serve(
     enable_prefix_caching: Annotated[
         bool | None, typer.Option(help="Reuse KV cache across shared prompt prefixes (default: vLLM's).")
     ] = None,
+    merged_weights: Annotated[
+        bool | None,
+        typer.Option(
+            help="Serve the promoted version as merged full weights (base-model speed; swaps reload the weights, "
+            "canaries stay LoRA). Default: off (SECONDSTAGE_MERGED_WEIGHTS)."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
     log_format: Annotated[
         str | None, typer.Option(help="text or json (one object per line, for log shippers).")
@@ -109,6 +117,7 @@ def serve(
         "max_lora_rank": max_lora_rank,
         "enforce_eager": enforce_eager,
         "enable_prefix_caching": enable_prefix_caching,
+        "merged_weights": merged_weights,
         "log_format": log_format,
     }
     # Flags override the environment; flags not given leave it alone.

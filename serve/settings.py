@@ -55,6 +55,16 @@ class ServeSettings(CommonSettings):
         description="Reuse the KV cache of shared prompt prefixes (system prompts, the policy instructions). "
         "Unset: vLLM's default for the platform.",
     )
+    merged_weights: bool = Field(
+        default=False,
+        description="Serve the promoted version merged into full weights (as fast as the base model; a LoRA "
+        "adapter on every request costs about half the throughput on CPU) instead of as a LoRA adapter. A swap "
+        "or rollback then drains running requests and reloads the weights (pause, reload, prefix-cache reset, "
+        "resume: 0.05-0.3 s on the demo model, longer for a larger one, which is read in full; an adapter swap "
+        "takes milliseconds); each version's merged copy takes the base model's size on disk "
+        "(versions/<v>/merged/), no extra GPU memory. A canary stays a LoRA, as its delta from the incumbent: a "
+        "LoRA of both adapters' ranks added, which max_lora_rank must hold (align's default 8 + 8 = 16, the default).",
+    )
     log_format: Literal["text", "json"] = Field(
         default="text",
         description="`json`: one JSON object per log line (request id, version, route, status, latency on "

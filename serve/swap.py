@@ -17,6 +17,10 @@ Whatever Redis holds is checked before it is loaded: the name must be `base` or 
 (`core.versions.check_name`) and be registered in the versions hash, and its directory must
 stay under the versions root (checked by `ModelEngine.activate`). A refused name is logged and
 counted as `secondstage_swaps_total{result="rejected"}`, once until it changes.
+
+In merged-weights mode (serve/engine.py) `activate` merges (when needed) and reloads the engine's weights
+instead of loading an adapter; a merge or reload that fails is reported and retried exactly like an adapter
+that fails to load, while the old weights go on serving.
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ No server runs here: these are the pure functions that turn samples into the fig
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from bench.serving import Cell, analyse, ratio, sweep
-from bench.swap import match_switches, server_switches
+from bench.swap import match_switches, reload_phases, server_switches
 
 
 def _runs(**rates: list[float]) -> dict[str, list[dict[str, object] | None]]:
@@ -91,3 +92,11 @@ def test_swap_switch_is_matched_to_its_own_activation(tmp_path: Path) -> None:
     matched = match_switches([(t0, "v1"), (t0 + 2.0, "base"), (t0 + 4.0, "v2")], switches)
     assert [round(m["switch_s"], 3) if m["switch_s"] is not None else None for m in matched] == [0.1, 0.4, None]
     assert matched[0]["load_s"] == 0.05
+
+
+def test_merged_reload_phases_are_read_from_the_json_log(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    line = {"time": "2026-11-30T10:00:00.000+00:00", "logger": "secondstage.engine",
+            "message": "weights of v2 loaded (merge 0.001s, drain 0.250s, reload 0.071s)"}  # fmt: skip
+    log.write_text("not json\n" + json.dumps(line) + "\n" + json.dumps({**line, "message": "other"}) + "\n")
+    assert reload_phases(log) == [{"version": "v2", "merge_s": 0.001, "drain_s": 0.25, "reload_s": 0.071}]
