@@ -2,7 +2,7 @@
 
 Every case goes through the real app (fake engine, real redis-server) as raw bytes, and must end in a
 4xx naming the parameter (OpenAI's error shape, `param` the dotted path) or be served correctly, within a
-second: never a 500, never a stall. The last test sends the whole matrix to one server and then checks
+few seconds: never a 500, never a stall. The last test sends the whole matrix to one server and then checks
 that a completion and its feedback still reach Redis and that /health still reports a live log writer,
 which a lone surrogate used to kill (its records then stayed in memory while /health said ok).
 """
@@ -151,7 +151,9 @@ def send(client: TestClient, case: Case) -> None:
     r = client.post(case.path, content=case.body, headers={"content-type": "application/json"})
     took = time.perf_counter() - start
     assert r.status_code == case.status, (case.id, r.status_code, r.text[:500])
-    assert took < 1.0, f"{case.id} took {took:.2f}s"
+    # A stall (a quadratic parse, a blocked loop) takes far longer than this; 1 s failed only under load (1.2 s for
+    # 50,000 token prompts at load average 10 on 2 shared cores), which is not what this guards against.
+    assert took < 5.0, f"{case.id} took {took:.2f}s"
     if case.status == SERVED:
         return
     error = r.json()["error"]
