@@ -151,7 +151,13 @@ def align_round(server: Server, gateway: str, sent: list[str]) -> None:
     client.close()
     # The Align panels need a published run; one round that teaches the style can break a few demo-model facts,
     # which the default gate refuses (as tests/e2e/test_loop.py explains), so regression and drift are lenient.
-    lenient = {"SECONDSTAGE_GATE_MAX_REGRESSIONS": "19", "SECONDSTAGE_GATE_MAX_DRIFT_NATS": "5"}
+    # Nothing is held out: the held-out split goes by the hash of the (random) completion ids, and holding out
+    # 4 of these 7 rows (a few percent of runs) leaves fewer than the 4 a run needs ("insufficient", seen here).
+    lenient = {
+        "SECONDSTAGE_GATE_MAX_REGRESSIONS": "19",
+        "SECONDSTAGE_GATE_MAX_DRIFT_NATS": "5",
+        "SECONDSTAGE_HELDOUT_SHARE": "0",
+    }
     aligner = dataclasses.replace(server, env={**server.env, **lenient, "SECONDSTAGE_PUSHGATEWAY_URL": gateway})
     run = aligner.cli("align", "run", "--json", timeout=1200)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
