@@ -68,6 +68,13 @@ class AlignSettings(CommonSettings):
     lora_rank: int = Field(default=8, ge=1, le=16, description="LoRA rank r; at most the server's max_lora_rank (16).")
     lora_alpha: int = Field(default=16, ge=1, description="LoRA alpha; the adapter's update is scaled by alpha / r.")
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input during training.")
+    lora_targets: list[str] = Field(
+        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Module names a fresh adapter puts LoRA weights on (peft target_modules; a run that continues "
+        "from a parent keeps the parent's). Default: every linear layer of a Llama block (vLLM serves all of them). "
+        "Fewer targets change less of what the model computes (README Performance, closed loop: measured).",
+    )
 
     # --- training
     learning_rate: float = Field(
@@ -107,6 +114,14 @@ class AlignSettings(CommonSettings):
         "log-probs summed over the answer while the SFT term is a per-token mean, so at 1.0 the preference term "
         "dominates and pushes down every token of the rejected answer — with a style correction, the content the "
         "correction kept. 0 trains on the corrections alone (SFT).",
+    )
+    liked_as_sft: bool = Field(
+        default=False,
+        description="Train liked answers (KTO-desirable rows: thumbs up, rating ≥ 4) as SFT rows inside the DPO "
+        "phase instead of in the KTO phase before it: each becomes a pair whose chosen and rejected are the same "
+        "answer, on which the preference term has no gradient and the SFT term (sft_weight) trains — rehearsal of "
+        "the model's own good answers while the corrections train, rather than before them. The rows stay KTO rows "
+        "for the gate and the manifest counts.",
     )
     dpo_loss: DpoLoss = Field(
         default="sigmoid",

@@ -33,7 +33,7 @@ from align.datasets import AlignData
 from align.settings import AlignSettings
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-"""Every linear layer of a Llama block; the server's vLLM LoRA supports all of them."""
+"""Every linear layer of a Llama block (the default of `AlignSettings.lora_targets`); vLLM's LoRA supports all."""
 
 
 class TrainError(Exception):
@@ -84,7 +84,7 @@ def lora_config(settings: AlignSettings) -> Any:
         r=settings.lora_rank,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
-        target_modules=LORA_TARGETS,
+        target_modules=list(settings.lora_targets),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -190,6 +190,19 @@ def dpo_losses(settings: AlignSettings) -> tuple[list[str], list[float]]:
     return losses, weights
 
 
+def phase_rows(settings: AlignSettings, data: AlignData) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(DPO-phase rows, KTO-phase rows). With `liked_as_sft` the desirable KTO rows move into the DPO phase as
+    pairs whose chosen and rejected are the same answer: every pairwise term (sigmoid, IPO, …) depends on chosen −
+    rejected only, so its gradient on such a pair is zero and only the SFT term trains it."""
+    if not settings.liked_as_sft:
+        return list(data.dpo_rows), list(data.kto_rows)
+    if settings.sft_weight <= 0:
+        raise TrainError("liked_as_sft trains liked answers through the SFT term, but sft_weight is 0; raise it")
+    liked = [r for r in data.kto_rows if r["label"]]
+    rehearsal = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["completion"]} for r in liked]
+    return [*data.dpo_rows, *rehearsal], [r for r in data.kto_rows if not r["label"]]
+
+
 def dpo_steps(settings: AlignSettings, pairs: int) -> int:
     """DPOConfig.max_steps: settings.max_steps when set, else -1 (epochs decide) unless that is < min_dpo_steps."""
     if settings.max_steps > 0:
@@ -289,11 +302,13 @@ def _train_adapter(
     settings: AlignSettings, data: AlignData, work_dir: Path, *, parent_adapter: Path | None, console: Console
 ) -> TrainResult:
     import torch
+    from datasets import Dataset
     from peft import PeftModel, get_peft_model
     from transformers import set_seed
 
-    dpo = data.dpo_dataset()
-    kto = data.kto_dataset()
+    dpo_rows, kto_rows = phase_rows(settings, data)
+    dpo = Dataset.from_list(dpo_rows) if dpo_rows else None
+    kto = Dataset.from_list(kto_rows) if kto_rows else None
     if kto is not None and len(kto) < settings.batch_size:
         # KTO estimates its KL term from the other rows of a batch; a lone row would compare with itself.
         console.print(f"[yellow]KTO skipped: {len(kto)} row(s) < batch_size {settings.batch_size}")
@@ -331,6 +346,7 @@ def _train_adapter(
     metrics["train_seconds"] = round(time.monotonic() - started, 3)
     metrics["dpo_rows"] = float(len(dpo) if dpo is not None else 0)
     metrics["kto_rows"] = float(len(kto) if kto is not None else 0)
+    metrics["sft_rows"] = float(len(dpo_rows) - len(data.dpo_rows))
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
         console.print(f"[red]non-finite training metrics: {bad}")

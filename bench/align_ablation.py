@@ -21,6 +21,7 @@ figure of record), and nothing here goes through Redis, policies or the gate.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 import uuid
@@ -67,8 +68,27 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "no-kto-dup+low-lr+dpo0.1": {"learning_rate": 5e-4, "epochs": 3.0, "dpo_weight": 0.1},
     # Length-normalised preference term (per-token margin, like the SFT term's per-token mean).
     "no-kto-dup+low-lr+norm": {"learning_rate": 5e-4, "epochs": 3.0, "dpo_loss": "sigmoid_norm", "beta": 2.0},
-    # Rehearsal: 24 of the current model's own answers to other prompts as KTO-desirable rows (not measured yet).
+    # Rehearsal: 24 of the current model's own answers to other prompts as KTO-desirable rows, UNRATED (for a global
+    # style these argue against the style: the parent does not have it yet).
     "defaults+replay24": {"replay": 24},
+    # Issue 9 §1 levers on top of the defaults, one at a time (README Performance, "Closed loop"):
+    # only the corrections (SFT on the chosen answer): no preference term pushing the model's own answer down.
+    "sft-only": {"dpo_weight": 0.0},
+    # a larger β: the sigmoid saturates after a margin of ~3/β nats (30 at 0.1, 6 at 0.5).
+    "beta0.5": {"beta": 0.5},
+    # IPO (TRL's per-token form): a bounded target margin of 1/(2β) instead of an unbounded push.
+    "ipo": {"dpo_loss": "ipo", "beta": 0.5},
+    # a smaller step, and fewer passes.
+    "lr2.5e-4": {"learning_rate": 2.5e-4},
+    "epochs1": {"epochs": 1.0},
+    # fewer LoRA targets: the attention projections only, or the MLP only; a smaller rank.
+    "attn-only": {"lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    "mlp-only": {"lora_targets": ["gate_proj", "up_proj", "down_proj"]},
+    "rank2": {"lora_rank": 2, "lora_alpha": 4},
+    # twice the weight on the corrections' NLL.
+    "sft2": {"sft_weight": 2.0},
+    # liked answers (round 2 on) as SFT rows inside the DPO phase, rehearsed while the corrections train.
+    "liked-sft": {"liked_as_sft": True},
     # The current defaults (align/settings.py), whatever they are.
     "defaults": {},
 }
@@ -180,6 +200,9 @@ def main() -> None:
     p.add_argument("--config", action="append", help=f"configurations to run (default all: {', '.join(CONFIGS)})")
     p.add_argument("--set", action="append", default=[], help="extra KEY=VALUE AlignSettings override for all")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-at", type=float, default=0.9, help="stop a configuration once preferred reaches this…")
+    p.add_argument("--keep-at", type=float, default=0.8, help="…and content kept reaches this")
+    p.add_argument("--label", default=None, help="results file suffix (default: the preference)")
     args = p.parse_args()
     pref = load_preference(args.preference)
     train, heldout = split_prompts(args.train, args.heldout, args.seed)
@@ -226,15 +249,21 @@ def main() -> None:
                         "events": len(batch.feedback),
                         "rows": data.summary(),
                         "seconds": round(time.monotonic() - t0, 1),
+                        "loadavg_1m": round(os.getloadavg()[0], 1),
+                        "train_metrics": {
+                            k: v for k, v in trained.metrics.items() if k.endswith(("_steps", "_seconds", "_loss"))
+                        },
                         "samples": [a[0] for a in held[:4]],
                     }
                 )
                 console.print(f"[bold]{name}[/] round {r}: {rounds[-1]}")
+                if rounds[-1]["preferred"] >= args.stop_at and rounds[-1]["content_kept"] >= args.keep_at:
+                    break
                 answers = gen.answer(train, parent) if r < args.rounds else answers
         results[name] = {"overrides": overrides, "rounds": rounds}
 
     t = Table(title=f"Align ablation: {args.preference!r}, {len(train)} train / {len(heldout)} held-out prompts")
-    for col in ("config", "round", "preferred", "content kept", "degenerate", "events", "s"):
+    for col in ("config", "round", "preferred", "content kept", "degenerate", "events", "s", "load"):
         t.add_column(col, justify="left" if col == "config" else "right")
     for name, res in results.items():
         for x in res["rounds"]:
@@ -246,9 +275,11 @@ def main() -> None:
                 f"{x['degenerate']:.0%}",
                 str(x["events"]),
                 f"{x['seconds']:.0f}",
+                f"{x.get('loadavg_1m', '-')}",
             )
     console.print(t)
-    path = write_result(f"align_ablation_{args.preference}", {"params": vars(args), "configs": results})
+    label = args.label or args.preference.replace(":", "_")
+    path = write_result(f"align_ablation_{label}", {"params": vars(args), "configs": results})
     console.print(f"wrote {path}")
 
 
