@@ -197,7 +197,10 @@ def phase_rows(settings: AlignSettings, data: AlignData) -> tuple[list[dict[str,
     if not settings.liked_as_sft:
         return list(data.dpo_rows), list(data.kto_rows)
     if settings.sft_weight <= 0:
-        raise TrainError("liked_as_sft trains liked answers through the SFT term, but sft_weight is 0; raise it")
+        raise TrainError(
+            "liked_as_sft trains liked answers through the SFT term, but sft_weight is 0; raise it, or set "
+            "liked_as_sft false to train them in the KTO phase"
+        )
     liked = [r for r in data.kto_rows if r["label"]]
     rehearsal = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["completion"]} for r in liked]
     return [*data.dpo_rows, *rehearsal], [r for r in data.kto_rows if not r["label"]]

@@ -13,8 +13,9 @@ def settings(**kw: object) -> AlignSettings:
     return AlignSettings(model="unused", **kw)  # type: ignore[arg-type]
 
 
-def test_defaults_train_the_preference_term_and_the_corrections() -> None:
-    assert dpo_losses(settings()) == (["sigmoid", "sft"], [1.0, 1.0])
+def test_defaults_train_the_corrections_without_the_preference_term() -> None:
+    assert dpo_losses(settings()) == (["sft"], [1.0])
+    assert dpo_losses(settings(dpo_weight=1.0)) == (["sigmoid", "sft"], [1.0, 1.0])
 
 
 def test_weights_and_loss_type_are_passed_on() -> None:
@@ -26,7 +27,7 @@ def test_weights_and_loss_type_are_passed_on() -> None:
 
 def test_a_zero_weight_drops_its_term() -> None:
     assert dpo_losses(settings(dpo_weight=0.0)) == (["sft"], [1.0])
-    assert dpo_losses(settings(sft_weight=0.0)) == (["sigmoid"], [1.0])
+    assert dpo_losses(settings(dpo_weight=1.0, sft_weight=0.0)) == (["sigmoid"], [1.0])
 
 
 def test_no_loss_at_all_is_refused() -> None:
@@ -77,11 +78,11 @@ def _data() -> AlignData:
     return data
 
 
-def test_liked_answers_train_in_the_kto_phase_by_default() -> None:
+def test_liked_answers_train_in_the_kto_phase_when_asked() -> None:
     from align.train import phase_rows
 
     data = _data()
-    dpo, kto = phase_rows(settings(), data)
+    dpo, kto = phase_rows(settings(liked_as_sft=False), data)
     assert dpo == data.dpo_rows and kto == data.kto_rows
 
 
@@ -89,7 +90,7 @@ def test_liked_as_sft_moves_liked_answers_into_the_dpo_phase_as_identical_pairs(
     from align.train import phase_rows
 
     data = _data()
-    dpo, kto = phase_rows(settings(liked_as_sft=True), data)
+    dpo, kto = phase_rows(settings(), data)  # the default
     assert dpo[0] == data.dpo_rows[0]
     assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in dpo[1:]] == [
         ("good.", "good."),
