@@ -27,7 +27,7 @@ liked. `--user form-only` likes any answer in the preferred form (the bench befo
 Round 0 is the base model. Stops early once preferred ≥ --stop-at and content kept ≥ --keep-at. Prompts are the
 demo model's own question space (serve/demo/data/facts.json), split into train and held-out sets by a fixed seed.
 `--align-env NAME=VALUE` passes align settings to `align run` (the ablation in README Performance); the per-user
-cap (SECONDSTAGE_MAX_ROWS_PER_USER) is raised to --train, since one simulated identity posts every event; the held-out
+cap (SECONDSTAGE_MAX_ROWS_PER_USER) is lifted, since one simulated identity posts every event; the held-out
 evaluation requests are deleted from the completion log after they are scored, so nothing align reads from the
 log (e.g. replay rows) can come from a held-out prompt.
 
@@ -376,9 +376,10 @@ def main() -> None:
         align_env[name] = value
     # The simulated user stands for the many users of a real deployment, but posts every event under one identity:
     # align's per-user cap (max_rows_per_user, 50 by default, a guard against one poisoner) would train on 50 of a
-    # round's events and leave the rest for later rounds. The round's events are the measured variable, so the cap
-    # is raised to them unless set explicitly.
-    align_env.setdefault("SECONDSTAGE_MAX_ROWS_PER_USER", str(max(50, args.train)))
+    # round's events and leave the rest for later rounds. The cap is lifted to max_rows_per_run unless set
+    # explicitly: a cap of exactly --train would, after a gate refusal, re-read the same refused entries (pending
+    # ones come first) every round and never reach the new ones — the same training, the same refusal.
+    align_env.setdefault("SECONDSTAGE_MAX_ROWS_PER_USER", "10000")
 
     pref = load_preference(args.preference)
     train, heldout = split_prompts(args.train, args.heldout, args.seed)
