@@ -284,7 +284,9 @@ def main() -> None:
         kto_on_corrected = bool(overrides.get("kto_on_corrected", False))
         replay = int(overrides.get("replay", 0))
         settings = AlignSettings(model_path=str(DEMO), **{k: v for k, v in overrides.items() if k not in HARNESS_KEYS})
-        rounds = [{"round": 0, **score(heldout, base_heldout, wanted, pref, stable), "events": 0, "seconds": 0.0}]
+        rounds: list[dict[str, Any]] = [
+            {"round": 0, **score(heldout, base_heldout, wanted, pref, stable), "events": 0, "seconds": 0.0}
+        ]
         parent: Path | None = None
         answers = base_train
         with tempfile.TemporaryDirectory(prefix="ablation-") as tmp:
