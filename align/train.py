@@ -3,12 +3,16 @@
 Both phases train the same adapter, KTO first so that the corrections (DPO), the most specific feedback,
 shape the final adapter. It starts from the parent version's adapter when there is one (so
 alignment is iterative: each version refines the last), else from a fresh `peft.LoraConfig` on every
-projection of the Llama block. TRL makes the reference policy a frozen copy of the adapter as it is at the
-start of each phase ("ref"): KTO is anchored to the parent, DPO to the KTO result.
+projection of the Llama block (`lora_targets`). TRL makes the reference policy a frozen copy of the adapter as it
+is at the start of each phase ("ref"): KTO is anchored to the parent, DPO to the KTO result.
 
-DPO adds an NLL term on the chosen answer (TRL `loss_type=["sigmoid", "sft"]`, weighted by `sft_weight`,
-the RPO recipe): preference margins alone can grow while the chosen answer's probability falls, and users
-expect their corrections to show up in the answers.
+The DPO phase's loss is an NLL term on the chosen answer (TRL loss_type "sft", weighted by `sft_weight`) plus,
+when `dpo_weight` > 0, a preference term (`dpo_loss`, e.g. "sigmoid": the RPO recipe). The default is the NLL
+term alone: the preference term pushes down the rejected answer's tokens, which for a correction of a styled
+answer include the style, and in the closed loop it moved the model's own answers past the gate's drift limit
+(README Performance, "Closed loop at 200 events a round"). With `liked_as_sft` (default) liked answers train in
+this phase too, as pairs whose chosen and rejected are the same answer (`phase_rows`), so the model's own good
+answers are rehearsed while the corrections train; the KTO phase keeps the thumbs-downs without a correction.
 
 Runs on CPU with fp32 (the demo model is tiny); on a CUDA machine TRL/accelerate pick the GPU.
 
