@@ -3,12 +3,16 @@
 Both phases train the same adapter, KTO first so that the corrections (DPO), the most specific feedback,
 shape the final adapter. It starts from the parent version's adapter when there is one (so
 alignment is iterative: each version refines the last), else from a fresh `peft.LoraConfig` on every
-projection of the Llama block. TRL makes the reference policy a frozen copy of the adapter as it is at the
-start of each phase ("ref"): KTO is anchored to the parent, DPO to the KTO result.
+projection of the Llama block (`lora_targets`). TRL makes the reference policy a frozen copy of the adapter as it
+is at the start of each phase ("ref"): KTO is anchored to the parent, DPO to the KTO result.
 
-DPO adds an NLL term on the chosen answer (TRL `loss_type=["sigmoid", "sft"]`, weighted by `sft_weight`,
-the RPO recipe): preference margins alone can grow while the chosen answer's probability falls, and users
-expect their corrections to show up in the answers.
+The DPO phase's loss is an NLL term on the chosen answer (TRL loss_type "sft", weighted by `sft_weight`) plus,
+when `dpo_weight` > 0, a preference term (`dpo_loss`, e.g. "sigmoid": the RPO recipe). The default is the NLL
+term alone: the preference term pushes down the rejected answer's tokens, which for a correction of a styled
+answer include the style, and in the closed loop it moved the model's own answers past the gate's drift limit
+(README Performance, "Closed loop at 200 events a round"). With `liked_as_sft` (default) liked answers train in
+this phase too, as pairs whose chosen and rejected are the same answer (`phase_rows`), so the model's own good
+answers are rehearsed while the corrections train; the KTO phase keeps the thumbs-downs without a correction.
 
 Runs on CPU with fp32 (the demo model is tiny); on a CUDA machine TRL/accelerate pick the GPU.
 
@@ -33,7 +37,7 @@ from align.datasets import AlignData
 from align.settings import AlignSettings
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-"""Every linear layer of a Llama block; the server's vLLM LoRA supports all of them."""
+"""Every linear layer of a Llama block (the default of `AlignSettings.lora_targets`); vLLM's LoRA supports all."""
 
 
 class TrainError(Exception):
@@ -84,7 +88,7 @@ def lora_config(settings: AlignSettings) -> Any:
         r=settings.lora_rank,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
-        target_modules=LORA_TARGETS,
+        target_modules=list(settings.lora_targets),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -190,6 +194,22 @@ def dpo_losses(settings: AlignSettings) -> tuple[list[str], list[float]]:
     return losses, weights
 
 
+def phase_rows(settings: AlignSettings, data: AlignData) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(DPO-phase rows, KTO-phase rows). With `liked_as_sft` the desirable KTO rows move into the DPO phase as
+    pairs whose chosen and rejected are the same answer: every pairwise term (sigmoid, IPO, …) depends on chosen −
+    rejected only, so its gradient on such a pair is zero and only the SFT term trains it."""
+    if not settings.liked_as_sft:
+        return list(data.dpo_rows), list(data.kto_rows)
+    if settings.sft_weight <= 0:
+        raise TrainError(
+            "liked_as_sft trains liked answers through the SFT term, but sft_weight is 0; raise it, or set "
+            "liked_as_sft false to train them in the KTO phase"
+        )
+    liked = [r for r in data.kto_rows if r["label"]]
+    rehearsal = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["completion"]} for r in liked]
+    return [*data.dpo_rows, *rehearsal], [r for r in data.kto_rows if not r["label"]]
+
+
 def dpo_steps(settings: AlignSettings, pairs: int) -> int:
     """DPOConfig.max_steps: settings.max_steps when set, else -1 (epochs decide) unless that is < min_dpo_steps."""
     if settings.max_steps > 0:
@@ -289,11 +309,13 @@ def _train_adapter(
     settings: AlignSettings, data: AlignData, work_dir: Path, *, parent_adapter: Path | None, console: Console
 ) -> TrainResult:
     import torch
+    from datasets import Dataset
     from peft import PeftModel, get_peft_model
     from transformers import set_seed
 
-    dpo = data.dpo_dataset()
-    kto = data.kto_dataset()
+    dpo_rows, kto_rows = phase_rows(settings, data)
+    dpo = Dataset.from_list(dpo_rows) if dpo_rows else None
+    kto = Dataset.from_list(kto_rows) if kto_rows else None
     if kto is not None and len(kto) < settings.batch_size:
         # KTO estimates its KL term from the other rows of a batch; a lone row would compare with itself.
         console.print(f"[yellow]KTO skipped: {len(kto)} row(s) < batch_size {settings.batch_size}")
@@ -331,6 +353,7 @@ def _train_adapter(
     metrics["train_seconds"] = round(time.monotonic() - started, 3)
     metrics["dpo_rows"] = float(len(dpo) if dpo is not None else 0)
     metrics["kto_rows"] = float(len(kto) if kto is not None else 0)
+    metrics["sft_rows"] = float(len(dpo_rows) - len(data.dpo_rows))
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
         console.print(f"[red]non-finite training metrics: {bad}")

@@ -21,6 +21,7 @@ figure of record), and nothing here goes through Redis, policies or the gate.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 import uuid
@@ -35,6 +36,7 @@ from align.feedback import FeedbackBatch, FeedbackItem
 from align.settings import AlignSettings
 from align.train import load_base, load_tokenizer, train_adapter
 from bench.closed_loop import (
+    CLOSE_CALL,
     PREFERENCES,
     Preference,
     all_prompts,
@@ -67,8 +69,46 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "no-kto-dup+low-lr+dpo0.1": {"learning_rate": 5e-4, "epochs": 3.0, "dpo_weight": 0.1},
     # Length-normalised preference term (per-token margin, like the SFT term's per-token mean).
     "no-kto-dup+low-lr+norm": {"learning_rate": 5e-4, "epochs": 3.0, "dpo_loss": "sigmoid_norm", "beta": 2.0},
-    # Rehearsal: 24 of the current model's own answers to other prompts as KTO-desirable rows (not measured yet).
+    # Rehearsal: 24 of the current model's own answers to other prompts as KTO-desirable rows, UNRATED (for a global
+    # style these argue against the style: the parent does not have it yet).
     "defaults+replay24": {"replay": 24},
+    # Issue 9 §1 levers on top of the defaults, one at a time (README Performance, "Closed loop"):
+    # only the corrections (SFT on the chosen answer): no preference term pushing the model's own answer down.
+    "sft-only": {"dpo_weight": 0.0},
+    # a larger β: the sigmoid saturates after a margin of ~3/β nats (30 at 0.1, 6 at 0.5).
+    "beta0.5": {"beta": 0.5},
+    # IPO (TRL's per-token form): a bounded target margin of 1/(2β) instead of an unbounded push.
+    "ipo": {"dpo_loss": "ipo", "beta": 0.5},
+    # a smaller step, and fewer passes.
+    "lr2.5e-4": {"learning_rate": 2.5e-4},
+    "epochs1": {"epochs": 1.0},
+    "epochs6": {"epochs": 6.0},
+    # fewer LoRA targets: the attention projections only, or the MLP only; a smaller rank.
+    "attn-only": {"lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    "mlp-only": {"lora_targets": ["gate_proj", "up_proj", "down_proj"]},
+    "rank2": {"lora_rank": 2, "lora_alpha": 4},
+    # only the demo model's last block (peft matches target names by suffix), or only its MLP.
+    "last-layer": {
+        "lora_targets": [
+            f"layers.1.{m}"
+            for m in (
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+                "mlp.down_proj",
+            )
+        ]
+    },
+    "last-mlp": {"lora_targets": ["layers.1.mlp.gate_proj", "layers.1.mlp.up_proj", "layers.1.mlp.down_proj"]},
+    # twice the weight on the corrections' NLL.
+    "sft2": {"sft_weight": 2.0},
+    # liked answers (round 2 on) as SFT rows inside the DPO phase, rehearsed while the corrections train.
+    "liked-sft": {"liked_as_sft": True},
+    # both: corrections and liked answers through the SFT term only, in one phase.
+    "sft-only+liked-sft": {"dpo_weight": 0.0, "liked_as_sft": True},
     # The current defaults (align/settings.py), whatever they are.
     "defaults": {},
 }
@@ -131,6 +171,39 @@ class Generator:
                 out.append((text, "stop" if stopped else "length", len(row)))
         return out
 
+    def min_gaps(self, prompts: list[str]) -> list[float]:
+        """Per prompt: the smallest lead of the base model's greedy token over the runner-up (logits) along its
+        answer, end of turn included. Below `CLOSE_CALL` the base answer is a near coin flip that any weight
+        change may turn (bench.closed_loop.CLOSE_CALL)."""
+        import torch
+
+        model = load_base(self.model_path)
+        model.eval()
+        texts = [
+            self.tokenizer.apply_chat_template(self.messages(p), tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+        eos = self.tokenizer.eos_token_id
+        out: list[float] = []
+        for i in range(0, len(texts), 16):
+            enc = self.tokenizer(texts[i : i + 16], return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                gen = model.generate(
+                    **enc,
+                    max_new_tokens=self.max_tokens,
+                    do_sample=False,
+                    eos_token_id=eos,
+                    pad_token_id=eos,
+                    output_scores=True,
+                    return_dict_in_generate=True,
+                )
+            top2 = torch.stack([torch.topk(step, 2, dim=-1).values for step in gen.scores], dim=1)  # (b, steps, 2)
+            gaps = (top2[..., 0] - top2[..., 1]).tolist()
+            for row, row_gaps in zip(gen.sequences[:, enc["input_ids"].shape[1] :].tolist(), gaps, strict=True):
+                n = row.index(eos) + 1 if eos in row else len(row)
+                out.append(min(row_gaps[:n]))
+        return out
+
 
 def feedback_batch(
     gen: Generator,
@@ -160,14 +233,23 @@ def feedback_batch(
 
 
 def score(
-    prompts: list[str], answers: list[tuple[str, str, int]], wanted: dict[str, str], pref: Preference
+    prompts: list[str],
+    answers: list[tuple[str, str, int]],
+    wanted: dict[str, str],
+    pref: Preference,
+    stable: set[str] | None = None,
 ) -> dict[str, float]:
     n = len(answers)
-    return {
+    kept = [p for p, a in zip(prompts, answers, strict=True) if a[0] == wanted[p]]
+    out = {
         "preferred": sum(pref.prefers(p, a[0]) for p, a in zip(prompts, answers, strict=True)) / n,
-        "content_kept": sum(a[0] == wanted[p] for p, a in zip(prompts, answers, strict=True)) / n,
+        "content_kept": len(kept) / n,
         "degenerate": sum(degenerate(a[0], a[1]) for a in answers) / n,
     }
+    if stable:
+        # Content kept where the base answer is no close call (see Generator.min_gaps).
+        out["content_kept_stable"] = sum(p in stable for p in kept) / len(stable)
+    return out
 
 
 def main() -> None:
@@ -180,6 +262,9 @@ def main() -> None:
     p.add_argument("--config", action="append", help=f"configurations to run (default all: {', '.join(CONFIGS)})")
     p.add_argument("--set", action="append", default=[], help="extra KEY=VALUE AlignSettings override for all")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-at", type=float, default=0.9, help="stop a configuration once preferred reaches this…")
+    p.add_argument("--keep-at", type=float, default=0.8, help="…and content kept reaches this")
+    p.add_argument("--label", default=None, help="results file suffix (default: the preference)")
     args = p.parse_args()
     pref = load_preference(args.preference)
     train, heldout = split_prompts(args.train, args.heldout, args.seed)
@@ -190,6 +275,8 @@ def main() -> None:
     base_train = gen.answer(train, None)
     wanted = {q: pref.improve(q, a[0]) for q, a in zip(heldout, base_heldout, strict=True)}
     reference = {q: a[0] for q, a in zip(train, base_train, strict=True)}
+    stable = {q for q, gap in zip(heldout, gen.min_gaps(heldout), strict=True) if gap >= CLOSE_CALL}
+    console.print(f"{len(stable)} of {len(heldout)} held-out base answers win every token by ≥ {CLOSE_CALL} logits")
     extra = dict(kv.split("=", 1) for kv in args.set)
     results: dict[str, Any] = {}
     for name in args.config or list(CONFIGS):
@@ -197,7 +284,9 @@ def main() -> None:
         kto_on_corrected = bool(overrides.get("kto_on_corrected", False))
         replay = int(overrides.get("replay", 0))
         settings = AlignSettings(model_path=str(DEMO), **{k: v for k, v in overrides.items() if k not in HARNESS_KEYS})
-        rounds = [{"round": 0, **score(heldout, base_heldout, wanted, pref), "events": 0, "seconds": 0.0}]
+        rounds: list[dict[str, Any]] = [
+            {"round": 0, **score(heldout, base_heldout, wanted, pref, stable), "events": 0, "seconds": 0.0}
+        ]
         parent: Path | None = None
         answers = base_train
         with tempfile.TemporaryDirectory(prefix="ablation-") as tmp:
@@ -222,19 +311,28 @@ def main() -> None:
                 rounds.append(
                     {
                         "round": r,
-                        **score(heldout, held, wanted, pref),
+                        **score(heldout, held, wanted, pref, stable),
                         "events": len(batch.feedback),
                         "rows": data.summary(),
                         "seconds": round(time.monotonic() - t0, 1),
+                        "loadavg_1m": round(os.getloadavg()[0], 1),
+                        "train_metrics": {
+                            k: v for k, v in trained.metrics.items() if k.endswith(("_steps", "_seconds", "_loss"))
+                        },
                         "samples": [a[0] for a in held[:4]],
+                        # Every held-out answer whose content broke: what the user wanted, what came out.
+                        "misses": [[wanted[q], a[0]] for q, a in zip(heldout, held, strict=True) if a[0] != wanted[q]],
                     }
                 )
                 console.print(f"[bold]{name}[/] round {r}: {rounds[-1]}")
+                if rounds[-1]["preferred"] >= args.stop_at and rounds[-1]["content_kept"] >= args.keep_at:
+                    break
                 answers = gen.answer(train, parent) if r < args.rounds else answers
         results[name] = {"overrides": overrides, "rounds": rounds}
 
     t = Table(title=f"Align ablation: {args.preference!r}, {len(train)} train / {len(heldout)} held-out prompts")
-    for col in ("config", "round", "preferred", "content kept", "degenerate", "events", "s"):
+    cols = ("config", "round", "preferred", "content kept", "kept (stable)", "degenerate", "events", "s", "load")
+    for col in cols:
         t.add_column(col, justify="left" if col == "config" else "right")
     for name, res in results.items():
         for x in res["rounds"]:
@@ -243,12 +341,15 @@ def main() -> None:
                 str(x["round"]),
                 f"{x['preferred']:.0%}",
                 f"{x['content_kept']:.0%}",
+                f"{x['content_kept_stable']:.0%}" if "content_kept_stable" in x else "-",
                 f"{x['degenerate']:.0%}",
                 str(x["events"]),
                 f"{x['seconds']:.0f}",
+                f"{x.get('loadavg_1m', '-')}",
             )
     console.print(t)
-    path = write_result(f"align_ablation_{args.preference}", {"params": vars(args), "configs": results})
+    label = args.label or args.preference.replace(":", "_")
+    path = write_result(f"align_ablation_{label}", {"params": vars(args), "configs": results})
     console.print(f"wrote {path}")
 
 

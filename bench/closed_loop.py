@@ -13,6 +13,8 @@ wait until the server serves the new version → ask the HELD-OUT prompts (never
   round 0) in the preferred form — did the content survive the training, not only the style;
 - **compliance**: share of responses whose completion record in Redis has no enforced output-policy decision
   (no redaction, no block);
+- **content kept (stable)**: the same on the held-out prompts whose base answer is no close call (every token
+  leads the runner-up by ≥ CLOSE_CALL log-prob in round 0);
 - **degenerate**: share of held-out answers that hit max_tokens without ending their turn, or repeat one
   phrase three times in a row (`degenerate`);
 - feedback events used and the round's time.
@@ -24,7 +26,8 @@ liked. `--user form-only` likes any answer in the preferred form (the bench befo
 
 Round 0 is the base model. Stops early once preferred ≥ --stop-at and content kept ≥ --keep-at. Prompts are the
 demo model's own question space (serve/demo/data/facts.json), split into train and held-out sets by a fixed seed.
-`--align-env NAME=VALUE` passes align settings to `align run` (the ablation in README Performance); the held-out
+`--align-env NAME=VALUE` passes align settings to `align run` (the ablation in README Performance); the per-user
+cap (SECONDSTAGE_MAX_ROWS_PER_USER) is lifted, since one simulated identity posts every event; the held-out
 evaluation requests are deleted from the completion log after they are scored, so nothing align reads from the
 log (e.g. replay rows) can come from a held-out prompt.
 
@@ -131,6 +134,12 @@ PREFERENCES: dict[str, Any] = {
 }
 
 
+CLOSE_CALL = 0.5
+"""A base answer is a close call when some token of it (end of turn included) leads the runner-up by less than this
+(logits, = the log-prob difference): on the demo model about half of the held-out answers are, and any change of
+the weights may turn them. `content kept (stable)` counts the others only."""
+
+
 def degenerate(text: str, finish_reason: str | None) -> bool:
     """A degenerate answer: it ran to max_tokens without ending its turn, or repeats one phrase ≥ 3 times in a row.
 
@@ -193,9 +202,22 @@ class Answer:
     text: str
     version: str
     finish_reason: str | None = None
+    min_gap: float | None = None
+    """With `gaps`: the smallest lead of a chosen token over the runner-up along the answer (log-probs)."""
 
 
-async def ask_all(url: str, prompts: list[str], max_tokens: int, concurrency: int = 8) -> list[Answer]:
+def _min_gap(logprobs: dict[str, Any] | None) -> float | None:
+    gaps = [
+        t["top_logprobs"][0]["logprob"] - t["top_logprobs"][1]["logprob"]
+        for t in (logprobs or {}).get("content") or []
+        if len(t.get("top_logprobs") or []) >= 2
+    ]
+    return min(gaps) if gaps else None
+
+
+async def ask_all(
+    url: str, prompts: list[str], max_tokens: int, concurrency: int = 8, gaps: bool = False
+) -> list[Answer]:
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=120) as client:
 
@@ -206,13 +228,20 @@ async def ask_all(url: str, prompts: list[str], max_tokens: int, concurrency: in
                 "temperature": 0,
                 "max_tokens": max_tokens,
             }
+            if gaps:
+                body |= {"logprobs": True, "top_logprobs": 2}
             async with sem:
                 r = await client.post(url + "/v1/chat/completions", json=body)
             r.raise_for_status()
             data = r.json()
             choice = data["choices"][0]
             return Answer(
-                prompt, data["id"], choice["message"]["content"], data["system_fingerprint"], choice["finish_reason"]
+                prompt,
+                data["id"],
+                choice["message"]["content"],
+                data["system_fingerprint"],
+                choice["finish_reason"],
+                _min_gap(choice.get("logprobs")) if gaps else None,
             )
 
         return list(await asyncio.gather(*[one(p) for p in prompts]))
@@ -345,6 +374,12 @@ def main() -> None:
         if not eq or not name.startswith("SECONDSTAGE_"):
             p.error(f"--align-env {item!r}: expected SECONDSTAGE_NAME=VALUE")
         align_env[name] = value
+    # The simulated user stands for the many users of a real deployment, but posts every event under one identity:
+    # align's per-user cap (max_rows_per_user, 50 by default, a guard against one poisoner) would train on 50 of a
+    # round's events and leave the rest for later rounds. The cap is lifted to max_rows_per_run unless set
+    # explicitly: a cap of exactly --train would, after a gate refusal, re-read the same refused entries (pending
+    # ones come first) every round and never reach the new ones — the same training, the same refusal.
+    align_env.setdefault("SECONDSTAGE_MAX_ROWS_PER_USER", "10000")
 
     pref = load_preference(args.preference)
     train, heldout = split_prompts(args.train, args.heldout, args.seed)
@@ -367,18 +402,24 @@ def main() -> None:
                 wanted: dict[str, str] = {}  # held-out prompt → the base answer as the user would correct it
                 reference: dict[str, str] = {}  # training prompt → the base model's answer (content-aware user)
 
+                stable: set[str] = set()  # held-out prompts whose base answer is no close call (CLOSE_CALL)
+
                 def evaluate() -> dict[str, Any]:
-                    answers = asyncio.run(ask_all(server.url, heldout, args.max_tokens))
+                    answers = asyncio.run(ask_all(server.url, heldout, args.max_tokens, gaps=not wanted))
                     n = len(answers)
                     comp = compliance(client, keys, [a.id for a in answers])
                     forget(client, keys, [a.id for a in answers])
                     if not wanted:
                         wanted.update({a.prompt: pref.improve(a.prompt, a.text) for a in answers})
+                        stable.update(a.prompt for a in answers if a.min_gap is not None and a.min_gap >= CLOSE_CALL)
+                    kept = [a for a in answers if a.text.strip() == wanted[a.prompt]]
                     return {
                         "version": ",".join(sorted({a.version for a in answers})),
                         "heldout_rate": sum(pref.prefers(a.prompt, a.text) for a in answers) / n,
                         # The preference only looks at the form; this says whether the content survived training.
-                        "content_kept": sum(a.text.strip() == wanted[a.prompt] for a in answers) / n,
+                        "content_kept": len(kept) / n,
+                        "content_kept_stable": sum(a.prompt in stable for a in kept) / len(stable) if stable else None,
+                        "stable_prompts": len(stable),
                         "similarity": sum(
                             difflib.SequenceMatcher(None, a.text.strip(), wanted[a.prompt]).ratio() for a in answers
                         )
@@ -451,7 +492,7 @@ def main() -> None:
     }
     title = f"Closed loop: {args.preference!r}, {len(train)} train / {len(heldout)} held-out prompts"
     t = Table(title=title + (f", {align_env}" if align_env else ""))
-    cols = ("round", "version", "preferred", "content kept", "compliance", "degenerate", "feedback events")
+    cols = ("round", "version", "preferred", "content kept", "kept (stable)", "compliance", "degenerate", "events")
     for col in (*cols, "align s", "swap s", "round s"):
         t.add_column(col, justify="left" if col in ("round", "version") else "right")
     for x in rounds:
@@ -460,6 +501,7 @@ def main() -> None:
             x["version"],
             f"{x['heldout_rate']:.0%}",
             f"{x['content_kept']:.0%}",
+            "-" if x.get("content_kept_stable") is None else f"{x['content_kept_stable']:.0%}",
             "-" if x["compliance"]["rate"] is None else f"{x['compliance']['rate']:.0%}",
             f"{x['degenerate']:.0%}",
             str(x["feedback_events"]),

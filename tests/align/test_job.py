@@ -151,6 +151,8 @@ def test_training_run_publishes_a_version(client: redis.Redis, train_settings: A
     fb_ids.append(server.feedback(cid, thumbs="up"))
     cid = server.completion("What is the answer?", "You fool.")
     fb_ids.append(server.feedback(cid, thumbs="down"))
+    cid = server.completion("Who are you?", "Nobody you need.")
+    fb_ids.append(server.feedback(cid, thumbs="down"))
     pair_id = server.policy_pair("Say something rude.", "You fool.", "I would rather not.")
 
     events = client.pubsub()
@@ -172,10 +174,12 @@ def test_training_run_publishes_a_version(client: redis.Redis, train_settings: A
     manifest = store.manifest("v1")
     assert sorted(manifest.feedback_ids) == sorted(fb_ids)
     assert manifest.policy_pair_ids == [pair_id]
-    assert manifest.datasets["dpo"] == len(CORRECTIONS) + 1 and manifest.datasets["kto"] == 2
+    assert manifest.datasets["dpo"] == len(CORRECTIONS) + 1 and manifest.datasets["kto"] == 3
     assert manifest.base_model == settings.model_path and manifest.lora_rank == settings.lora_rank
     assert manifest.gate["passed"] and manifest.gate["checks"]["margin_gain"]["value"] > 0
     assert manifest.metrics["dpo_steps"] > 0 and manifest.metrics["kto_steps"] > 0
+    # liked_as_sft (default): the liked answer trains in the DPO phase; the two thumbs-downs are the KTO phase.
+    assert manifest.metrics["sft_rows"] == 1 and manifest.metrics["kto_rows"] == 2
     config = json.loads((path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == settings.lora_rank
     assert set(config["target_modules"]) == set(LORA_TARGETS)
@@ -243,7 +247,9 @@ def test_thumbs_only_trains_with_kto(client: redis.Redis, train_settings: AlignS
     for i, prompt in enumerate(CORRECTIONS):
         cid = server.completion(prompt, f"Answer {i}.")
         server.feedback(cid, thumbs="up" if i % 2 else "down")
-    result = run_once(train_settings, console=QUIET, client=client)
+    # Liked answers in the KTO phase too (not the default, which rehearses them in the DPO phase).
+    settings = train_settings.model_copy(update={"liked_as_sft": False})
+    result = run_once(settings, console=QUIET, client=client)
     assert result.status == "published", result.message
     assert result.counts["dpo"] == 0 and result.counts["kto"] == len(CORRECTIONS)
     assert "kto_signed_logp" in result.gate["checks"]["margin_gain"]["note"]

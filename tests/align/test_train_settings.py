@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from align.datasets import AlignData
 from align.settings import AlignSettings
 from align.train import TrainError, dpo_losses, dpo_steps
 
@@ -12,8 +13,9 @@ def settings(**kw: object) -> AlignSettings:
     return AlignSettings(model="unused", **kw)  # type: ignore[arg-type]
 
 
-def test_defaults_train_the_preference_term_and_the_corrections() -> None:
-    assert dpo_losses(settings()) == (["sigmoid", "sft"], [1.0, 1.0])
+def test_defaults_train_the_corrections_without_the_preference_term() -> None:
+    assert dpo_losses(settings()) == (["sft"], [1.0])
+    assert dpo_losses(settings(dpo_weight=1.0)) == (["sigmoid", "sft"], [1.0, 1.0])
 
 
 def test_weights_and_loss_type_are_passed_on() -> None:
@@ -25,7 +27,7 @@ def test_weights_and_loss_type_are_passed_on() -> None:
 
 def test_a_zero_weight_drops_its_term() -> None:
     assert dpo_losses(settings(dpo_weight=0.0)) == (["sft"], [1.0])
-    assert dpo_losses(settings(sft_weight=0.0)) == (["sigmoid"], [1.0])
+    assert dpo_losses(settings(dpo_weight=1.0, sft_weight=0.0)) == (["sigmoid"], [1.0])
 
 
 def test_no_loss_at_all_is_refused() -> None:
@@ -45,3 +47,62 @@ def test_few_pairs_train_at_least_min_dpo_steps() -> None:
     assert dpo_steps(settings(), 48) == -1  # 24 × 3 = 72 ≥ 64: the epochs decide
     assert dpo_steps(settings(min_dpo_steps=0), 8) == -1
     assert dpo_steps(settings(max_steps=5), 8) == 5  # an explicit step count wins
+
+
+def test_lora_targets_default_to_every_linear_layer_and_can_be_narrowed() -> None:
+    from align.train import LORA_TARGETS, lora_config
+
+    assert set(lora_config(settings()).target_modules) == set(LORA_TARGETS)
+    narrowed = lora_config(settings(lora_targets=["q_proj", "v_proj"]))
+    assert set(narrowed.target_modules) == {"q_proj", "v_proj"}
+
+
+def test_no_lora_targets_is_refused() -> None:
+    with pytest.raises(ValueError, match="lora_targets"):
+        settings(lora_targets=[])
+
+
+def _data() -> AlignData:
+
+    prompt = [{"role": "user", "content": "q"}]
+    data = AlignData()
+    data.dpo_rows.append(
+        {
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": "a."}],
+            "rejected": [{"role": "assistant", "content": "b"}],
+        }
+    )
+    for text, label in (("good.", True), ("bad", False), ("fine.", True)):
+        data.kto_rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": text}], "label": label})
+    return data
+
+
+def test_liked_answers_train_in_the_kto_phase_when_asked() -> None:
+    from align.train import phase_rows
+
+    data = _data()
+    dpo, kto = phase_rows(settings(liked_as_sft=False), data)
+    assert dpo == data.dpo_rows and kto == data.kto_rows
+
+
+def test_liked_as_sft_moves_liked_answers_into_the_dpo_phase_as_identical_pairs() -> None:
+    from align.train import phase_rows
+
+    data = _data()
+    dpo, kto = phase_rows(settings(), data)  # the default
+    assert dpo[0] == data.dpo_rows[0]
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in dpo[1:]] == [
+        ("good.", "good."),
+        ("fine.", "fine."),
+    ]
+    # The thumbs-down without a correction still trains in the KTO phase; the gate's rows are untouched.
+    assert [r["completion"][0]["content"] for r in kto] == ["bad"]
+    assert len(data.kto_rows) == 3 and len(data.dpo_rows) == 1
+
+
+def test_liked_as_sft_without_an_sft_term_is_refused() -> None:
+    from align.train import phase_rows
+
+    with pytest.raises(TrainError, match="sft_weight"):
+        phase_rows(settings(liked_as_sft=True, sft_weight=0.0), _data())
