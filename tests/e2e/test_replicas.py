@@ -267,6 +267,14 @@ def _scenario(
     redis_server.restart()
     ids += [_chat(a, 5), _chat(b, 6)]
 
+    def all_in_redis() -> bool:
+        return all(rc.get(keys.completion(cid)) is not None for cid in ids)
+
+    # Both replayed what they spooled while Redis was down, and wrote what came after (this is the "restart
+    # Redis → nothing lost" half). Checked before A is killed: a record is written a moment after its response,
+    # and a SIGKILL in that moment loses what was only in the writer's memory queue.
+    _wait("the records from around the Redis restart in Redis", all_in_redis)
+
     # A SIGKILLed mid-stream: B keeps serving.
     with httpx.stream(
         "POST",
@@ -289,9 +297,6 @@ def _scenario(
     a.start()
     ids.append(_chat(a, 10))
     _wait("A to serve v1 again", lambda: _ask(a, CORRECTED[0])["system_fingerprint"] == "v1", timeout=30)
-
-    def all_in_redis() -> bool:
-        return all(rc.get(keys.completion(cid)) is not None for cid in ids)
 
     _wait("every completion in Redis", all_in_redis)
     streamed = {f[b"id"].decode() for _, f in rc.xrange(keys.completions)}
