@@ -6,6 +6,7 @@ secondstage align run --all            # train on all feedback ever logged, not 
 secondstage align run --dry-run        # say what would be trained; change nothing
 secondstage align run --json           # one JSON object per run on stdout (logs stay on stderr), for scripts
     exit status: 0 published / nothing to do, 1 failed, 2 usage, 3 gate refused, 75 lock held (align/job.py)
+secondstage align refusals [--json]    # entries gate refusals counted against, and those dead-lettered
 secondstage feedback export --out DIR  # dpo.jsonl + kto.jsonl (TRL conversational rows), no training
 """
 
@@ -99,6 +100,10 @@ def run_report(result: RunResult) -> dict[str, Any]:
             "gate": {"passed": gate.get("passed"), "failed": gate.get("failed", []), "checks": checks},
             "training": result.metrics,
             "acked": result.acked,
+            "run_id": result.run_id,
+            # refused / dead_lettered entries of this run, and the dead letters so far (align/refusals.py).
+            "entries": result.entries,
+            "dead_letters": result.dead_letters,
         }
     )
 
@@ -190,6 +195,66 @@ def run(
             raise typer.Exit(1) from e
 
 
+@align_app.command("refusals")
+def refusals(
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Most entries listed of each kind.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """List the feedback entries and policy pairs gate refusals were counted against, and those dead-lettered.
+
+    A refused run leaves its feedback for the next one; an entry refused max_refusals times
+    (SECONDSTAGE_MAX_REFUSALS) is taken out of training for good: acknowledged and dead-lettered, with the runs
+    that refused it and the checks that failed.
+    """
+    import time
+
+    import msgspec
+    import redis
+
+    from align.job import AlignError, open_redis
+    from align.refusals import RefusalLedger
+    from core.keys import Keys
+
+    console = Console(stderr=True)
+    settings = AlignSettings()  # type: ignore[call-arg]  # every field has a default; mypy can't see pydantic's
+    try:
+        with open_redis(settings) as client:
+            ledger = RefusalLedger(client, Keys(settings.redis_prefix), max_refusals=settings.max_refusals)
+            refused, dead = ledger.refused(limit), ledger.dead_letters(limit)
+            total_dead = ledger.dead_letter_count()
+    except (AlignError, redis.RedisError) as err:
+        console.print(f"[red]cannot read the refusals: {err}")
+        raise typer.Exit(1) from err
+    if as_json:
+        report = {
+            "max_refusals": settings.max_refusals,
+            "refused": msgspec.to_builtins(refused),
+            "dead_lettered": msgspec.to_builtins(dead),
+            "dead_letters": total_dead,
+        }
+        sys.stdout.write(json.dumps(report) + "\n")
+        return
+
+    def when(t: float | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t)) if t else "-"
+
+    out = Console()
+    out.print(f"refused, still trainable (taken out at {settings.max_refusals} refusals): {len(refused)} listed")
+    for e in refused:
+        last = e.refusals[-1] if e.refusals else None
+        failed = ",".join(last.failed) if last else "-"
+        out.print(
+            f"  {e.kind} {e.id}  {e.count}/{settings.max_refusals}  last {when(last.at if last else None)}  "
+            f"run {last.run if last else '-'}  failed {failed}",
+            highlight=False,
+            markup=False,
+        )
+    out.print(f"dead-lettered (never trained again): {total_dead}, newest {len(dead)} listed")
+    for e in dead:
+        runs = ", ".join(f"{r.run} ({','.join(r.failed)})" for r in e.refusals)
+        out.print(f"  {e.kind} {e.id}  at {when(e.dead_lettered_at)}  refused by {runs}", highlight=False, markup=False)
+
+
 @feedback_app.command("export")
 def export(
     out: Annotated[Path, typer.Option("--out", help="Directory for dpo.jsonl and kto.jsonl.")] = Path(
@@ -205,6 +270,7 @@ def export(
     from align.datasets import build_datasets, export_jsonl
     from align.feedback import FeedbackError, FeedbackReader, load_policies
     from align.job import AlignError, open_redis
+    from align.refusals import RefusalLedger
     from core.keys import Keys
 
     console = Console(stderr=True)
@@ -221,6 +287,8 @@ def export(
                 include_policy_pairs=settings.include_policy_pairs,
                 missing_completion_wait_s=settings.missing_completion_wait_s,
                 policies=policies,
+                # Nor what the gate refused max_refusals times (align/refusals.py).
+                refusals=RefusalLedger(client, Keys(settings.redis_prefix), max_refusals=settings.max_refusals),
             )
             batch = reader.read(all_feedback=all_feedback, consume=False)
         data = build_datasets(batch)

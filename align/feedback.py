@@ -14,11 +14,16 @@ Entries are decoded into the typed records of core/records.py (`FeedbackRecord`,
 `CompletionRecord` each feedback refers to); an entry that does not decode is skipped and counted as malformed.
 Logging is at-least-once, so entries are deduplicated by their `id`. Feedback whose completion record is gone (or
 unreadable) is skipped and counted. At most `max_rows_per_user` feedback entries per identity (the API key that
-posted them, never the client-set `user`) are taken in one run; the rest stay pending for later runs, so one
-identity cannot dominate a version. One identity has one vote per completion choice: when it sent several
+posted them, never the client-set `user`) are taken in one run, so one identity cannot dominate a version: its
+**newest** entries in what the run reads. The older ones make room (`user_cap`) and stay pending for later
+runs. Newest first because the newest vote or correction is the most relevant, and because the entries a
+refused run left pending are read first (they are older): kept oldest first, they would fill the cap again and
+the identity's newer feedback would never be read — the same batch, the same (seeded) training, the same
+refusal, round after round. One identity has one vote per completion choice: when it sent several
 feedback records with a signal (thumbs, rating, correction, preferred choice) on the same choice, the latest one
 (stream order) is taken and the earlier ones are skipped as
-`superseded` — a client that changes its mind, or one that repeats a thumbs-down to weigh it more, counts once.
+`superseded` — a client that changes its mind, or one that repeats a thumbs-down to weigh it more, counts once
+(an earlier vote the cap had deferred is superseded too, so it cannot come back in a later run).
 
 Two guards make what reaches training trustworthy:
 
@@ -32,12 +37,16 @@ Two guards make what reaches training trustworthy:
   accepted it, but rules change — before it can become a "chosen" answer: redactions are applied
   (`correction_redacted` in `screened`), and a correction an enforced block rule stops is dropped from that
   feedback (`correction_blocked`) while its other signals (thumbs, rating) still count.
+- **Refused too often.** With a refusal ledger (align/refusals.py), an entry the gate refused `max_refusals`
+  times, or dead-lettered already, is skipped (`dead_lettered`) and, on a consuming read, acknowledged and
+  recorded as a dead letter. `all_feedback=True` skips nothing here either.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +55,7 @@ from typing import Any
 import msgspec
 import redis
 
+from align.refusals import EntryRef, Kind, RefusalLedger
 from core.keys import Keys
 from core.policy import PolicyError, PolicySet, check_correction, load_policy_set
 from core.records import CompletionRecord, FeedbackRecord, PolicyPair, RecordError, decode
@@ -90,26 +100,41 @@ class FeedbackBatch:
     skipped: Counter[str] = field(default_factory=Counter)
     """Why entries were left out: duplicate, malformed, missing_completion, malformed_completion, user_cap and
     completion_pending (both deferred to a later run), already_trained (a published version used it),
-    superseded (the same identity's later feedback on the same choice replaced it), and correction_blocked (the
-    correction only: a block rule stopped it)."""
+    superseded (the same identity's later feedback on the same choice replaced it), dead_lettered (refused
+    max_refusals times, align/refusals.py), and correction_blocked (the correction only: a block rule stopped
+    it)."""
     screened: Counter[str] = field(default_factory=Counter)
     """What the policies changed in what is kept: correction_redacted (a rule redacted or rewrote a correction)."""
     superseded: list[tuple[str, str]] = field(default_factory=list)
     """(feedback id, completion id) of each vote a later one of the same identity replaced: consumed with the run
     and listed with the version's feedback ids (align/datasets.py), so a rerun after a crash between publish and
     acknowledge cannot train them either."""
+    superseded_entry_ids: dict[str, str] = field(default_factory=dict)
+    """Feedback id → stream entry id of each superseded vote (align/refusals.py counts refusals against them)."""
     already_trained: dict[str, list[str]] = field(default_factory=dict)
     """Stream key → entry ids a published version already trained on (acknowledged by a consuming read)."""
-    # What parsing remembers from one page to the next: ids seen (dedupe) and rows per user (the cap).
+    dead_lettered: list[EntryRef] = field(default_factory=list)
+    """Entries skipped as dead_lettered (dead-lettered by a consuming read)."""
+    # What parsing remembers from one page to the next: ids seen (dedupe), the items kept so far and each
+    # identity's window of them (the cap), the votes, and what was deferred. `feedback` is filled at the end.
     _seen_feedback: set[str] = field(default_factory=set, repr=False)
     _seen_pairs: set[str] = field(default_factory=set, repr=False)
-    _per_user: Counter[str] = field(default_factory=Counter, repr=False)
-    _votes: dict[tuple[str, str, int], int] = field(default_factory=dict, repr=False)
-    """(identity, completion id, choice index) → that identity's feedback on it, as an index into `feedback`."""
+    _kept: dict[int, FeedbackItem] = field(default_factory=dict, repr=False)
+    """Sequence number (order kept) → item; a superseding vote gets a new number, so the order is stream order."""
+    _windows: dict[str, deque[int]] = field(default_factory=dict, repr=False)
+    """Identity → sequence numbers of its kept items, oldest first (at most max_rows_per_user)."""
+    _votes: dict[tuple[str, str, int], int | str] = field(default_factory=dict, repr=False)
+    """(identity, completion id, choice index) → that identity's vote on it: a sequence number in `_kept`, or the
+    entry id of a vote the cap deferred."""
+    _deferred_votes: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)
+    """Entry id → (feedback id, completion id) of each vote the cap deferred."""
+    _deferred: set[str] = field(default_factory=set, repr=False)
+    """Entry ids left pending for a later run (user_cap, completion_pending)."""
+    _next: int = field(default=0, repr=False)
 
     @property
     def entries(self) -> int:
-        return len(self.feedback) + len(self.policy_pairs)
+        return len(self.feedback) + len(self._kept) + len(self.policy_pairs)
 
 
 def _s(value: Any) -> str:
@@ -159,6 +184,7 @@ class FeedbackReader:
         missing_completion_wait_s: float = 3600.0,
         policies: PolicySet | None = None,
         max_rows: int = 10_000,
+        refusals: RefusalLedger | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
@@ -172,6 +198,8 @@ class FeedbackReader:
         """Corrections are checked against this set; None: not checked (see the module docstring)."""
         self.max_rows = max_rows
         """Most entries one read takes; the rest stays undelivered or pending for later runs."""
+        self.refusals = refusals
+        """Entries it dead-lettered (or counts at max_refusals) are skipped; None: no refusal guard."""
         self.clock = clock
 
     @property
@@ -206,7 +234,7 @@ class FeedbackReader:
             return min(_PAGE, self.max_rows - batch.entries)
 
         trained_feedback, trained_pairs = (set(), set()) if all_feedback else self._trained_ids()
-        deferred: set[str] = set()
+        ledger = None if all_feedback else self.refusals
         for stream in self.streams:
             pages: Iterable[list[Entry]]
             if consume:
@@ -222,15 +250,53 @@ class FeedbackReader:
                 pages = self._xrange_pages(stream, "-", room) if all_feedback else self._peek_pages(stream, room)
             for page in pages:
                 if stream == self.keys.feedback:
-                    deferred |= self._parse_feedback(page, batch, trained_feedback)
+                    self._parse_feedback(page, batch, trained_feedback, ledger)
                 else:
-                    self._parse_policy_pairs(page, batch, trained_pairs)
-        # Entries deferred by the per-user cap stay pending, so a later run takes them.
+                    self._parse_policy_pairs(page, batch, trained_pairs, ledger)
+        # The identities' kept windows, in stream order; corrections screened only now, so what the cap let go
+        # is not counted as screened.
+        batch.feedback = [self._screened(item, batch) for item in batch._kept.values()]
+        batch._kept.clear()
+        # Entries deferred by the per-user cap (or waiting for their completion) stay pending for a later run.
+        deferred = batch._deferred
         if deferred and self.keys.feedback in batch.to_ack:
             batch.to_ack[self.keys.feedback] = [i for i in batch.to_ack[self.keys.feedback] if i not in deferred]
         if consume:
             self._ack_already_trained(batch)
+            if ledger is not None and batch.dead_lettered:
+                ledger.dead_letter(batch.dead_lettered, self.group)
+                done = {ref.entry_id for ref in batch.dead_lettered}
+                for stream in batch.to_ack:
+                    batch.to_ack[stream] = [i for i in batch.to_ack[stream] if i not in done]
         return batch
+
+    def used(self, batch: FeedbackBatch) -> list[EntryRef]:
+        """Every entry `batch` would consume with a version: its feedback (held-out included), the votes that
+        feedback superseded, and its policy pairs — what a refusal counts against (align/refusals.py)."""
+        fb, pp = self.keys.feedback, self.keys.policy_pairs
+        return [
+            *(EntryRef("feedback", fb, item.entry_id, item.id) for item in batch.feedback),
+            *(EntryRef("feedback", fb, entry_id, fid) for fid, entry_id in batch.superseded_entry_ids.items()),
+            *(EntryRef("policy_pair", pp, item.entry_id, item.id) for item in batch.policy_pairs),
+        ]
+
+    def _skip_blocked(
+        self,
+        kind: Kind,
+        stream: str,
+        decoded: list[tuple[str, str]],
+        batch: FeedbackBatch,
+        ledger: RefusalLedger | None,
+    ) -> set[str]:
+        """The record ids among (entry id, record id) `decoded` the ledger blocks, noted as dead_lettered."""
+        if ledger is None:
+            return set()
+        blocked = ledger.blocked(kind, (record_id for _, record_id in decoded))
+        for entry_id, record_id in decoded:
+            if record_id in blocked:
+                batch.skipped["dead_lettered"] += 1
+                batch.dead_lettered.append(EntryRef(kind, stream, entry_id, record_id))
+        return blocked
 
     def _trained_ids(self) -> tuple[set[str], set[str]]:
         """The feedback and policy-pair ids every published version (the registry) trained on."""
@@ -330,11 +396,15 @@ class FeedbackReader:
     # --- parsing -------------------------------------------------------------------------------------------
 
     def _parse_feedback(
-        self, entries: Iterable[tuple[str, dict[str, str]]], batch: FeedbackBatch, trained: set[str]
-    ) -> set[str]:
-        """Fill `batch.feedback`; return the entry ids deferred by the per-user cap."""
+        self,
+        entries: Iterable[tuple[str, dict[str, str]]],
+        batch: FeedbackBatch,
+        trained: set[str],
+        ledger: RefusalLedger | None,
+    ) -> None:
+        """Add a page of feedback entries to `batch` (the rules are in the module docstring)."""
         seen = batch._seen_feedback
-        candidates: list[tuple[str, FeedbackRecord]] = []
+        decoded: list[tuple[str, FeedbackRecord]] = []
         for entry_id, fields in entries:
             try:
                 record = decode(fields["data"], FeedbackRecord)
@@ -345,14 +415,20 @@ class FeedbackReader:
                 batch.skipped["already_trained"] += 1
                 batch.already_trained.setdefault(self.keys.feedback, []).append(entry_id)
                 continue
+            decoded.append((entry_id, record))
+        blocked = self._skip_blocked(
+            "feedback", self.keys.feedback, [(entry_id, r.id) for entry_id, r in decoded], batch, ledger
+        )
+        candidates: list[tuple[str, FeedbackRecord]] = []
+        for entry_id, record in decoded:
+            if record.id in blocked:
+                continue
             if record.id in seen:
                 batch.skipped["duplicate"] += 1
                 continue
             seen.add(record.id)
             candidates.append((entry_id, record))
         completions = self._completions([r.completion_id for _, r in candidates], batch)
-        per_user = batch._per_user
-        deferred: set[str] = set()
         for entry_id, record in candidates:
             completion = completions.get(record.completion_id)
             if completion is None:
@@ -361,45 +437,74 @@ class FeedbackReader:
                 # drop it only once its completion had time to arrive.
                 if self.clock() - record.created < self.missing_completion_wait_s:
                     batch.skipped["completion_pending"] += 1
-                    deferred.add(entry_id)
+                    batch._deferred.add(entry_id)
                 else:
                     batch.skipped["missing_completion"] += 1
                 continue
             # The authenticated identity, never the client-set `user`: feedback from before records carried
             # `key` falls back to the completion's key (only its owner may post feedback on it).
             user = record.key or completion.key or "anonymous"
-            vote = (user, record.completion_id, record.choice_index)
-            votes = any(
-                v is not None for v in (record.thumbs, record.rating, record.correction, record.preferred_choice)
+            self._take(
+                batch,
+                FeedbackItem(
+                    id=record.id,
+                    entry_id=entry_id,
+                    completion_id=record.completion_id,
+                    feedback=record,
+                    completion=completion,
+                    user=user,
+                ),
             )
-            if votes and (earlier := batch._votes.get(vote)) is not None:
-                # One vote per identity and choice: the later record replaces the earlier one in place (it
-                # already counts against the cap), so repeating a vote cannot weigh it more.
-                batch.skipped["superseded"] += 1
-                batch.superseded.append((batch.feedback[earlier].id, record.completion_id))
-                batch.feedback[earlier] = self._item(entry_id, record, completion, user, batch)
-                continue
-            if per_user[user] >= self.max_rows_per_user:
-                batch.skipped["user_cap"] += 1
-                deferred.add(entry_id)
-                continue
-            per_user[user] += 1
-            if votes:  # a comment alone trains nothing, so it neither replaces nor is replaced by a vote
-                batch._votes[vote] = len(batch.feedback)
-            batch.feedback.append(self._item(entry_id, record, completion, user, batch))
-        return deferred
 
-    def _item(
-        self, entry_id: str, record: FeedbackRecord, completion: CompletionRecord, user: str, batch: FeedbackBatch
-    ) -> FeedbackItem:
-        return FeedbackItem(
-            id=record.id,
-            entry_id=entry_id,
-            completion_id=record.completion_id,
-            feedback=self._screen(record, batch),
-            completion=completion,
-            user=user,
-        )
+    @staticmethod
+    def _vote(item: FeedbackItem) -> tuple[str, str, int] | None:
+        """The (identity, completion, choice) `item` votes on; None for a comment alone, which trains nothing and
+        so neither replaces nor is replaced by a vote."""
+        r = item.feedback
+        if all(v is None for v in (r.thumbs, r.rating, r.correction, r.preferred_choice)):
+            return None
+        return (item.user, item.completion_id, r.choice_index)
+
+    def _take(self, batch: FeedbackBatch, item: FeedbackItem) -> None:
+        """Keep `item` (read in stream order) in its identity's window of newest entries; see the module
+        docstring for why newest first, and for votes."""
+        window = batch._windows.setdefault(item.user, deque())
+        vote = self._vote(item)
+        if vote is not None and (earlier := batch._votes.pop(vote, None)) is not None:
+            # One vote per identity and choice: the later record replaces the earlier one, so repeating a vote
+            # cannot weigh it more.
+            batch.skipped["superseded"] += 1
+            if isinstance(earlier, int):  # kept: the new vote takes its slot in the window (the cap is unchanged)
+                old = batch._kept.pop(earlier)
+                window.remove(earlier)
+                old_id, old_completion, old_entry = old.id, old.completion_id, old.entry_id
+            else:  # deferred by the cap: superseded now, so it does not train in a later run either
+                old_entry = earlier
+                old_id, old_completion = batch._deferred_votes.pop(earlier)
+                batch._deferred.discard(earlier)
+                batch.skipped["user_cap"] -= 1  # each entry is counted under one reason
+                if not batch.skipped["user_cap"]:
+                    del batch.skipped["user_cap"]
+            batch.superseded.append((old_id, old_completion))
+            batch.superseded_entry_ids[old_id] = old_entry
+        if len(window) >= self.max_rows_per_user:
+            # The identity's oldest kept entry makes room and stays pending for a later run.
+            oldest = batch._kept.pop(window.popleft())
+            batch.skipped["user_cap"] += 1
+            batch._deferred.add(oldest.entry_id)
+            if (oldest_vote := self._vote(oldest)) is not None:
+                batch._votes[oldest_vote] = oldest.entry_id
+                batch._deferred_votes[oldest.entry_id] = (oldest.id, oldest.completion_id)
+        seq = batch._next
+        batch._next += 1
+        batch._kept[seq] = item
+        window.append(seq)
+        if vote is not None:
+            batch._votes[vote] = seq
+
+    def _screened(self, item: FeedbackItem, batch: FeedbackBatch) -> FeedbackItem:
+        screened = self._screen(item.feedback, batch)
+        return item if screened is item.feedback else dataclasses.replace(item, feedback=screened)
 
     def _screen(self, record: FeedbackRecord, batch: FeedbackBatch) -> FeedbackRecord:
         """`record` with its correction as the policies leave it (None when a block rule stops it)."""
@@ -430,9 +535,14 @@ class FeedbackReader:
         return out
 
     def _parse_policy_pairs(
-        self, entries: Iterable[tuple[str, dict[str, str]]], batch: FeedbackBatch, trained: set[str]
+        self,
+        entries: Iterable[tuple[str, dict[str, str]]],
+        batch: FeedbackBatch,
+        trained: set[str],
+        ledger: RefusalLedger | None,
     ) -> None:
         seen = batch._seen_pairs
+        decoded: list[tuple[str, str, PolicyPair, dict[str, str]]] = []
         for entry_id, fields in entries:
             try:
                 pair = decode(fields["data"], PolicyPair)
@@ -444,6 +554,13 @@ class FeedbackReader:
             if pair_id in trained:
                 batch.skipped["already_trained"] += 1
                 batch.already_trained.setdefault(self.keys.policy_pairs, []).append(entry_id)
+                continue
+            decoded.append((entry_id, pair_id, pair, fields))
+        blocked = self._skip_blocked(
+            "policy_pair", self.keys.policy_pairs, [(e, i) for e, i, _, _ in decoded], batch, ledger
+        )
+        for entry_id, pair_id, pair, fields in decoded:
+            if pair_id in blocked:
                 continue
             if pair_id in seen:
                 batch.skipped["duplicate"] += 1

@@ -4,7 +4,9 @@
 Only one run works at a time, across machines: it holds redis-py's Redis lock, renewed while it runs, and
 publishes only if it still owns the lock then.
 A run publishes a version only when the gate passes; only then does it acknowledge the feedback it used, so
-anything that fails (training, gate, disk, Redis) leaves the feedback to the next run. A run killed between
+anything that fails (training, gate, disk, Redis) leaves the feedback to the next run. A gate refusal is counted
+against each entry the run used; an entry refused `max_refusals` times is acknowledged and dead-lettered, so one
+batch is not retried forever (align/refusals.py). A run killed between
 publishing and acknowledging leaves feedback a published version used: the next run skips it (align/feedback.py).
 Before training, a stable share of the feedback is held out for the gate (align/split.py; acknowledged with the
 rest on publish), the operator's regression file is validated (an invalid one fails the run before it trains)
@@ -27,6 +29,7 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +45,7 @@ from align.datasets import AlignData, build_datasets
 from align.feedback import FeedbackBatch, FeedbackError, FeedbackReader, load_policies
 from align.gate import describe_failure, evaluate_gate
 from align.metrics import AlignMetrics
+from align.refusals import Refusal, RefusalLedger, RefusalOutcome
 from align.regression import RegressionFileError, RegressionSet
 from align.regression import load as load_regression
 from align.settings import AlignSettings
@@ -85,6 +89,13 @@ class RunResult:
     gate: dict[str, Any] = field(default_factory=dict)
     acked: int = 0
     duration_s: float = 0.0
+    run_id: str | None = None
+    """Names the run in the refusal records (align/refusals.py); set once the run holds the lock."""
+    entries: dict[str, int] = field(default_factory=dict)
+    """Stream entries by what this run did to them: refused (a gate refusal counted against them) and
+    dead_lettered (taken out of training after max_refusals refusals)."""
+    dead_letters: int | None = None
+    """Entries dead-lettered so far, all runs together (`<p>:align:dead_letters`)."""
 
     @property
     def exit_code(self) -> int:
@@ -212,7 +223,13 @@ def run_once(
         raise
     result.duration_s = round(time.monotonic() - started, 3)
     metrics.record(
-        result.status, duration_s=result.duration_s, counts=result.counts, gate=result.gate, version=result.version
+        result.status,
+        duration_s=result.duration_s,
+        counts=result.counts,
+        gate=result.gate,
+        version=result.version,
+        entries=result.entries,
+        dead_letters=result.dead_letters,
     )
     _push(settings, metrics, console)
     return result
@@ -248,11 +265,14 @@ def _run_once(
         )
         console.print(f"[yellow]{msg}")
         return RunResult("locked", msg)
+    run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
     try:
         with renewing(lock, console):
-            return _run_locked(
-                settings, client, keys, lock, all_feedback=all_feedback, dry_run=dry_run, console=console
+            result = _run_locked(
+                settings, client, keys, lock, run_id, all_feedback=all_feedback, dry_run=dry_run, console=console
             )
+            result.run_id = run_id
+            return result
     finally:
         # A lock that expired (and may have been retaken) is not ours to delete: redis-py checks the token.
         with contextlib.suppress(LockNotOwnedError):
@@ -264,6 +284,7 @@ def _run_locked(
     client: redis.Redis,
     keys: Keys,
     lock: Lock,
+    run_id: str,
     *,
     all_feedback: bool,
     dry_run: bool,
@@ -272,8 +293,21 @@ def _run_locked(
     reader, batch, data, heldout, skip = _read_feedback(
         settings, client, keys, all_feedback=all_feedback, consume=not dry_run, dry_run=dry_run, console=console
     )
+    ledger = RefusalLedger(client, keys, max_refusals=settings.max_refusals)
+
+    def done(result: RunResult) -> RunResult:
+        # Entries the read found refused max_refusals times were dead-lettered by it (a consuming read).
+        if not dry_run:
+            found = batch.skipped.get("dead_lettered", 0)
+            result.entries = {
+                "refused": result.entries.get("refused", 0),
+                "dead_lettered": result.entries.get("dead_lettered", 0) + found,
+            }
+        result.dead_letters = ledger.dead_letter_count()
+        return result
+
     if skip is not None:
-        return skip
+        return done(skip)
 
     registry = Registry(client, keys)
     store = VersionStore(settings.versions_dir)
@@ -319,10 +353,25 @@ def _run_locked(
         # Held-out feedback is consumed with the rest when the version publishes (align/split.py says why).
         gate = {**gate, "heldout_feedback_ids": heldout.feedback_ids}
         if not gate["passed"]:
-            msg = f"gate failed, nothing published, feedback left for the next run: {describe_failure(gate)}"
+            reason = describe_failure(gate)
+            refusal = _count_refusal(reader, batch, lock, run_id, gate, reason, all_feedback=all_feedback)
+            msg = f"gate failed, nothing published, feedback left for the next run: {reason}"
+            if refusal.dead_lettered:
+                msg += (
+                    f"; {refusal.dead_lettered} entries refused {settings.max_refusals} times (max_refusals) were "
+                    "taken out of training (`secondstage align refusals` lists them)"
+                )
             console.print(f"[red]{msg}")
-            return RunResult(
-                "gate_failed", msg, parent=parent, counts=data.summary(), metrics=trained.metrics, gate=gate
+            return done(
+                RunResult(
+                    "gate_failed",
+                    msg,
+                    parent=parent,
+                    counts=data.summary(),
+                    metrics=trained.metrics,
+                    gate=gate,
+                    entries={"refused": refusal.refused, "dead_lettered": refusal.dead_lettered},
+                )
             )
         # Publish only while this run owns the lock: one that lost it may be overlapping a newer run.
         if not lock.owned():
@@ -330,7 +379,30 @@ def _run_locked(
                 f"lost the align lock {keys.align_lock} during the run (it expired or was deleted while it could "
                 "not be renewed; check Redis); nothing published, feedback left for the next run"
             )
-        return _publish(settings, registry, store, reader, batch, data, trained, gate, parent, parent_adapter, console)
+        return done(
+            _publish(settings, registry, store, reader, batch, data, trained, gate, parent, parent_adapter, console)
+        )
+
+
+def _count_refusal(
+    reader: FeedbackReader,
+    batch: FeedbackBatch,
+    lock: Lock,
+    run_id: str,
+    gate: dict[str, Any],
+    reason: str,
+    *,
+    all_feedback: bool,
+) -> RefusalOutcome:
+    """Count the refusal against every entry the run used (align/refusals.py); dead-letter those at max_refusals.
+
+    Not for `--all` runs (an explicit retrain on everything says nothing about one batch), nor for a run that lost
+    its lock (it may overlap a newer run: a missed count only delays dead-lettering by one refusal).
+    """
+    if all_feedback or reader.refusals is None or not lock.owned():
+        return RefusalOutcome(0, 0)
+    refusal = Refusal(run=run_id, at=time.time(), failed=[str(f) for f in gate.get("failed", [])], reason=reason[:500])
+    return reader.refusals.refuse(reader.used(batch), refusal, reader.group)
 
 
 def _read_feedback(
@@ -356,6 +428,8 @@ def _read_feedback(
             max_rows=settings.max_rows_per_run,
             # Corrections pass the operator's rules again before they may train (align/feedback.py).
             policies=load_policies(settings.policies_dir),
+            # Entries the gate refused max_refusals times never train again (align/refusals.py).
+            refusals=RefusalLedger(client, keys, max_refusals=settings.max_refusals),
         )
         with console.status("reading feedback"):
             batch = reader.read(all_feedback=all_feedback, consume=consume)
@@ -471,6 +545,10 @@ def _publish(
     else:
         registry.activate(version)
         served = "for everyone"
+    if reader.refusals is not None:
+        # Consumed by this version: never read again, so their refusal counts go (before the acknowledgement,
+        # so a kill in between leaves nothing stale; the next run skips the entries as already_trained).
+        reader.refusals.forget(reader.used(batch))
     acked = reader.ack(batch)
     msg = f"published {version} (parent {manifest.parent}) at {path} {served}; acknowledged {acked} stream entries"
     console.print(f"[green]{msg}")

@@ -14,6 +14,11 @@ for a pushed job is "last value" gauges, not counters (a counter that restarts a
   heldout_margin, regression, anchor_drift, degeneration, policy_violations) — its value when it is a number
   (a check that could not decide, e.g. too few held-out rows, has none), and 1/0 for pass/fail;
 - `secondstage_align_published_version_info{version}`: 1, labelled with the version the last success published.
+- `secondstage_align_entries{outcome}`: stream entries (feedback, policy pairs) of the last run by what it did to
+  them: `refused` (the gate refused the run; a refusal was counted against each entry it used) and
+  `dead_lettered` (taken out of training after `max_refusals` refusals, align/refusals.py);
+- `secondstage_align_dead_letters`: entries dead-lettered so far, all runs together (`<p>:align:dead_letters`) —
+  a rise means feedback the gate keeps refusing was dropped from training.
 - (to come with the canary: its promote / rollback decisions, one more family here.)
 
 The push is a `pushadd` (HTTP POST): it replaces only the families this run sends, so a run sends only the
@@ -101,6 +106,18 @@ class AlignMetrics:
             ["version"],
             registry=None,
         )
+        self.entries = Gauge(
+            "secondstage_align_entries",
+            "Feedback and policy-pair entries of the last align run by outcome: refused (a gate refusal counted "
+            "against them), dead_lettered (taken out of training after max_refusals refusals).",
+            ["outcome"],
+            registry=None,
+        )
+        self.dead_letters = Gauge(
+            "secondstage_align_dead_letters",
+            "Feedback and policy-pair entries dead-lettered after max_refusals gate refusals, all runs together.",
+            registry=None,
+        )
         self._registered: set[Gauge] = set()
 
     def _use(self, gauge: Gauge) -> Gauge:
@@ -118,6 +135,8 @@ class AlignMetrics:
         gate: Mapping[str, Any] | None = None,
         version: str | None = None,
         ended_at: float | None = None,
+        entries: Mapping[str, int] | None = None,
+        dead_letters: int | None = None,
     ) -> None:
         """Set the run's figures. Once per run: a second call would add a second `outcome` series."""
         ended_at = time.time() if ended_at is None else ended_at
@@ -135,6 +154,12 @@ class AlignMetrics:
                 number = gate_check_number(check.get("value"))
                 if number is not None and not math.isnan(number):
                     values.labels(check=name).set(number)
+        if entries:
+            by_outcome = self._use(self.entries)
+            for name, n in entries.items():
+                by_outcome.labels(outcome=name).set(n)
+        if dead_letters is not None:
+            self._use(self.dead_letters).set(dead_letters)
         if outcome == "published":
             self._use(self.last_success).set(ended_at)
             if version is not None:

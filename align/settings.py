@@ -57,6 +57,15 @@ class AlignSettings(CommonSettings):
         "spooling, or Redis was down when it was accepted) stays pending this long for later runs; after "
         "that it is dropped as missing_completion.",
     )
+    max_refusals: int = Field(
+        default=3,
+        ge=1,
+        description="Gate refusals after which a feedback entry or policy pair is taken out of training: "
+        "acknowledged and dead-lettered (`secondstage align refusals` lists them). A refused run leaves its "
+        "feedback for the next run, which trains on it again with whatever arrived since; an entry that was in "
+        "this many refused runs is likely what the gate refuses, and retrying it forever would repeat the "
+        "refusal (align/refusals.py).",
+    )
     include_policy_pairs: bool = Field(
         default=True, description="Also train on preference pairs derived from enforced output-policy rewrites."
     )

@@ -377,8 +377,8 @@ def main() -> None:
     # The simulated user stands for the many users of a real deployment, but posts every event under one identity:
     # align's per-user cap (max_rows_per_user, 50 by default, a guard against one poisoner) would train on 50 of a
     # round's events and leave the rest for later rounds. The cap is lifted to max_rows_per_run unless set
-    # explicitly: a cap of exactly --train would, after a gate refusal, re-read the same refused entries (pending
-    # ones come first) every round and never reach the new ones — the same training, the same refusal.
+    # explicitly. (It was also what kept a refused round from starving the next: the cap used to keep the oldest
+    # entries, the refused ones; it now keeps each identity's newest, align/feedback.py.)
     align_env.setdefault("SECONDSTAGE_MAX_ROWS_PER_USER", "10000")
 
     pref = load_preference(args.preference)

@@ -103,5 +103,18 @@ class Keys:
         """List: one JSON line per event of this version (its rollout history; manifest.json stays immutable)."""
         return f"{self.prefix}:version_log:{version}"
 
+    @property
+    def align_refusals(self) -> str:
+        """Hash: `<kind>:<record id>` (kind feedback|policy_pair) -> JSON of the gate refusals of runs that used
+        that entry and were refused (count, and the runs' ids, times and failed checks); removed when a version
+        consumes the entry or when it is dead-lettered (align/refusals.py)."""
+        return f"{self.prefix}:align:refusals"
+
+    @property
+    def align_dead_letters(self) -> str:
+        """Hash: `<kind>:<record id>` -> JSON of an entry taken out of training after `max_refusals` gate
+        refusals (acknowledged, never read again; the refusals that put it there). Kept for the operator."""
+        return f"{self.prefix}:align:dead_letters"
+
     align_group: str = "align"
     """Consumer group on the feedback and policy-pair streams that align reads with."""

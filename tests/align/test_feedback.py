@@ -113,8 +113,11 @@ def test_policy_pairs_are_read_unless_disabled(client: redis.Redis, settings: Al
     assert reader(client, settings, include_policy_pairs=False).read().policy_pairs == []
 
 
-def test_per_user_cap_defers_the_rest(client: redis.Redis, settings: AlignSettings, server: Server) -> None:
-    """The cap keys on the API key that posted: a new client-set `user` per request does not escape it."""
+def test_per_user_cap_keeps_the_newest_and_defers_the_rest(
+    client: redis.Redis, settings: AlignSettings, server: Server
+) -> None:
+    """The cap keys on the API key that posted: a new client-set `user` per request does not escape it. It keeps
+    each identity's newest entries (the module docstring says why); the older ones wait for later runs."""
     keys = Keys(settings.redis_prefix)
     for i in range(5):
         cid = server.completion(f"Q{i}?", "A.", user=f"sock{i}", key="k-mallory")
@@ -123,12 +126,36 @@ def test_per_user_cap_defers_the_rest(client: redis.Redis, settings: AlignSettin
     server.feedback(cid, fb_id="a0", thumbs="up", user="sock0", key="k-alice")
     r = reader(client, settings, max_rows_per_user=2)
     batch = r.read()
-    assert [f.id for f in batch.feedback] == ["m0", "m1", "a0"]
+    assert [f.id for f in batch.feedback] == ["m3", "m4", "a0"]
     assert batch.skipped["user_cap"] == 3
     r.ack(batch)
-    # The capped entries were not acknowledged: the next run takes them (two more per user).
+    # The capped entries were not acknowledged: the next runs take them (the newest two first).
     assert client.xpending(keys.feedback, keys.align_group)["pending"] == 3
-    assert [f.id for f in r.read().feedback] == ["m2", "m3"]
+    second = r.read()
+    assert [f.id for f in second.feedback] == ["m1", "m2"]
+    r.ack(second)
+    assert [f.id for f in r.read().feedback] == ["m0"]
+
+
+def test_a_vote_the_cap_deferred_is_superseded_by_the_same_identitys_later_vote(
+    client: redis.Redis, settings: AlignSettings, server: Server
+) -> None:
+    """With the newest kept, an older vote can be pushed out of the window before its replacement arrives: it is
+    superseded all the same (consumed with the run), or a later run would train the vote alice took back."""
+    keys = Keys(settings.redis_prefix)
+    sky = server.completion("What colour is the sky?", "Green.", key="k-alice")
+    server.feedback(sky, fb_id="sky-down", thumbs="down", key="k-alice")
+    for i in range(2):
+        server.feedback(server.completion(f"Q{i}?", "A.", key="k-alice"), fb_id=f"q{i}", thumbs="up", key="k-alice")
+    server.feedback(sky, fb_id="sky-up", thumbs="up", key="k-alice")
+    r = reader(client, settings, max_rows_per_user=2)
+    batch = r.read()
+    assert [f.id for f in batch.feedback] == ["q1", "sky-up"]
+    assert batch.superseded == [("sky-down", sky)]
+    assert batch.skipped == {"superseded": 1, "user_cap": 1}  # q0 waits; sky-down is not counted twice
+    r.ack(batch)
+    assert [f.id for f in r.read().feedback] == ["q0"]
+    assert client.xpending(keys.feedback, keys.align_group)["pending"] == 1
 
 
 def test_malformed_entries_are_counted(client: redis.Redis, settings: AlignSettings) -> None:

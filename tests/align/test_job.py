@@ -233,6 +233,12 @@ def test_gate_failure_publishes_nothing_and_keeps_feedback(
     assert not settings.versions_dir.exists() or VersionStore(settings.versions_dir).names() == []
     assert client.get(keys.active_version) is None
     assert pending(client, keys) == len(ids)
+    # The refusal is counted against each entry (align/refusals.py); at max_refusals they leave training.
+    assert result.entries == {"refused": len(ids), "dead_lettered": 0} and client.hlen(keys.align_refusals) == len(ids)
+    again = run_once(settings.model_copy(update={"max_refusals": 2}), console=QUIET, client=client)
+    assert again.status == "gate_failed" and again.entries == {"refused": len(ids), "dead_lettered": len(ids)}
+    assert pending(client, keys) == 0 and client.hlen(keys.align_dead_letters) == len(ids)
+    assert run_once(settings, console=QUIET, client=client).status == "insufficient"
 
 
 def test_run_every_repeats_until_max_runs(settings: AlignSettings, server: Server) -> None:
