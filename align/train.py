@@ -1,4 +1,4 @@
-"""Train a LoRA adapter on the served base model with TRL: KTO on thumbs, then DPO on preference pairs.
+"""Train a LoRA adapter on the served base model with TRL: KTO on thumbs, then the corrections (the "DPO phase").
 
 Both phases train the same adapter, KTO first so that the corrections (DPO), the most specific feedback,
 shape the final adapter. It starts from the parent version's adapter when there is one (so
@@ -6,13 +6,23 @@ alignment is iterative: each version refines the last), else from a fresh `peft.
 projection of the Llama block (`lora_targets`). TRL makes the reference policy a frozen copy of the adapter as it
 is at the start of each phase ("ref"): KTO is anchored to the parent, DPO to the KTO result.
 
-The DPO phase's loss is an NLL term on the chosen answer (TRL loss_type "sft", weighted by `sft_weight`) plus,
-when `dpo_weight` > 0, a preference term (`dpo_loss`, e.g. "sigmoid": the RPO recipe). The default is the NLL
-term alone: the preference term pushes down the rejected answer's tokens, which for a correction of a styled
-answer include the style, and in the closed loop it moved the model's own answers past the gate's drift limit
-(README Performance, "Closed loop at 200 events a round"). With `liked_as_sft` (default) liked answers train in
-this phase too, as pairs whose chosen and rejected are the same answer (`phase_rows`), so the model's own good
+The DPO phase's loss is an NLL term on the chosen answer (weighted by `sft_weight`) plus, when `dpo_weight` > 0, a
+preference term (`dpo_loss`, e.g. "sigmoid": the RPO recipe). The default is the NLL term alone: the preference
+term pushes down the rejected answer's tokens, which for a correction of a styled answer include the style, and in
+the closed loop it moved the model's own answers past the gate's drift limit (README Performance, "Closed loop at
+200 events a round"). With `liked_as_sft` (default) liked answers train in this phase too, so the model's own good
 answers are rehearsed while the corrections train; the KTO phase keeps the thumbs-downs without a correction.
+
+Which TRL trainer runs the DPO phase depends on that weight:
+- `dpo_weight` > 0: `DPOTrainer` (loss_type [dpo_loss, "sft"]); liked answers are pairs whose chosen and rejected
+  are the same answer (the pairwise term has no gradient on them, `phase_rows`).
+- `dpo_weight` 0 (default): `SFTTrainer` on prompt/completion rows — each correction's chosen answer and each
+  liked answer, once (`sft_phase_rows`) — with the loss on the completion tokens only. The objective is the same
+  as DPOTrainer's "sft" term (the mean NLL per completion token of the batch), but DPOTrainer would also run the
+  reference model on chosen and rejected and the policy on the rejected answer every step, all of it discarded at
+  weight 0: one policy forward and backward per row is what is left (README Performance: seconds per step).
+  Both trainers tokenize a row the same way, as the gate and serve see it: the prompt through the chat template
+  with the generation prompt, then the answer and the end-of-turn token, so the model learns to stop.
 
 Runs on CPU with fp32 (the demo model is tiny); on a CUDA machine TRL/accelerate pick the GPU.
 
@@ -24,6 +34,7 @@ the datasets' map bars switched off while training); the figures themselves stay
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -162,6 +173,7 @@ def _phase_metrics(prefix: str, trainer: Any, output: Any, seconds: float) -> di
         "logps/chosen": "logp_chosen",
         "logps/rejected": "logp_rejected",
         "kl": "kl",
+        "mean_token_accuracy": "token_accuracy",  # SFTTrainer's: share of completion tokens the model ranks first
     }
     for entry in trainer.state.log_history:
         for key, name in wanted.items():
@@ -210,6 +222,30 @@ def phase_rows(settings: AlignSettings, data: AlignData) -> tuple[list[dict[str,
     return [*data.dpo_rows, *rehearsal], [r for r in data.kto_rows if not r["label"]]
 
 
+def uses_sft_trainer(settings: AlignSettings) -> bool:
+    """Whether the DPO phase trains with TRL's SFTTrainer: the preference term is off, so only its NLL term is left."""
+    return settings.dpo_weight == 0
+
+
+def sft_phase_rows(settings: AlignSettings, data: AlignData) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(SFTTrainer rows of the DPO phase, KTO-phase rows) when the preference term is off (`uses_sft_trainer`).
+
+    The DPO phase's rows as TRL prompt/completion rows: the chosen answer of every pair, then with `liked_as_sft`
+    every liked answer. A row that is already there is kept once (two pairs with the same chosen answer, e.g. a
+    preferred choice against each other choice, or a liked answer that is also a correction's chosen one): the
+    pairs' rejected answers, which made them different rows, take no part in this loss."""
+    dpo_rows, kto_rows = phase_rows(settings, data)
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for r in dpo_rows:
+        row = {"prompt": r["prompt"], "completion": r["chosen"]}
+        key = json.dumps(row, sort_keys=True, ensure_ascii=False)
+        if key not in seen:
+            seen.add(key)
+            rows.append(row)
+    return rows, kto_rows
+
+
 def dpo_steps(settings: AlignSettings, pairs: int) -> int:
     """DPOConfig.max_steps: settings.max_steps when set, else -1 (epochs decide) unless that is < min_dpo_steps."""
     if settings.max_steps > 0:
@@ -246,6 +282,70 @@ def _train_dpo(
     return _run_phase("dpo", trainer, metrics, console)
 
 
+def _train_sft(
+    settings: AlignSettings,
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    work_dir: Path,
+    metrics: dict[str, float],
+    console: Console,
+) -> Any:
+    """The DPO phase without its preference term (`uses_sft_trainer`): TRL's SFTTrainer on prompt/completion rows.
+
+    The same steps, epochs and learning rate as the DPOTrainer phase it stands for (`dpo_steps`), and the same loss:
+    `sft_weight` × the mean NLL per completion token of the batch (DPOTrainer's "sft" term). Its metrics keep the
+    phase's `dpo_` prefix (dpo_steps, dpo_final_loss, … are what the manifests and benches read)."""
+    from trl import SFTConfig
+
+    console.print(
+        f"[bold]SFT[/] on {len(dataset)} rows (the DPO phase with dpo_weight 0: chosen and liked answers, "
+        f"sft_weight={settings.sft_weight})"
+    )
+    common = _common_args(settings, work_dir, settings.epochs, settings.learning_rate)
+    common["max_steps"] = dpo_steps(settings, len(dataset))
+    args = SFTConfig(
+        **common,
+        # The loss on the answer only (the completion: answer + end of turn), as DPOTrainer's "sft" term; the
+        # prompt is context. Not assistant_only_loss: that needs a chat template with {% generation %} markers.
+        completion_only_loss=True,
+        assistant_only_loss=False,
+        loss_type="nll",
+        packing=False,
+    )
+    trainer = _sft_trainer_class()(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, sft_weight=settings.sft_weight
+    )
+    metrics["dpo_sft_trainer"] = 1.0
+    return _run_phase("dpo", trainer, metrics, console, label="SFT")
+
+
+def _sft_trainer_class() -> Any:
+    """TRL's SFTTrainer with the loss scaled by `sft_weight` (built on first use: importing TRL takes seconds)."""
+    from trl import SFTTrainer
+
+    class WeightedSFTTrainer(SFTTrainer):  # type: ignore[misc]  # TRL is untyped for mypy here
+        def __init__(self, *args: Any, sft_weight: float = 1.0, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.sft_weight = sft_weight
+
+        def compute_loss(
+            self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            out = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+            if self.sft_weight == 1.0:
+                return out
+            # A weight is not a no-op under AdamW: gradient clipping (max_grad_norm) sees the scaled gradient.
+            if return_outputs:
+                loss, outputs = out
+                return loss * self.sft_weight, outputs
+            return out * self.sft_weight
+
+    return WeightedSFTTrainer
+
+
 def _train_kto(
     settings: AlignSettings,
     model: Any,
@@ -273,8 +373,9 @@ def _train_kto(
     return _run_phase("kto", trainer, metrics, console)
 
 
-def _run_phase(name: str, trainer: Any, metrics: dict[str, float], console: Console) -> Any:
-    """Train one phase; record its metrics; return the model without the trainer's reference copy."""
+def _run_phase(name: str, trainer: Any, metrics: dict[str, float], console: Console, *, label: str = "") -> Any:
+    """Train one phase; record its metrics under `name`; return the model without the trainer's reference copy.
+    `label` is what the progress bar calls it (default: the name in capitals)."""
     from transformers import PrinterCallback, ProgressCallback
 
     from align.progress import LossProgress
@@ -282,7 +383,7 @@ def _run_phase(name: str, trainer: Any, metrics: dict[str, float], console: Cons
     # transformers adds one of these (PrinterCallback under disable_tqdm): both print every log dict.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(LossProgress(name.upper(), console))
+    trainer.add_callback(LossProgress(label or name.upper(), console))
     t0 = time.monotonic()
     output = trainer.train()
     metrics.update(_phase_metrics(name, trainer, output, time.monotonic() - t0))
@@ -313,7 +414,10 @@ def _train_adapter(
     from peft import PeftModel, get_peft_model
     from transformers import set_seed
 
-    dpo_rows, kto_rows = phase_rows(settings, data)
+    sft = uses_sft_trainer(settings)
+    if sft:
+        dpo_losses(settings)  # refuses a phase without any loss term before anything loads
+    dpo_rows, kto_rows = sft_phase_rows(settings, data) if sft else phase_rows(settings, data)
     dpo = Dataset.from_list(dpo_rows) if dpo_rows else None
     kto = Dataset.from_list(kto_rows) if kto_rows else None
     if kto is not None and len(kto) < settings.batch_size:
@@ -345,7 +449,8 @@ def _train_adapter(
         model = _train_kto(settings, model, tokenizer, kto, work_dir / "kto", metrics, console)
         phases.append("kto")
     if dpo is not None:
-        model = _train_dpo(settings, model, tokenizer, dpo, work_dir / "dpo", metrics, console)
+        train_phase = _train_sft if sft else _train_dpo
+        model = train_phase(settings, model, tokenizer, dpo, work_dir / "dpo", metrics, console)
         phases.append("dpo")
 
     adapter_dir = work_dir / "adapter"
@@ -353,7 +458,8 @@ def _train_adapter(
     metrics["train_seconds"] = round(time.monotonic() - started, 3)
     metrics["dpo_rows"] = float(len(dpo) if dpo is not None else 0)
     metrics["kto_rows"] = float(len(kto) if kto is not None else 0)
-    metrics["sft_rows"] = float(len(dpo_rows) - len(data.dpo_rows))
+    # Liked answers trained in the DPO phase (liked_as_sft): the phase's rows that are not the pairs' chosen answers.
+    metrics["sft_rows"] = float(len(data.kto_rows) - len(kto_rows))
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
         console.print(f"[red]non-finite training metrics: {bad}")
