@@ -135,6 +135,22 @@ class AlignSettings(CommonSettings):
         "answers alone has no undesirable rows to contrast them with). The rows stay KTO rows for the gate and the "
         "manifest counts. False: the KTO phase trains them.",
     )
+    kl_weight: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Weight of a KL(parent ‖ new) term in the DPO phase when it runs as SFT (dpo_weight 0): per "
+        "completion token `kl_tokens` names, how far the next-token distribution moved from the adapter "
+        "the phase started from (the parent version's, or the base model for a fresh adapter) — regularising toward "
+        "the parent so that what the rows do not ask to change stays put. 0 (the default) = no term (README "
+        "Performance, closed loop: measured).",
+    )
+    kl_tokens: Literal["rehearsal", "all", "agreed"] = Field(
+        default="rehearsal",
+        description="Completion tokens the KL term (kl_weight) applies to: 'rehearsal' = those of the liked answers "
+        "trained with liked_as_sft (the model's own good answers), 'all' = those of every row, corrections "
+        "included, 'agreed' = those of any row where the answer's token is the one the parent ranks first (what "
+        "a correction keeps of the parent's answer, not where it departs from it).",
+    )
     dpo_loss: DpoLoss = Field(
         default="sigmoid",
         description="TRL DPO loss type of the preference term: 'sigmoid' (DPO), 'sigmoid_norm' (per-token "

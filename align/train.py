@@ -174,6 +174,7 @@ def _phase_metrics(prefix: str, trainer: Any, output: Any, seconds: float) -> di
         "logps/rejected": "logp_rejected",
         "kl": "kl",
         "mean_token_accuracy": "token_accuracy",  # SFTTrainer's: share of completion tokens the model ranks first
+        "nll": "nll",  # the SFT phase's NLL term, logged apart when the KL term (kl_weight) is on
     }
     for entry in trainer.state.log_history:
         for key, name in wanted.items():
@@ -185,11 +186,17 @@ def _phase_metrics(prefix: str, trainer: Any, output: Any, seconds: float) -> di
     return metrics
 
 
+PARENT_ADAPTER = "parent"
+"""The frozen copy of the adapter that the SFT phase's KL term compares with (`_add_parent_adapter`)."""
+
+
 def _drop_ref_adapter(model: Any) -> None:
-    """Remove TRL's frozen reference copy so the next phase (and saving) sees only the trained adapter."""
-    if "ref" in getattr(model, "peft_config", {}):
-        model.set_adapter("default")
-        model.delete_adapter("ref")
+    """Remove TRL's frozen reference copy (and the KL term's parent) so the next phase and saving see only the
+    trained adapter."""
+    for name in ("ref", PARENT_ADAPTER):
+        if name in getattr(model, "peft_config", {}):
+            model.set_adapter("default")
+            model.delete_adapter(name)
     model.set_adapter("default")
 
 
@@ -235,14 +242,16 @@ def sft_phase_rows(settings: AlignSettings, data: AlignData) -> tuple[list[dict[
     preferred choice against each other choice, or a liked answer that is also a correction's chosen one): the
     pairs' rejected answers, which made them different rows, take no part in this loss."""
     dpo_rows, kto_rows = phase_rows(settings, data)
+    pairs = len(data.dpo_rows) if settings.liked_as_sft else len(dpo_rows)
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
-    for r in dpo_rows:
+    for i, r in enumerate(dpo_rows):
         row = {"prompt": r["prompt"], "completion": r["chosen"]}
         key = json.dumps(row, sort_keys=True, ensure_ascii=False)
         if key not in seen:
             seen.add(key)
-            rows.append(row)
+            # `rehearsal`: a liked answer (the model's own), where the KL term (kl_weight) holds it to its parent.
+            rows.append({**row, "rehearsal": i >= pairs})
     return rows, kto_rows
 
 
@@ -313,11 +322,31 @@ def _train_sft(
         loss_type="nll",
         packing=False,
     )
+    if settings.kl_weight > 0:
+        _add_parent_adapter(model)
     trainer = _sft_trainer_class()(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, sft_weight=settings.sft_weight
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        sft_weight=settings.sft_weight,
+        kl_weight=settings.kl_weight,
+        kl_tokens=settings.kl_tokens,
     )
     metrics["dpo_sft_trainer"] = 1.0
     return _run_phase("dpo", trainer, metrics, console, label="SFT")
+
+
+def _add_parent_adapter(model: Any) -> None:
+    """A frozen copy of the adapter as the phase starts, "parent", for the KL term (as TRL's DPOTrainer makes its
+    "ref"): for a run that continues from a parent version that is the parent's adapter, for a fresh one an adapter
+    whose B matrices are zero, i.e. the base model (after a KTO phase: the KTO result)."""
+    model.add_adapter(PARENT_ADAPTER, model.peft_config["default"])
+    for name, param in model.named_parameters():
+        if f".{PARENT_ADAPTER}." in name:
+            param.data.copy_(model.get_parameter(name.replace(f".{PARENT_ADAPTER}.", ".default.")).data)
+            param.requires_grad_(False)
+    model.set_adapter("default")
 
 
 def _sft_trainer_class() -> Any:
@@ -325,13 +354,34 @@ def _sft_trainer_class() -> Any:
     from trl import SFTTrainer
 
     class WeightedSFTTrainer(SFTTrainer):  # type: ignore[misc]  # TRL is untyped for mypy here
-        def __init__(self, *args: Any, sft_weight: float = 1.0, **kwargs: Any) -> None:
+        def __init__(
+            self,
+            *args: Any,
+            sft_weight: float = 1.0,
+            kl_weight: float = 0.0,
+            kl_tokens: str = "rehearsal",
+            **kwargs: Any,
+        ) -> None:
+            # Set before TRL's __init__, which asks for the signature columns.
+            self.sft_weight, self.kl_weight, self.kl_tokens = sft_weight, kl_weight, kl_tokens
             super().__init__(*args, **kwargs)
-            self.sft_weight = sft_weight
+            if kl_weight > 0:
+                self.data_collator = _RehearsalCollator(self.data_collator)
+
+        def _set_signature_columns_if_needed(self) -> None:
+            super()._set_signature_columns_if_needed()
+            # The rows' `rehearsal` flag reaches compute_loss (transformers drops columns the model does not take).
+            columns: list[str] = list(self._signature_columns or [])
+            if self.kl_weight > 0 and "rehearsal" not in columns:
+                # transformers initialises the attribute to None and fills it here, so mypy types it None.
+                self._signature_columns = [*columns, "rehearsal"]  # type: ignore[assignment]
 
         def compute_loss(
             self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
         ) -> Any:
+            rehearsal = inputs.pop("rehearsal", None)
+            if self.kl_weight > 0 and not return_outputs:
+                return self._loss_with_kl(model, inputs, rehearsal)
             out = super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
@@ -343,7 +393,52 @@ def _sft_trainer_class() -> Any:
                 return loss * self.sft_weight, outputs
             return out * self.sft_weight
 
+        def _loss_with_kl(self, model: Any, inputs: dict[str, Any], rehearsal: Any) -> Any:
+            """sft_weight × NLL of the completions + kl_weight × KL(parent ‖ new) per completion token that
+            `kl_tokens` names. Hand-written: TRL's SFTTrainer has no KL term (its loss is NLL or DFT), and
+            DPOTrainer's reference model is compared on the sampled answers' log-probs, not the whole distribution
+            the next token is drawn from, which is what keeps the answers to other prompts where they were."""
+            import torch
+            from trl.trainer.utils import use_adapter
+
+            labels = inputs["labels"]
+            forward = {k: v for k, v in inputs.items() if k != "labels"}
+            target = labels[:, 1:]
+            mask = target != -100
+            # The parent first, without a graph: switching adapters toggles requires_grad on their weights.
+            with torch.no_grad(), use_adapter(self.accelerator.unwrap_model(model), PARENT_ADAPTER):
+                parent = torch.log_softmax(model(**forward, use_cache=False).logits[:, :-1].float(), dim=-1)
+            logp = torch.log_softmax(model(**forward, use_cache=False).logits[:, :-1].float(), dim=-1)
+            token_logp = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            nll = -(token_logp * mask).sum() / mask.sum().clamp(min=1)
+            if self.kl_tokens == "agreed":
+                kl_mask = mask & (parent.argmax(-1) == target)
+            elif self.kl_tokens == "rehearsal" and rehearsal is not None:
+                kl_mask = mask & rehearsal.bool().unsqueeze(1)
+            else:
+                kl_mask = mask
+            kl_token = (parent.exp() * (parent - logp)).sum(-1)
+            kl = (kl_token * kl_mask).sum() / kl_mask.sum().clamp(min=1)
+            self._metrics["train"]["kl"].append(float(kl.detach()))
+            self._metrics["train"]["nll"].append(float(nll.detach()))
+            return self.sft_weight * nll + self.kl_weight * kl
+
     return WeightedSFTTrainer
+
+
+class _RehearsalCollator:
+    """TRL's collator, plus the batch's `rehearsal` flags as a bool tensor (TRL's collator keeps only the ids)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        flags = torch.tensor([bool(e.get("rehearsal", False)) for e in examples])
+        batch = dict(self.inner([{k: v for k, v in e.items() if k != "rehearsal"} for e in examples]))
+        batch["rehearsal"] = flags
+        return batch
 
 
 def _train_kto(
@@ -417,6 +512,11 @@ def _train_adapter(
     sft = uses_sft_trainer(settings)
     if sft:
         dpo_losses(settings)  # refuses a phase without any loss term before anything loads
+    elif settings.kl_weight > 0:
+        raise TrainError(
+            "kl_weight applies to the DPO phase when it runs as SFT (dpo_weight 0); with the preference term on, "
+            "DPO's β holds the policy to its reference: set kl_weight 0 or dpo_weight 0"
+        )
     dpo_rows, kto_rows = sft_phase_rows(settings, data) if sft else phase_rows(settings, data)
     dpo = Dataset.from_list(dpo_rows) if dpo_rows else None
     kto = Dataset.from_list(kto_rows) if kto_rows else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from align.datasets import AlignData
@@ -125,10 +127,21 @@ def test_sft_rows_are_each_chosen_and_liked_answer_once() -> None:
     data.dpo_rows.append({**data.dpo_rows[0], "rejected": [{"role": "assistant", "content": "c"}]})
     data.kto_rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": "a."}], "label": True})
     rows, kto = sft_phase_rows(settings(), data)
+    # `rehearsal` marks the liked answers (where kl_tokens="rehearsal" applies the KL term).
     assert rows == [
-        {"prompt": prompt, "completion": [{"role": "assistant", "content": text}]} for text in ("a.", "good.", "fine.")
+        {"prompt": prompt, "completion": [{"role": "assistant", "content": text}], "rehearsal": liked}
+        for text, liked in (("a.", False), ("good.", True), ("fine.", True))
     ]
     assert [r["completion"][0]["content"] for r in kto] == ["bad"]
     # Without liked_as_sft the phase has the chosen answers alone, and the KTO phase every thumb.
     rows, kto = sft_phase_rows(settings(liked_as_sft=False), data)
     assert [r["completion"][0]["content"] for r in rows] == ["a."] and kto == data.kto_rows
+
+
+def test_a_kl_term_beside_the_preference_term_is_refused(tmp_path: Path) -> None:
+    from align.train import train_adapter
+
+    with pytest.raises(TrainError, match="kl_weight"):
+        train_adapter(settings(dpo_weight=1.0, kl_weight=0.5), _data(), tmp_path)
+    with pytest.raises(ValueError, match="kl_tokens"):
+        settings(kl_tokens="some")

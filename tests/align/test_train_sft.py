@@ -94,3 +94,43 @@ def test_with_the_preference_term_the_phase_is_dpo_trainers(train_settings: Alig
     assert result.metrics["dpo_rows"] == len(PROMPTS) + len(LIKED)  # liked answers as chosen == rejected pairs
     assert any(line.startswith("DPO: 2 steps, loss ") for line in out.getvalue().splitlines())
     assert not (result.adapter_dir / "ref").exists()
+
+
+def completion_kl(models: _Models, rows: list[tuple[str, str]]) -> float:
+    """Mean KL(base ‖ adapter) of the next-token distribution over the answers' tokens (end of turn included)."""
+    import torch
+
+    total, tokens = 0.0, 0
+    for prompt, answer in rows:
+        ids, start = models.scorer._row(user(prompt), assistant(answer))
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            with models.use("parent")():
+                base = torch.log_softmax(models.model(input_ids=x).logits[0, start - 1 : len(ids) - 1], dim=-1)
+            with models.use("new")():
+                new = torch.log_softmax(models.model(input_ids=x).logits[0, start - 1 : len(ids) - 1], dim=-1)
+        total += float((base.exp() * (base - new)).sum())
+        tokens += len(ids) - start
+    return total / tokens
+
+
+@pytest.mark.slow
+def test_the_kl_term_holds_the_rehearsed_answers_to_the_parent(train_settings: AlignSettings, tmp_path: Path) -> None:
+    liked = list(LIKED.items())
+    drift = {}
+    for kl_weight in (0.0, 5.0):
+        settings = train_settings.model_copy(update={"max_steps": 12, "kl_weight": kl_weight})
+        result = train_adapter(settings, feedback(), tmp_path / f"kl{kl_weight}", console=Console(quiet=True))
+        # The frozen parent copy the term compares with is not shipped with the adapter.
+        assert sorted(p.name for p in result.adapter_dir.glob("*.safetensors")) == ["adapter_model.safetensors"]
+        assert not any((result.adapter_dir / name).exists() for name in ("parent", "ref"))
+        assert ("dpo_kl" in result.metrics) == (kl_weight > 0)
+        models = _Models(settings, result.adapter_dir, None)
+        drift[kl_weight] = completion_kl(models, liked)
+        # The corrections still train: their chosen answers go up with the term on too.
+        taught = [(p, c) for p, (_, c) in PROMPTS.items()]
+        assert per_token_logp(models, "new", taught) > per_token_logp(models, "parent", taught) + 0.1
+    print(
+        f"\nKL(base ‖ adapter) per token on the rehearsed answers: kl_weight 0 → {drift[0.0]:.4f}, 5 → {drift[5.0]:.4f}"
+    )
+    assert drift[5.0] < 0.5 * drift[0.0]
