@@ -136,20 +136,22 @@ class AlignSettings(CommonSettings):
         "manifest counts. False: the KTO phase trains them.",
     )
     kl_weight: float = Field(
-        default=0.0,
+        default=5.0,
         ge=0.0,
-        description="Weight of a KL(parent ‖ new) term in the DPO phase when it runs as SFT (dpo_weight 0): per "
-        "completion token `kl_tokens` names, how far the next-token distribution moved from the adapter "
-        "the phase started from (the parent version's, or the base model for a fresh adapter) — regularising toward "
-        "the parent so that what the rows do not ask to change stays put. 0 (the default) = no term (README "
-        "Performance, closed loop: measured).",
+        description="Weight of a KL(parent ‖ new) term in the DPO phase when it runs as SFT (dpo_weight 0; with the "
+        "preference term on, DPO's β holds the policy to its reference and this is not used): per completion "
+        "token `kl_tokens` names, how far the next-token distribution moved from the adapter the phase started "
+        "from (the parent version's, or the base model for a fresh adapter) — regularising toward the parent so "
+        "that what the feedback does not ask to change stays put. 0 = no term. Default 5 with kl_tokens 'agreed': "
+        "on 200 sign-off events, held-out content kept rose from 70% to 82.5-85% in round 1 and from 72.5-75% to "
+        "75-82.5% in round 2, preferred unchanged or higher (README Performance, closed loop: two prompt splits).",
     )
     kl_tokens: Literal["rehearsal", "all", "agreed"] = Field(
-        default="rehearsal",
-        description="Completion tokens the KL term (kl_weight) applies to: 'rehearsal' = those of the liked answers "
-        "trained with liked_as_sft (the model's own good answers), 'all' = those of every row, corrections "
-        "included, 'agreed' = those of any row where the answer's token is the one the parent ranks first (what "
-        "a correction keeps of the parent's answer, not where it departs from it).",
+        default="agreed",
+        description="Completion tokens the KL term (kl_weight) applies to: 'agreed' = those of any row where the "
+        "answer's token is the one the parent ranks first (what a correction keeps of the parent's answer, not "
+        "where it departs from it), 'rehearsal' = those of the liked answers trained with liked_as_sft, 'all' = "
+        "those of every row, corrections included (it holds back what the corrections teach: measured worse).",
     )
     dpo_loss: DpoLoss = Field(
         default="sigmoid",

@@ -23,6 +23,10 @@ Which TRL trainer runs the DPO phase depends on that weight:
   weight 0: one policy forward and backward per row is what is left (README Performance: seconds per step).
   Both trainers tokenize a row the same way, as the gate and serve see it: the prompt through the chat template
   with the generation prompt, then the answer and the end-of-turn token, so the model learns to stop.
+  The SFT phase adds a KL(parent ‖ new) term (`kl_weight`, `kl_tokens`; hand-written in `compute_loss`: TRL's
+  SFTTrainer has none): a frozen copy of the adapter as the phase starts ("parent") gives the next-token
+  distribution to stay near on the completion tokens where the answer agrees with the parent's first choice —
+  the content a correction keeps — while the tokens a correction changes train freely (README Performance).
 
 Runs on CPU with fp32 (the demo model is tiny); on a CUDA machine TRL/accelerate pick the GPU.
 
@@ -512,11 +516,6 @@ def _train_adapter(
     sft = uses_sft_trainer(settings)
     if sft:
         dpo_losses(settings)  # refuses a phase without any loss term before anything loads
-    elif settings.kl_weight > 0:
-        raise TrainError(
-            "kl_weight applies to the DPO phase when it runs as SFT (dpo_weight 0); with the preference term on, "
-            "DPO's β holds the policy to its reference: set kl_weight 0 or dpo_weight 0"
-        )
     dpo_rows, kto_rows = sft_phase_rows(settings, data) if sft else phase_rows(settings, data)
     dpo = Dataset.from_list(dpo_rows) if dpo_rows else None
     kto = Dataset.from_list(kto_rows) if kto_rows else None

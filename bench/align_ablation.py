@@ -116,6 +116,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "kl0.3-all": {"kl_weight": 0.3, "kl_tokens": "all"},
     # or only where the answer's token is the parent's first choice (the content a correction keeps).
     "kl1-agreed": {"kl_weight": 1.0, "kl_tokens": "agreed"},
+    "kl0": {"kl_weight": 0.0},  # the SFT phase without the KL term (the defaults before kl_weight 5)
     "kl5-agreed": {"kl_weight": 5.0, "kl_tokens": "agreed"},
     "kl10-agreed": {"kl_weight": 10.0, "kl_tokens": "agreed"},
     "kl20-agreed": {"kl_weight": 20.0, "kl_tokens": "agreed"},
