@@ -1,4 +1,4 @@
-"""Train a LoRA adapter on the served base model with TRL: KTO on thumbs, then DPO on preference pairs.
+"""Train a LoRA adapter on the served base model with TRL: KTO on thumbs, then the corrections (the "DPO phase").
 
 Both phases train the same adapter, KTO first so that the corrections (DPO), the most specific feedback,
 shape the final adapter. It starts from the parent version's adapter when there is one (so
@@ -6,13 +6,27 @@ alignment is iterative: each version refines the last), else from a fresh `peft.
 projection of the Llama block (`lora_targets`). TRL makes the reference policy a frozen copy of the adapter as it
 is at the start of each phase ("ref"): KTO is anchored to the parent, DPO to the KTO result.
 
-The DPO phase's loss is an NLL term on the chosen answer (TRL loss_type "sft", weighted by `sft_weight`) plus,
-when `dpo_weight` > 0, a preference term (`dpo_loss`, e.g. "sigmoid": the RPO recipe). The default is the NLL
-term alone: the preference term pushes down the rejected answer's tokens, which for a correction of a styled
-answer include the style, and in the closed loop it moved the model's own answers past the gate's drift limit
-(README Performance, "Closed loop at 200 events a round"). With `liked_as_sft` (default) liked answers train in
-this phase too, as pairs whose chosen and rejected are the same answer (`phase_rows`), so the model's own good
+The DPO phase's loss is an NLL term on the chosen answer (weighted by `sft_weight`) plus, when `dpo_weight` > 0, a
+preference term (`dpo_loss`, e.g. "sigmoid": the RPO recipe). The default is the NLL term alone: the preference
+term pushes down the rejected answer's tokens, which for a correction of a styled answer include the style, and in
+the closed loop it moved the model's own answers past the gate's drift limit (README Performance, "Closed loop at
+200 events a round"). With `liked_as_sft` (default) liked answers train in this phase too, so the model's own good
 answers are rehearsed while the corrections train; the KTO phase keeps the thumbs-downs without a correction.
+
+Which TRL trainer runs the DPO phase depends on that weight:
+- `dpo_weight` > 0: `DPOTrainer` (loss_type [dpo_loss, "sft"]); liked answers are pairs whose chosen and rejected
+  are the same answer (the pairwise term has no gradient on them, `phase_rows`).
+- `dpo_weight` 0 (default): `SFTTrainer` on prompt/completion rows — each correction's chosen answer and each
+  liked answer, once (`sft_phase_rows`) — with the loss on the completion tokens only. The objective is the same
+  as DPOTrainer's "sft" term (the mean NLL per completion token of the batch), but DPOTrainer would also run the
+  reference model on chosen and rejected and the policy on the rejected answer every step, all of it discarded at
+  weight 0: one policy forward and backward per row is what is left (README Performance: seconds per step).
+  Both trainers tokenize a row the same way, as the gate and serve see it: the prompt through the chat template
+  with the generation prompt, then the answer and the end-of-turn token, so the model learns to stop.
+  The SFT phase adds a KL(parent ‖ new) term (`kl_weight`, `kl_tokens`; hand-written in `compute_loss`: TRL's
+  SFTTrainer has none): a frozen copy of the adapter as the phase starts ("parent") gives the next-token
+  distribution to stay near on the completion tokens where the answer agrees with the parent's first choice —
+  the content a correction keeps — while the tokens a correction changes train freely (README Performance).
 
 Runs on CPU with fp32 (the demo model is tiny); on a CUDA machine TRL/accelerate pick the GPU.
 
@@ -24,6 +38,7 @@ the datasets' map bars switched off while training); the figures themselves stay
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -162,6 +177,8 @@ def _phase_metrics(prefix: str, trainer: Any, output: Any, seconds: float) -> di
         "logps/chosen": "logp_chosen",
         "logps/rejected": "logp_rejected",
         "kl": "kl",
+        "mean_token_accuracy": "token_accuracy",  # SFTTrainer's: share of completion tokens the model ranks first
+        "nll": "nll",  # the SFT phase's NLL term, logged apart when the KL term (kl_weight) is on
     }
     for entry in trainer.state.log_history:
         for key, name in wanted.items():
@@ -173,11 +190,17 @@ def _phase_metrics(prefix: str, trainer: Any, output: Any, seconds: float) -> di
     return metrics
 
 
+PARENT_ADAPTER = "parent"
+"""The frozen copy of the adapter that the SFT phase's KL term compares with (`_add_parent_adapter`)."""
+
+
 def _drop_ref_adapter(model: Any) -> None:
-    """Remove TRL's frozen reference copy so the next phase (and saving) sees only the trained adapter."""
-    if "ref" in getattr(model, "peft_config", {}):
-        model.set_adapter("default")
-        model.delete_adapter("ref")
+    """Remove TRL's frozen reference copy (and the KL term's parent) so the next phase and saving see only the
+    trained adapter."""
+    for name in ("ref", PARENT_ADAPTER):
+        if name in getattr(model, "peft_config", {}):
+            model.set_adapter("default")
+            model.delete_adapter(name)
     model.set_adapter("default")
 
 
@@ -208,6 +231,32 @@ def phase_rows(settings: AlignSettings, data: AlignData) -> tuple[list[dict[str,
     liked = [r for r in data.kto_rows if r["label"]]
     rehearsal = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["completion"]} for r in liked]
     return [*data.dpo_rows, *rehearsal], [r for r in data.kto_rows if not r["label"]]
+
+
+def uses_sft_trainer(settings: AlignSettings) -> bool:
+    """Whether the DPO phase trains with TRL's SFTTrainer: the preference term is off, so only its NLL term is left."""
+    return settings.dpo_weight == 0
+
+
+def sft_phase_rows(settings: AlignSettings, data: AlignData) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(SFTTrainer rows of the DPO phase, KTO-phase rows) when the preference term is off (`uses_sft_trainer`).
+
+    The DPO phase's rows as TRL prompt/completion rows: the chosen answer of every pair, then with `liked_as_sft`
+    every liked answer. A row that is already there is kept once (two pairs with the same chosen answer, e.g. a
+    preferred choice against each other choice, or a liked answer that is also a correction's chosen one): the
+    pairs' rejected answers, which made them different rows, take no part in this loss."""
+    dpo_rows, kto_rows = phase_rows(settings, data)
+    pairs = len(data.dpo_rows) if settings.liked_as_sft else len(dpo_rows)
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for i, r in enumerate(dpo_rows):
+        row = {"prompt": r["prompt"], "completion": r["chosen"]}
+        key = json.dumps(row, sort_keys=True, ensure_ascii=False)
+        if key not in seen:
+            seen.add(key)
+            # `rehearsal`: a liked answer (the model's own), where the KL term (kl_weight) holds it to its parent.
+            rows.append({**row, "rehearsal": i >= pairs})
+    return rows, kto_rows
 
 
 def dpo_steps(settings: AlignSettings, pairs: int) -> int:
@@ -246,6 +295,156 @@ def _train_dpo(
     return _run_phase("dpo", trainer, metrics, console)
 
 
+def _train_sft(
+    settings: AlignSettings,
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    work_dir: Path,
+    metrics: dict[str, float],
+    console: Console,
+) -> Any:
+    """The DPO phase without its preference term (`uses_sft_trainer`): TRL's SFTTrainer on prompt/completion rows.
+
+    The same steps, epochs and learning rate as the DPOTrainer phase it stands for (`dpo_steps`), and the same loss:
+    `sft_weight` × the mean NLL per completion token of the batch (DPOTrainer's "sft" term). Its metrics keep the
+    phase's `dpo_` prefix (dpo_steps, dpo_final_loss, … are what the manifests and benches read)."""
+    from trl import SFTConfig
+
+    console.print(
+        f"[bold]SFT[/] on {len(dataset)} rows (the DPO phase with dpo_weight 0: chosen and liked answers, "
+        f"sft_weight={settings.sft_weight})"
+    )
+    common = _common_args(settings, work_dir, settings.epochs, settings.learning_rate)
+    common["max_steps"] = dpo_steps(settings, len(dataset))
+    args = SFTConfig(
+        **common,
+        # The loss on the answer only (the completion: answer + end of turn), as DPOTrainer's "sft" term; the
+        # prompt is context. Not assistant_only_loss: that needs a chat template with {% generation %} markers.
+        completion_only_loss=True,
+        assistant_only_loss=False,
+        loss_type="nll",
+        packing=False,
+    )
+    if settings.kl_weight > 0:
+        _add_parent_adapter(model)
+    trainer = _sft_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        sft_weight=settings.sft_weight,
+        kl_weight=settings.kl_weight,
+        kl_tokens=settings.kl_tokens,
+    )
+    metrics["dpo_sft_trainer"] = 1.0
+    return _run_phase("dpo", trainer, metrics, console, label="SFT")
+
+
+def _add_parent_adapter(model: Any) -> None:
+    """A frozen copy of the adapter as the phase starts, "parent", for the KL term (as TRL's DPOTrainer makes its
+    "ref"): for a run that continues from a parent version that is the parent's adapter, for a fresh one an adapter
+    whose B matrices are zero, i.e. the base model (after a KTO phase: the KTO result)."""
+    model.add_adapter(PARENT_ADAPTER, model.peft_config["default"])
+    for name, param in model.named_parameters():
+        if f".{PARENT_ADAPTER}." in name:
+            param.data.copy_(model.get_parameter(name.replace(f".{PARENT_ADAPTER}.", ".default.")).data)
+            param.requires_grad_(False)
+    model.set_adapter("default")
+
+
+def _sft_trainer_class() -> Any:
+    """TRL's SFTTrainer with the loss scaled by `sft_weight` (built on first use: importing TRL takes seconds)."""
+    from trl import SFTTrainer
+
+    class WeightedSFTTrainer(SFTTrainer):  # type: ignore[misc]  # TRL is untyped for mypy here
+        def __init__(
+            self,
+            *args: Any,
+            sft_weight: float = 1.0,
+            kl_weight: float = 0.0,
+            kl_tokens: str = "rehearsal",
+            **kwargs: Any,
+        ) -> None:
+            # Set before TRL's __init__, which asks for the signature columns.
+            self.sft_weight, self.kl_weight, self.kl_tokens = sft_weight, kl_weight, kl_tokens
+            super().__init__(*args, **kwargs)
+            if kl_weight > 0:
+                self.data_collator = _RehearsalCollator(self.data_collator)
+
+        def _set_signature_columns_if_needed(self) -> None:
+            super()._set_signature_columns_if_needed()
+            # The rows' `rehearsal` flag reaches compute_loss (transformers drops columns the model does not take).
+            columns: list[str] = list(self._signature_columns or [])
+            if self.kl_weight > 0 and "rehearsal" not in columns:
+                # transformers initialises the attribute to None and fills it here, so mypy types it None.
+                self._signature_columns = [*columns, "rehearsal"]  # type: ignore[assignment]
+
+        def compute_loss(
+            self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            rehearsal = inputs.pop("rehearsal", None)
+            if self.kl_weight > 0 and not return_outputs:
+                return self._loss_with_kl(model, inputs, rehearsal)
+            out = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+            if self.sft_weight == 1.0:
+                return out
+            # A weight is not a no-op under AdamW: gradient clipping (max_grad_norm) sees the scaled gradient.
+            if return_outputs:
+                loss, outputs = out
+                return loss * self.sft_weight, outputs
+            return out * self.sft_weight
+
+        def _loss_with_kl(self, model: Any, inputs: dict[str, Any], rehearsal: Any) -> Any:
+            """sft_weight × NLL of the completions + kl_weight × KL(parent ‖ new) per completion token that
+            `kl_tokens` names. Hand-written: TRL's SFTTrainer has no KL term (its loss is NLL or DFT), and
+            DPOTrainer's reference model is compared on the sampled answers' log-probs, not the whole distribution
+            the next token is drawn from, which is what keeps the answers to other prompts where they were."""
+            import torch
+            from trl.trainer.utils import use_adapter
+
+            labels = inputs["labels"]
+            forward = {k: v for k, v in inputs.items() if k != "labels"}
+            target = labels[:, 1:]
+            mask = target != -100
+            # The parent first, without a graph: switching adapters toggles requires_grad on their weights.
+            with torch.no_grad(), use_adapter(self.accelerator.unwrap_model(model), PARENT_ADAPTER):
+                parent = torch.log_softmax(model(**forward, use_cache=False).logits[:, :-1].float(), dim=-1)
+            logp = torch.log_softmax(model(**forward, use_cache=False).logits[:, :-1].float(), dim=-1)
+            token_logp = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            nll = -(token_logp * mask).sum() / mask.sum().clamp(min=1)
+            if self.kl_tokens == "agreed":
+                kl_mask = mask & (parent.argmax(-1) == target)
+            elif self.kl_tokens == "rehearsal" and rehearsal is not None:
+                kl_mask = mask & rehearsal.bool().unsqueeze(1)
+            else:
+                kl_mask = mask
+            kl_token = (parent.exp() * (parent - logp)).sum(-1)
+            kl = (kl_token * kl_mask).sum() / kl_mask.sum().clamp(min=1)
+            self._metrics["train"]["kl"].append(float(kl.detach()))
+            self._metrics["train"]["nll"].append(float(nll.detach()))
+            return self.sft_weight * nll + self.kl_weight * kl
+
+    return WeightedSFTTrainer
+
+
+class _RehearsalCollator:
+    """TRL's collator, plus the batch's `rehearsal` flags as a bool tensor (TRL's collator keeps only the ids)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        flags = torch.tensor([bool(e.get("rehearsal", False)) for e in examples])
+        batch = dict(self.inner([{k: v for k, v in e.items() if k != "rehearsal"} for e in examples]))
+        batch["rehearsal"] = flags
+        return batch
+
+
 def _train_kto(
     settings: AlignSettings,
     model: Any,
@@ -273,8 +472,9 @@ def _train_kto(
     return _run_phase("kto", trainer, metrics, console)
 
 
-def _run_phase(name: str, trainer: Any, metrics: dict[str, float], console: Console) -> Any:
-    """Train one phase; record its metrics; return the model without the trainer's reference copy."""
+def _run_phase(name: str, trainer: Any, metrics: dict[str, float], console: Console, *, label: str = "") -> Any:
+    """Train one phase; record its metrics under `name`; return the model without the trainer's reference copy.
+    `label` is what the progress bar calls it (default: the name in capitals)."""
     from transformers import PrinterCallback, ProgressCallback
 
     from align.progress import LossProgress
@@ -282,7 +482,7 @@ def _run_phase(name: str, trainer: Any, metrics: dict[str, float], console: Cons
     # transformers adds one of these (PrinterCallback under disable_tqdm): both print every log dict.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(LossProgress(name.upper(), console))
+    trainer.add_callback(LossProgress(label or name.upper(), console))
     t0 = time.monotonic()
     output = trainer.train()
     metrics.update(_phase_metrics(name, trainer, output, time.monotonic() - t0))
@@ -313,7 +513,10 @@ def _train_adapter(
     from peft import PeftModel, get_peft_model
     from transformers import set_seed
 
-    dpo_rows, kto_rows = phase_rows(settings, data)
+    sft = uses_sft_trainer(settings)
+    if sft:
+        dpo_losses(settings)  # refuses a phase without any loss term before anything loads
+    dpo_rows, kto_rows = sft_phase_rows(settings, data) if sft else phase_rows(settings, data)
     dpo = Dataset.from_list(dpo_rows) if dpo_rows else None
     kto = Dataset.from_list(kto_rows) if kto_rows else None
     if kto is not None and len(kto) < settings.batch_size:
@@ -345,7 +548,8 @@ def _train_adapter(
         model = _train_kto(settings, model, tokenizer, kto, work_dir / "kto", metrics, console)
         phases.append("kto")
     if dpo is not None:
-        model = _train_dpo(settings, model, tokenizer, dpo, work_dir / "dpo", metrics, console)
+        train_phase = _train_sft if sft else _train_dpo
+        model = train_phase(settings, model, tokenizer, dpo, work_dir / "dpo", metrics, console)
         phases.append("dpo")
 
     adapter_dir = work_dir / "adapter"
@@ -353,7 +557,8 @@ def _train_adapter(
     metrics["train_seconds"] = round(time.monotonic() - started, 3)
     metrics["dpo_rows"] = float(len(dpo) if dpo is not None else 0)
     metrics["kto_rows"] = float(len(kto) if kto is not None else 0)
-    metrics["sft_rows"] = float(len(dpo_rows) - len(data.dpo_rows))
+    # Liked answers trained in the DPO phase (liked_as_sft): the phase's rows that are not the pairs' chosen answers.
+    metrics["sft_rows"] = float(len(data.kto_rows) - len(kto_rows))
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
         console.print(f"[red]non-finite training metrics: {bad}")

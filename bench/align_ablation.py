@@ -109,6 +109,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "liked-sft": {"liked_as_sft": True},
     # both: corrections and liked answers through the SFT term only, in one phase.
     "sft-only+liked-sft": {"dpo_weight": 0.0, "liked_as_sft": True},
+    # Regularising toward the parent (issue 9 §1): KL(parent ‖ new) per completion token in the SFT phase, on the
+    # liked answers it rehearses (round 2 on: round 1 has no liked answers), or on every row, corrections included,
+    "kl1-rehearsal": {"kl_weight": 1.0},
+    "kl1-all": {"kl_weight": 1.0, "kl_tokens": "all"},
+    "kl0.3-all": {"kl_weight": 0.3, "kl_tokens": "all"},
+    # or only where the answer's token is the parent's first choice (the content a correction keeps).
+    "kl1-agreed": {"kl_weight": 1.0, "kl_tokens": "agreed"},
+    "kl0": {"kl_weight": 0.0},  # the SFT phase without the KL term (the defaults before kl_weight 5)
+    "kl5-agreed": {"kl_weight": 5.0, "kl_tokens": "agreed"},
+    "kl10-agreed": {"kl_weight": 10.0, "kl_tokens": "agreed"},
+    "kl20-agreed": {"kl_weight": 20.0, "kl_tokens": "agreed"},
     # The current defaults (align/settings.py), whatever they are.
     "defaults": {},
 }
@@ -317,7 +328,9 @@ def main() -> None:
                         "seconds": round(time.monotonic() - t0, 1),
                         "loadavg_1m": round(os.getloadavg()[0], 1),
                         "train_metrics": {
-                            k: v for k, v in trained.metrics.items() if k.endswith(("_steps", "_seconds", "_loss"))
+                            k: v
+                            for k, v in trained.metrics.items()
+                            if k.endswith(("_steps", "_seconds", "_loss", "_kl", "_nll"))
                         },
                         "samples": [a[0] for a in held[:4]],
                         # Every held-out answer whose content broke: what the user wanted, what came out.

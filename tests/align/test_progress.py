@@ -58,10 +58,11 @@ def test_real_training_prints_no_log_dicts(
     settings = train_settings.model_copy(update={"max_steps": 2})
     result = train_adapter(settings, data, tmp_path, console=Console(file=out, width=200))
     assert result.metrics["dpo_steps"] == 2
+    assert result.metrics["dpo_sft_trainer"] == 1.0  # dpo_weight 0 (the default): SFTTrainer runs the phase
     captured = capsys.readouterr()
     for text in (out.getvalue(), captured.out, captured.err):
         assert "{'loss'" not in text and "'epoch'" not in text, text  # transformers' dict printing
         assert "it/s]" not in text and "%|" not in text, text  # tqdm bars
-    assert [line for line in out.getvalue().splitlines() if line.startswith("DPO: ")] == [
-        next(line for line in out.getvalue().splitlines() if line.startswith("DPO: 2 steps, loss "))
+    assert [line for line in out.getvalue().splitlines() if line.startswith("SFT: ")] == [
+        next(line for line in out.getvalue().splitlines() if line.startswith("SFT: 2 steps, loss "))
     ]

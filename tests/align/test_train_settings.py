@@ -106,3 +106,36 @@ def test_liked_as_sft_without_an_sft_term_is_refused() -> None:
 
     with pytest.raises(TrainError, match="sft_weight"):
         phase_rows(settings(liked_as_sft=True, sft_weight=0.0), _data())
+
+
+def test_the_sft_trainer_runs_the_dpo_phase_exactly_when_the_preference_term_is_off() -> None:
+    from align.train import uses_sft_trainer
+
+    assert uses_sft_trainer(settings())  # the default: dpo_weight 0
+    assert not uses_sft_trainer(settings(dpo_weight=0.1))
+
+
+def test_sft_rows_are_each_chosen_and_liked_answer_once() -> None:
+    from align.train import sft_phase_rows
+
+    data = _data()
+    prompt = data.dpo_rows[0]["prompt"]
+    # A second pair with the same chosen answer (a preferred choice against two others), and a liked answer that
+    # repeats a correction's chosen one: each trains once.
+    data.dpo_rows.append({**data.dpo_rows[0], "rejected": [{"role": "assistant", "content": "c"}]})
+    data.kto_rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": "a."}], "label": True})
+    rows, kto = sft_phase_rows(settings(), data)
+    # `rehearsal` marks the liked answers (where kl_tokens="rehearsal" applies the KL term).
+    assert rows == [
+        {"prompt": prompt, "completion": [{"role": "assistant", "content": text}], "rehearsal": liked}
+        for text, liked in (("a.", False), ("good.", True), ("fine.", True))
+    ]
+    assert [r["completion"][0]["content"] for r in kto] == ["bad"]
+    # Without liked_as_sft the phase has the chosen answers alone, and the KTO phase every thumb.
+    rows, kto = sft_phase_rows(settings(liked_as_sft=False), data)
+    assert [r["completion"][0]["content"] for r in rows] == ["a."] and kto == data.kto_rows
+
+
+def test_an_unknown_kl_token_set_is_refused() -> None:
+    with pytest.raises(ValueError, match="kl_tokens"):
+        settings(kl_tokens="some")
