@@ -162,10 +162,12 @@ def serve(port: int, config: str, redis_url: str, var_dir: Path, loop: str | Non
 class Cell:
     tokens: int
     stream: bool
+    clients: int | None = None
+    """None: `--clients`; 1: the TTFT cell (one client: the API's own path to the first chunk, nothing queued)."""
 
     @property
     def name(self) -> str:
-        return f"{'stream' if self.stream else 'json'}-o{self.tokens}"
+        return f"{'stream' if self.stream else 'json'}-o{self.tokens}" + (f"-c{self.clients}" if self.clients else "")
 
 
 def cpu_of(pid: int) -> float:
@@ -207,6 +209,7 @@ async def measure(
         return 0.0
 
     samples, wall, _ = await drive_http(server.url, bodies, concurrency=clients, warmup=warm, server_cpu=reading)
+    ttfts = [s.ttft for s in samples if s.ok and s.ttft is not None]
     (api0, redis0), (api1, redis1) = readings
     errors = [s.error for s in samples if not s.ok]
     tokens = statistics.mean(s.completion_tokens for s in samples if s.ok) if len(errors) < len(samples) else 0.0
@@ -220,6 +223,7 @@ async def measure(
         "api_us_per_request": (api1 - api0) / requests * 1e6,
         "redis_us_per_request": (redis1 - redis0) / requests * 1e6,
         "api_cores": (api1 - api0) / wall,
+        "ttft_p50_ms": None if not ttfts else statistics.median(ttfts) * 1000,
     }
 
 
@@ -237,6 +241,8 @@ def derived(cells: dict[str, dict[str, Any]], tokens: int) -> dict[str, float | 
         out[f"{mode}_us_per_{'chunk' if mode == 'stream' else 'token'}"] = (
             None if one is None or many is None or tokens <= 1 else (many - one) / (tokens - 1)
         )
+    ttft = cells.get(f"stream-o{tokens}-c1", {}).get("ttft_p50_ms")
+    out["ttft_1_client_ms"] = None if ttft is None else float(ttft)
     return out
 
 
@@ -255,7 +261,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from core.redis_server import PrivateRedis
 
     tmp = short_tmpdir("api-cost-")
-    cells = [Cell(args.tokens, True), Cell(args.tokens, False), Cell(1, True), Cell(1, False)]
+    cells = [
+        Cell(args.tokens, True),
+        Cell(args.tokens, False),
+        Cell(1, True),
+        Cell(1, False),
+        Cell(args.tokens, True, 1),
+    ]
     results: dict[str, Any] = {}
     load_before = os.getloadavg()[0]
     with PrivateRedis(tmp / "redis") as redis_server:
@@ -266,7 +278,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 by_cell: dict[str, Any] = {}
                 for _ in range(args.passes):
                     for cell in cells:
-                        figures = asyncio.run(measure(server, redis_server.pid, cell, args.requests, args.clients))
+                        requests = args.requests if cell.clients is None else max(4, args.requests // 8)
+                        clients = cell.clients or args.clients
+                        figures = asyncio.run(measure(server, redis_server.pid, cell, requests, clients))
                         by_cell.setdefault(cell.name, []).append(figures)
             # The median pass per cell (by API CPU per request): one slow pass on a shared machine does not move it.
             medians = {
@@ -293,7 +307,7 @@ def report(data: dict[str, Any]) -> None:
         title=f"API process CPU per request (µs; {args['clients']} clients, {args['requests']} requests a cell, "
         f"loop={args['loop'] or 'serve default'}, http={args['http'] or 'serve default'})"
     )
-    for col in ("config", "cell", "µs/request", "redis µs/req", "req/s", "tokens", "errors"):
+    for col in ("config", "cell", "µs/request", "redis µs/req", "req/s", "TTFT p50 ms", "tokens", "errors"):
         table.add_column(col, justify="left" if col in ("config", "cell") else "right")
     for config, result in data["configs"].items():
         for name, cell in result["cells"].items():
@@ -303,6 +317,7 @@ def report(data: dict[str, Any]) -> None:
                 f"{cell['api_us_per_request']:,.0f}",
                 f"{cell['redis_us_per_request']:,.0f}",
                 f"{cell['req_per_s']:,.0f}",
+                "-" if cell["ttft_p50_ms"] is None else f"{cell['ttft_p50_ms']:.2f}",
                 f"{cell['completion_tokens_mean']:.0f}",
                 str(cell["errors"]),
             )

@@ -23,14 +23,16 @@ def test_api_cost_meter_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert set(data["configs"]) == {"full", "bare"}
     for result in data["configs"].values():
         cells = result["cells"]
-        assert set(cells) == {"stream-o4", "json-o4", "stream-o1", "json-o1"}
+        assert set(cells) == {"stream-o4", "json-o4", "stream-o1", "json-o1", "stream-o4-c1"}
         for name, cell in cells.items():
             assert cell["errors"] == 0, cell["first_error"]
-            assert cell["completion_tokens_mean"] == (4 if name.endswith("o4") else 1)
+            assert cell["completion_tokens_mean"] == (1 if "-o1" in name else 4)
             assert cell["api_us_per_request"] > 0
         assert set(result["derived"]) == {
             "stream_us_per_request",
             "stream_us_per_chunk",
             "json_us_per_request",
             "json_us_per_token",
+            "ttft_1_client_ms",
         }
+        assert result["derived"]["ttft_1_client_ms"] > 0
