@@ -22,10 +22,12 @@ from rich.console import Console
 from serve.settings import ServeSettings
 
 UVICORN_OPTIONS: dict[str, Any] = {
-    # The standard asyncio loop, not uvloop (uvicorn's default when installed): under uvloop a stream's
-    # chunks often reached the socket all at once at the end (a raw-socket client saw 55 chunks in one recv
-    # after 166-238 ms; with asyncio the first bytes left after 30-78 ms; bench/serving.py, README).
-    "loop": "asyncio",
+    # uvloop when installed (vLLM installs it), else asyncio's own; the HTTP parser is httptools when installed.
+    # uvloop costs the API process 5-10% less CPU per request and per chunk than asyncio's loop (bench/api_cost.py,
+    # README Performance). An earlier choice of asyncio rested on streams that seemed to reach a client all at
+    # once under uvloop; that was the benchmark's client starved of CPU (README: TTFT), not the loop.
+    "loop": "auto",
+    "http": "auto",
 }
 """uvicorn's event loop and HTTP implementation for `secondstage serve`; bench/api_cost.py runs the same."""
 
