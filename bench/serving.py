@@ -653,7 +653,8 @@ def main() -> None:
     p.add_argument(
         "--cells",
         default="",
-        help="run only cells whose name contains this, e.g. 'c16-'; several comma-separated: any of them",
+        help="run only cells whose name contains this, e.g. 'c16-' ('^c16-': begins with it); several "
+        "comma-separated: any of them",
     )
     p.add_argument("--grid", action="store_true", help="add the 256-client cells the default leaves out")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every cell's requests (at least 1 per client)")
@@ -670,7 +671,11 @@ def main() -> None:
     if args.scale <= 0:
         p.error(f"--scale={args.scale} must be above 0")
     wanted = args.cells.split(",")
-    cells = [c for c in sweep(args.quick, args.scale, args.grid) if any(w in c.name for w in wanted)]
+    cells = [
+        c
+        for c in sweep(args.quick, args.scale, args.grid)
+        if any(c.name.startswith(w[1:]) if w.startswith("^") else w in c.name for w in wanted)
+    ]
     if not cells:
         p.error(f"--cells={args.cells!r} matches no cell; names look like {sweep(True)[0].name}")
 
