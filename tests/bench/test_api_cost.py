@@ -17,9 +17,9 @@ from bench import api_cost
 @pytest.mark.slow
 def test_api_cost_meter_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench.results, "RESULTS", tmp_path)
-    data = api_cost.main(["--requests", "6", "--clients", "2", "--tokens", "4", "--passes", "1", "--label", "t"])
+    data = api_cost.main(["--requests", "6", "--clients", "2", "--tokens", "4", "--passes", "1", "--label", "api_cost"])
     assert data is not None
-    assert (tmp_path / "t.json").is_file()
+    assert (tmp_path / "api_cost.json").is_file()
     assert set(data["configs"]) == {"full", "bare"}
     for result in data["configs"].values():
         cells = result["cells"]
@@ -36,3 +36,7 @@ def test_api_cost_meter_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
             "ttft_1_client_ms",
         }
         assert result["derived"]["ttft_1_client_ms"] > 0
+    pytest.importorskip("matplotlib")
+    from bench.plot import plot
+
+    assert plot(["api_cost"], out_dir=tmp_path) == [tmp_path / "api_cost.png"]
