@@ -202,6 +202,31 @@ def plot_align_scale(data: dict[str, Any], plt: Any) -> Any:
     return fig
 
 
+def plot_api_cost(data: dict[str, Any], plt: Any) -> Any:
+    """bench/results/api_cost.json → the API process' CPU µs per request, by cell, full beside bare."""
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    configs = list(data["configs"])
+    cells = list(data["configs"][configs[0]]["cells"])
+    width = 0.8 / len(configs)
+    for k, config in enumerate(configs):
+        result = data["configs"][config]
+        xs = [i + (k - (len(configs) - 1) / 2) * width for i in range(len(cells))]
+        ax.bar(xs, [result["cells"][c]["api_us_per_request"] for c in cells], width, label=config)
+    ax.set_xticks(range(len(cells)), cells)
+    ax.set(ylabel="API process CPU µs per request")
+    derived = ", ".join(
+        f"{config}: {data['configs'][config]['derived']['stream_us_per_chunk'] or float('nan'):.1f} µs/chunk"
+        for config in configs
+    )
+    args = data["args"]
+    ax.set_title(
+        f"API cost, instant engine, {args['clients']} clients ({derived}; load avg {data['loadavg_after']:.1f})",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8)
+    return fig
+
+
 PLOTS: dict[str, Callable[[dict[str, Any], Any], Any]] = {
     "serving": plot_serving,
     "swap": plot_swap,
@@ -209,6 +234,7 @@ PLOTS: dict[str, Callable[[dict[str, Any], Any], Any]] = {
     "logwriter": plot_logwriter,
     "policy_bench": plot_policy_bench,
     "align_scale": plot_align_scale,
+    "api_cost": plot_api_cost,
 }
 
 

@@ -27,6 +27,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "swap": ([], ["--versions", "2", "--idle-swaps", "3", "--swaps", "4", "--clients", "16"]),
     "closed_loop": ([], ["--rounds", "1", "--train", "16", "--heldout", "12"]),
     "align_scale": ([], ["--quick"]),
+    "api_cost": ([], ["--quick"]),
 }
 
 
@@ -79,6 +80,11 @@ def summary() -> list[str]:
             + "; runs "
             + ", ".join(f"{n}: {r['outcome']} {r['wall_s']}s" for n, r in al["runs"].items())
         )
+    if (ac := load_result("api_cost")) and ac.get("configs"):
+        for config, result in ac["configs"].items():
+            d = result["derived"]
+            parts = [f"{k.replace('_us_per_', ' µs/')} {v:,.1f}" for k, v in d.items() if v is not None]
+            lines.append(f"api cost {config}: " + ", ".join(parts))
     return lines
 
 

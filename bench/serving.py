@@ -650,7 +650,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="one cell of each kind, small sizes (a smoke run)")
     p.add_argument("--passes", type=int, default=3, help="passes over the servers, in alternating order")
     p.add_argument("--only", default="rabc", help="which servers, e.g. 'rc' (d: LiteLLM's proxy, off by default)")
-    p.add_argument("--cells", default="", help="run only cells whose name contains this, e.g. 'c16-'")
+    p.add_argument(
+        "--cells",
+        default="",
+        help="run only cells whose name contains this, e.g. 'c16-' ('^c16-': begins with it); several "
+        "comma-separated: any of them",
+    )
     p.add_argument("--grid", action="store_true", help="add the 256-client cells the default leaves out")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every cell's requests (at least 1 per client)")
     p.add_argument("--litellm", default=None, help="path of a `litellm` executable for (d)")
@@ -665,7 +670,12 @@ def main() -> None:
         p.error(f"--passes={args.passes} must be at least 1")
     if args.scale <= 0:
         p.error(f"--scale={args.scale} must be above 0")
-    cells = [c for c in sweep(args.quick, args.scale, args.grid) if args.cells in c.name]
+    wanted = args.cells.split(",")
+    cells = [
+        c
+        for c in sweep(args.quick, args.scale, args.grid)
+        if any(c.name.startswith(w[1:]) if w.startswith("^") else w in c.name for w in wanted)
+    ]
     if not cells:
         p.error(f"--cells={args.cells!r} matches no cell; names look like {sweep(True)[0].name}")
 

@@ -152,6 +152,7 @@ async def _start(
             # Each replica its own spool (a LogWriter locks its directory): replicas may share one var/ volume.
             settings.spool_dir,
             max_queue=settings.log_queue_size,
+            linger=settings.log_linger_s,
             registry=metrics.registry,
             spool_max_bytes=int(settings.spool_max_mb * 2**20),
         )

@@ -12,7 +12,7 @@ secondstage data replay-spool --replica NAME   # write a dead replica's spooled 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -20,6 +20,16 @@ from rich.console import Console
 # Imported here, not in `serve`: the root CLI's environment check must know serve's settings names before any
 # command runs (core/cli.py).
 from serve.settings import ServeSettings
+
+UVICORN_OPTIONS: dict[str, Any] = {
+    # uvloop when installed (vLLM installs it), else asyncio's own; the HTTP parser is httptools when installed.
+    # uvloop costs the API process 5-10% less CPU per request and per chunk than asyncio's loop (bench/api_cost.py,
+    # README Performance). An earlier choice of asyncio rested on streams that seemed to reach a client all at
+    # once under uvloop; that was the benchmark's client starved of CPU (README: TTFT), not the loop.
+    "loop": "auto",
+    "http": "auto",
+}
+"""uvicorn's event loop and HTTP implementation for `secondstage serve`; bench/api_cost.py runs the same."""
 
 model_app = typer.Typer(help="Base models.", no_args_is_help=True)
 console = Console()
@@ -139,10 +149,7 @@ def serve(
         log_level=log_level,
         log_config=config,
         access_log=False,  # serve/logs.py writes the access lines (with request id, version and latency)
-        # The standard asyncio loop, not uvloop (uvicorn's default when installed): under uvloop a stream's
-        # chunks often reached the socket all at once at the end (a raw-socket client saw 55 chunks in one recv
-        # after 166-238 ms; with asyncio the first bytes left after 30-78 ms; bench/serving.py, README).
-        loop="asyncio",
+        **UVICORN_OPTIONS,
     )
 
 

@@ -7,7 +7,7 @@ in one process never collide; `/metrics` renders this registry plus vLLM's.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
@@ -162,11 +162,51 @@ class Metrics:
             ["limit"],
             registry=registry,
         )
+        self._request_children: dict[tuple[str, str, bool, str], tuple[Any, Any, Any, Any]] = {}
+        self._http_children: dict[tuple[str, str], Any] = {}
         self.rate_limit_errors = Counter(
             "secondstage_rate_limit_errors_total",
             "Limit checks skipped because Redis did not answer: the limits fail open and the request is served.",
             registry=registry,
         )
+
+    def observe_request(
+        self,
+        model: str,
+        route: str,
+        stream: bool,
+        version: str,
+        latency: float,
+        ttft: float | None,
+        prompt: int,
+        completion: int,
+    ) -> None:
+        """One finished completion request: its latency, TTFT and tokens under its route, stream flag and version."""
+        key = (model, route, stream, version)
+        children = self._request_children.get(key)
+        if children is None:
+            # `labels()` validates and locks on every call; a request's four children are looked up once per
+            # (model, route, stream, version) instead (a handful per server: the versions it served).
+            children = (
+                self.request_latency.labels(route, "true" if stream else "false", version),
+                self.ttft.labels(route, version),
+                self.prompt_tokens.labels(model, version),
+                self.completion_tokens.labels(model, version),
+            )
+            self._request_children[key] = children
+        latency_h, ttft_h, prompt_c, completion_c = children
+        latency_h.observe(latency)
+        if ttft is not None:
+            ttft_h.observe(ttft)
+        prompt_c.inc(prompt)
+        completion_c.inc(completion)
+
+    def count_http(self, route: str, status: str) -> None:
+        """One HTTP request in `secondstage_requests_total` (children cached as in `observe_request`)."""
+        child = self._http_children.get((route, status))
+        if child is None:
+            child = self._http_children[(route, status)] = self.requests.labels(route, status)
+        child.inc()
 
     def count_redis_restart(self, result: str) -> None:
         self.redis_restarts.labels(result).inc()

@@ -68,7 +68,7 @@ class RequestMiddleware:
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             await self._reject(send_wrapped)
-            self.metrics.requests.labels(route_label(scope), "413").inc()
+            self.metrics.count_http(route_label(scope), "413")
             return
 
         received = 0
@@ -88,7 +88,7 @@ class RequestMiddleware:
             if not status_seen:
                 await self._reject(send_wrapped)
         finally:
-            self.metrics.requests.labels(route_label(scope), str(status_seen[0] if status_seen else 500)).inc()
+            self.metrics.count_http(route_label(scope), str(status_seen[0] if status_seen else 500))
 
     async def _reject(self, send: Send) -> None:
         status, body = to_error(

@@ -95,7 +95,7 @@ class CompletionService:
             system_fingerprint=jobs[0].version,
         )
 
-    async def open_stream(self, jobs: list[Job]) -> AsyncGenerator[str, None]:
+    async def open_stream(self, jobs: list[Job]) -> AsyncGenerator[bytes, None]:
         iterators = [await self.pipeline.start(job) for job in jobs]
         return sse(self._chunks(jobs, iterators), jobs[0].id)
 

@@ -72,11 +72,10 @@ def finish_job(
     ttft = None if job.first_token_at is None else job.first_token_at - job.clock
     usage = job.usage()
     route = ROUTE_LABELS.get(job.route, job.route)
-    metrics.request_latency.labels(route, str(job.request.stream).lower(), job.version).observe(latency)
-    if ttft is not None:
-        metrics.ttft.labels(route, job.version).observe(ttft)
-    metrics.prompt_tokens.labels(engine.model_name, job.version).inc(usage.prompt_tokens)
-    metrics.completion_tokens.labels(engine.model_name, job.version).inc(usage.completion_tokens)
+    metrics.observe_request(
+        engine.model_name, route, job.request.stream, job.version, latency, ttft, usage.prompt_tokens,
+        usage.completion_tokens,
+    )  # fmt: skip
     if recorder is None:
         return
     decisions = [msgspec.convert(d, PolicyDecision, from_attributes=True) for d in job.input_decisions]

@@ -1,6 +1,7 @@
 """The shared SSE framing: data events, usage left out when absent, an error after the 200 as the last chunk, [DONE].
 
-Unit tests of `serve/services/sse.py`, then the same promise over both streaming routes.
+Unit tests of `serve/services/sse.py`, then the same promise over both streaming routes; and the chat stream's
+pre-encoded chunks (`ChunkFrames`), byte for byte what the pydantic chunk model writes.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+import pydantic_core
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
 from serve.app import build_app
 from serve.errors import BadRequest
-from serve.protocol import UsageInfo
+from serve.protocol import ChatCompletionChunk, DeltaMessage, StreamChoice, UsageInfo
+from serve.services.chat import ChunkFrames, _json
 from serve.services.sse import DONE, event, sse
 from serve.settings import ServeSettings
 from tests.fakes import FakeLLM, FakeOutput, fake_engine
@@ -27,7 +30,7 @@ class Chunk(BaseModel):
     usage: UsageInfo | None = None
 
 
-async def _collect(stream: AsyncGenerator[str, None]) -> list[str]:
+async def _collect(stream: AsyncGenerator[bytes, None]) -> list[bytes]:
     return [line async for line in stream]
 
 
@@ -42,17 +45,17 @@ def test_event_leaves_out_absent_usage() -> None:
     assert json.loads(event(Chunk(text="a"))[6:]) == {"text": "a"}
     with_usage = json.loads(event(Chunk(text="", usage=UsageInfo(prompt_tokens=1, total_tokens=1)))[6:])
     assert with_usage["usage"]["prompt_tokens"] == 1
-    assert event(Chunk(text="a")).endswith("\n\n")
+    assert event(Chunk(text="a")).endswith(b"\n\n")
 
 
 async def test_chunks_then_done() -> None:
     lines = await _collect(sse(_chunks("a", "b"), "s1"))
-    assert lines == ['data: {"text":"a"}\n\n', 'data: {"text":"b"}\n\n', DONE]
+    assert lines == [b'data: {"text":"a"}\n\n', b'data: {"text":"b"}\n\n', DONE]
 
 
 async def test_error_after_200_is_an_error_chunk_then_done() -> None:
     lines = await _collect(sse(_chunks("a", fail=RuntimeError("engine died")), "s2"))
-    assert lines[0] == 'data: {"text":"a"}\n\n' and lines[-1] == DONE and len(lines) == 3
+    assert lines[0] == b'data: {"text":"a"}\n\n' and lines[-1] == DONE and len(lines) == 3
     error = json.loads(lines[1][6:])["error"]
     # An unknown exception is our bug: a 500 that does not leak its message.
     assert error["code"] == 500 and error["type"] == "InternalServerError"
@@ -78,7 +81,7 @@ async def test_closing_the_stream_closes_its_source() -> None:
             closed.append(True)  # where the generation pipeline aborts its engine request
 
     stream = sse(source(), "s4")
-    assert await stream.__anext__() == 'data: {"text":"x"}\n\n'
+    assert await stream.__anext__() == b'data: {"text":"x"}\n\n'
     await stream.aclose()
     assert closed == [True]
 
@@ -112,3 +115,36 @@ def test_routes_send_an_error_after_200_as_a_chunk(settings: ServeSettings, path
     assert events[-1] == "[DONE]" and len(events) > 2, events
     assert json.loads(events[-2])["error"]["code"] == 500
     assert all("error" not in json.loads(e) for e in events[:-2])
+
+
+TEXTS = [
+    "",
+    "x",
+    " the",
+    'say "hi"',
+    "back\\slash",
+    "line\nbreak\ttab\r",
+    "\x00\x01\x1f\x7f",
+    "é 漢字 🦊",
+    "\u2028\u2029",
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.parametrize(("index", "finish"), [(0, None), (0, "stop"), (3, "length"), (17, "content_filter")])
+def test_chunk_frames_are_the_bytes_the_model_writes(text: str, index: int, finish: str | None) -> None:
+    job_id, created, model, version = "chatcmpl-0192f0c1a2b37c4d8e9f00112233aabb", 1764500000, "demo", "v12"
+    model_chunk = ChatCompletionChunk(
+        id=job_id,
+        created=created,
+        model=model,
+        choices=[StreamChoice(index=index, delta=DeltaMessage(content=text), finish_reason=finish)],
+        system_fingerprint=version,
+    )
+    assert ChunkFrames(job_id, created, model, version).delta(index, text, finish) == event(model_chunk)
+
+
+def test_text_encoding_is_pydantics_for_every_code_point() -> None:
+    # Every code point but the surrogates (a str from the detokenizer never holds a lone one).
+    text = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF)
+    assert _json.encode(text) == pydantic_core.to_json(text)

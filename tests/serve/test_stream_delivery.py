@@ -21,6 +21,7 @@ import pytest
 import uvicorn
 
 from serve.app import build_app
+from serve.cli import UVICORN_OPTIONS
 from serve.settings import ServeSettings
 from tests.fakes import FakeLLM, FakeOutput, fake_engine
 
@@ -46,11 +47,20 @@ class GatedLLM(FakeLLM):
             yield out
 
 
+@pytest.fixture(params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Each test on asyncio's loop and on uvloop (what `secondstage serve` runs where it is installed)."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.EventLoopPolicy()  # type: ignore[no-any-return]
+    return asyncio.DefaultEventLoopPolicy()
+
+
 @contextlib.asynccontextmanager
 async def serving(settings: ServeSettings, llm: GatedLLM) -> AsyncIterator[int]:
-    """The app under uvicorn on a free loopback port, with the event loop `secondstage serve` uses."""
+    """The app under uvicorn on a free loopback port, on the test's loop (asyncio's, then uvloop)."""
     app = build_app(settings, engine=fake_engine(llm, settings))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, loop="asyncio", log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **UVICORN_OPTIONS))
     task = asyncio.create_task(server.serve())
     try:
         while not server.started:
