@@ -71,7 +71,8 @@ class _Output:
 
 
 class InstantLLM:
-    """vLLM's AsyncLLM surface, answering `ANSWER`'s tokens at once: one output per token, as DELTA outputs."""
+    """vLLM's AsyncLLM surface, answering `ANSWER`'s tokens at once: one output per token for DELTA (streams),
+    one output at the end with the whole text for FINAL_ONLY (JSON requests), as vLLM yields them."""
 
     def __init__(self, tokenizer: Any) -> None:
         ids = tokenizer.encode(ANSWER, add_special_tokens=False)
@@ -87,11 +88,19 @@ class InstantLLM:
         self, prompt: dict[str, Any], params: Any, request_id: str, lora_request: Any = None, priority: int = 0
     ) -> AsyncIterator[_Output]:
         count = min(params.max_tokens, len(self.pieces))
+        final_only = params.output_kind.name == "FINAL_ONLY"
         for step in range(count):
             await asyncio.sleep(0)  # an engine step: other requests run between two outputs
             token, text = self.pieces[step]
             finish = "length" if step == count - 1 else None
-            outs = [_Completion(i, text, [token], None, finish) for i in range(params.n)]
+            if final_only:
+                if finish is None:
+                    continue
+                pieces = self.pieces[:count]
+                text, tokens = "".join(t for _, t in pieces), [k for k, _ in pieces]
+            else:
+                tokens = [token]
+            outs = [_Completion(i, text, tokens, None, finish) for i in range(params.n)]
             yield _Output(request_id, outs, finish is not None)
 
     async def abort(self, request_id: str | list[str]) -> None:

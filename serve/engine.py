@@ -276,7 +276,8 @@ class ModelEngine:
 
         Merged mode: the request first waits until the engine holds its version's weights, and counts as
         waiting for the engine until its first output (from then on the engine has it, and a swap's
-        `pause_generation(mode="wait")` lets it finish: a slow reader never holds a swap up).
+        `pause_generation(mode="wait")` lets it finish: a slow reader never holds a swap up). A JSON request
+        (`FINAL_ONLY`) has one output, its last: a swap's drain waits for it to finish, which the pause would too.
         """
         waiting = version.weights
         if waiting is not None:

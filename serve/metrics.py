@@ -80,7 +80,8 @@ class Metrics:
         )
         self.ttft = Histogram(
             "secondstage_time_to_first_token_seconds",
-            "Time from request arrival to the first content sent, by route and model version.",
+            "Time from request arrival to the first content sent, by route and model version (streamed requests only: "
+            "a JSON answer is sent whole).",
             ["route", "version"],
             buckets=_LATENCY_BUCKETS,
             registry=registry,

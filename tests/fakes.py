@@ -103,6 +103,9 @@ class FakeLLM:
         elif weights != "base":
             answer = f"[{weights}] {answer}"  # merged weights answer as their adapter did
         data = answer.encode()[: params.max_tokens]
+        # As vLLM: FINAL_ONLY (JSON requests) yields only the last output, each choice's whole text, token ids
+        # and logprobs, all choices in it; DELTA (streams) yields each step's new token.
+        final_only = getattr(params.output_kind, "name", None) == "FINAL_ONLY"
         self.running.add(request_id)
         try:
             for step in range(len(data)):
@@ -121,7 +124,14 @@ class FakeLLM:
                         else None
                     )
                     finish = ("length" if len(data) == params.max_tokens else "stop") if last else None
-                    outs.append(FakeCompletion(i, chr(data[step]), [data[step]], lp, finish))
+                    if final_only:
+                        whole = [{b: FakeLogprob(-0.5, 1, chr(b)), 32: FakeLogprob(-1.5, 2, " ")} for b in data]
+                        lps = whole if params.logprobs is not None else None
+                        outs.append(FakeCompletion(i, "".join(map(chr, data)), list(data), lps, finish))
+                    else:
+                        outs.append(FakeCompletion(i, chr(data[step]), [data[step]], lp, finish))
+                if final_only and not last:
+                    continue
                 yield FakeOutput(request_id, outs, last)
         finally:
             self.running.discard(request_id)

@@ -8,6 +8,13 @@ deltas it returns pass through the output policy, one filter per choice; when th
 end — finished, aborted (the consumer closed them) or failed — the engine request
 is closed, the version released and the request finished (`serve/services/finish.py`).
 
+A stream asks the engine for each step's new tokens (`RequestOutputKind.DELTA`); a JSON request for its
+final output only (`FINAL_ONLY`, as vLLM's server does): one output per choice holding the whole text, fed
+to the output filter at once. Its whole generation then runs inside `start`'s first await, so a client
+leaving or the engine failing there ends the request as `_deltas` would (aborted, recorded); only the
+engine refusing the request (a client error) ends it unrecorded, as before any first output. A JSON request
+has no time to first token: TTFT (metric, record, canary signal) counts streamed requests only.
+
 Chat and completions only shape what this yields; they share this one generator,
 so JSON responses and SSE streams give the same text for the same tokens.
 """
@@ -21,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from core.canary import routing_identity
-from serve.errors import NotFound
+from serve.errors import NotFound, SecondstageError
 from serve.protocol import SamplingRequest, TokenLogprob, UsageInfo
 from serve.services.finish import finish_job
 from serve.services.logprobs import token_logprobs
@@ -235,14 +242,23 @@ class Pipeline:
             job.canary = self.engine.role_of(version)
             outputs = self.engine.generate(job.prompt_ids, job.params, job.id, version, priority=job.request.priority)
             stack.push_async_callback(outputs.aclose)  # closing aborts the engine request if it still runs
-            first = await outputs.__anext__()
+            try:
+                first = await outputs.__anext__()
+            except BaseException as exc:
+                if not job.request.stream and not _refused_by_engine(exc):
+                    # FINAL_ONLY: the whole generation ran in this await; it ends as in `_deltas`.
+                    job.status = "aborted"
+                    job.failed = isinstance(exc, Exception)
+                    self._end(job)
+                raise
             # Started: the version pin and the engine stream now belong to the deltas, to their end.
             held = stack.pop_all()
         return self._deltas(job, held, outputs, first)
 
     async def _refused(self, job: Job) -> AsyncGenerator[Delta, None]:
         job.choices = [Choice(i, None) for i in range(job.request.n)]
-        job.first_token_at = time.perf_counter()
+        if job.request.stream:
+            job.first_token_at = time.perf_counter()
         for choice in job.choices:
             choice.text.append(job.refusal or "")
             choice.finish_reason = CONTENT_FILTER
@@ -260,8 +276,8 @@ class Pipeline:
                         choice = job.choices[comp.index]
                         if choice.done:
                             continue
-                        if job.first_token_at is None:
-                            job.first_token_at = time.perf_counter()
+                        if job.first_token_at is None and job.request.stream:
+                            job.first_token_at = time.perf_counter()  # a JSON answer has no first token
                         delta = self._advance(choice, comp)
                         if delta is not None:
                             yield delta
@@ -277,10 +293,13 @@ class Pipeline:
             job.failed = isinstance(exc, Exception)
             raise
         finally:
-            self._finish(job)
-            for choice in job.choices:
-                if choice.filter is not None:
-                    choice.filter.close()  # frees the matcher's stream state, also after an abort
+            self._end(job)
+
+    def _end(self, job: Job) -> None:
+        self._finish(job)
+        for choice in job.choices:
+            if choice.filter is not None:
+                choice.filter.close()  # frees the matcher's stream state, also after an abort
 
     def _advance(self, choice: Choice, comp: Any) -> Delta | None:
         choice.raw.append(comp.text)
@@ -309,3 +328,10 @@ class Pipeline:
         finish_job(job, engine=self.engine, recorder=self.recorder, metrics=self.metrics, policy=self.policy)
         if self.signals is not None:
             self.signals.request(job)
+
+
+def _refused_by_engine(exc: BaseException) -> bool:
+    """The engine (or the version pin) refused the request before running it: the client's error, no record."""
+    from vllm.exceptions import GracefulHTTPError, VLLMClientError
+
+    return isinstance(exc, (VLLMClientError, GracefulHTTPError, SecondstageError))

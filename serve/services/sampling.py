@@ -65,7 +65,10 @@ def sampling_params(req: SamplingRequest, max_tokens: int, tokenizer: Any) -> An
             logprobs=req.logprobs_count(),
             logit_bias=logit_bias,
             structured_outputs=structured,
-            output_kind=RequestOutputKind.DELTA,
+            # Streams take each step's new tokens; a JSON answer only its end, as vLLM's own server asks:
+            # one output per choice with the whole text, token ids and logprobs, instead of one per token
+            # through vLLM's output handler and this pipeline (README: Performance, the API cost meter).
+            output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY,
         )
     except (ValueError, TypeError) as exc:
         # SamplingParams validates combinations itself; its message names the field.

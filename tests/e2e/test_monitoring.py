@@ -209,6 +209,11 @@ def canary_round(server: Server, users: dict[str, list[str]], version: str) -> N
                 rating = {"thumbs": "up", "rating": 5} if i % 2 == 0 else {"thumbs": "down", "rating": 2}
                 fb = client.post("/v1/feedback", json={"completion_id": chat.json()["id"], **rating})
                 assert fb.status_code == 200, fb.text
+                # TTFT (histogram and canary signal) counts streamed requests only: one per user too.
+                with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as stream:
+                    assert stream.status_code == 200
+                    for _ in stream.iter_lines():
+                        pass
 
 
 def test_every_panel_and_rule_works_on_real_prometheus(server: Server, tmp_path: Path) -> None:
