@@ -394,6 +394,16 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 kind="table",
             ),
             Panel(
+                "Align: refusals and dead letters",
+                "Feedback entries the last run's gate refusal counted against (refused) and took out of training "
+                "after SECONDSTAGE_MAX_REFUSALS refusals (dead_lettered), and the deployment's dead letters so far "
+                "(SecondstageAlignDeadLetters fires when it rises; `secondstage align refusals` lists them).",
+                (
+                    (f"secondstage_align_entries{{{ALIGN}}}", "{{outcome}} (last run)"),
+                    (f"secondstage_align_dead_letters{{{ALIGN}}}", "dead letters so far"),
+                ),
+            ),
+            Panel(
                 "Align: published version",
                 "The version the last successful align run published (servers may since have activated another).",
                 ((f"secondstage_align_published_version_info{{{ALIGN}}}", "{{version}}"),),

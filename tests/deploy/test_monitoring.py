@@ -98,5 +98,7 @@ def test_dashboard_panels_are_complete() -> None:
         "secondstage_align_gate_check_value",
         "secondstage_align_gate_check_passed",
         "secondstage_align_published_version_info",
+        "secondstage_align_entries",
+        "secondstage_align_dead_letters",
     ):
         assert metric in queries, f"no panel shows {metric}"
