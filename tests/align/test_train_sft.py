@@ -56,8 +56,8 @@ def per_token_logp(models: _Models, which: str, rows: list[tuple[str, str]]) -> 
 def test_without_the_preference_term_sft_trainer_raises_the_chosen_answers(
     train_settings: AlignSettings, tmp_path: Path
 ) -> None:
-    settings = train_settings.model_copy(update={"max_steps": 12})
-    assert settings.dpo_weight == 0 and settings.liked_as_sft and settings.kl_weight > 0  # the defaults
+    settings = train_settings.model_copy(update={"max_steps": 12, "kl_weight": 5.0})
+    assert settings.dpo_weight == 0 and settings.liked_as_sft  # the defaults
     out = StringIO()
     result = train_adapter(settings, feedback(), tmp_path, console=Console(file=out, width=200))
 
@@ -67,7 +67,7 @@ def test_without_the_preference_term_sft_trainer_raises_the_chosen_answers(
     assert result.metrics["dpo_steps"] == 12 and result.metrics["dpo_rows"] == len(PROMPTS) + len(LIKED)
     assert result.metrics["sft_rows"] == len(LIKED) and result.metrics["kto_rows"] == 0
     assert "dpo_logp_rejected" not in result.metrics  # nothing ran on the rejected answers
-    assert result.metrics["dpo_kl"] >= 0  # the KL term toward the parent (default kl_weight, kl_tokens "agreed")
+    assert result.metrics["dpo_kl"] >= 0  # the KL term toward the parent (kl_weight 5, kl_tokens "agreed")
     lines = out.getvalue().splitlines()
     assert any(line.startswith("SFT: 12 steps, loss ") for line in lines), lines
     assert not any(line.startswith("DPO: ") for line in lines), lines
