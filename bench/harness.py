@@ -60,9 +60,11 @@ class Engine:
     """Weights dtype (vLLM's server only: secondstage picks float32 for the demo model itself)."""
     seed: int | None = None
     """Engine seed."""
+    block_size: int | None = None
+    """KV-cache block size (secondstage's CPU default is 32, vLLM's 128: serve.engine.CPU_BLOCK_SIZE)."""
 
 
-BENCH_ENGINE = Engine(max_num_seqs=64, max_lora_rank=16, max_loras=2, dtype="float32", seed=0)
+BENCH_ENGINE = Engine(max_num_seqs=64, max_lora_rank=16, max_loras=2, dtype="float32", seed=0, block_size=32)
 """What the benchmarks run: the values ServeSettings uses by default, so vLLM's own server runs the very
 engine configuration secondstage runs in-process."""
 
@@ -303,6 +305,7 @@ def secondstage_env(
             "SECONDSTAGE_MAX_LORA_RANK": engine.max_lora_rank,
             "SECONDSTAGE_MAX_LORAS": engine.max_loras,
             "SECONDSTAGE_SEED": engine.seed,
+            "SECONDSTAGE_BLOCK_SIZE": engine.block_size,
         }
         env.update({name: str(value) for name, value in settings.items() if value is not None})
     env.update(extra_env or {})
@@ -360,6 +363,8 @@ def vllm_server(
         argv += ["--dtype", engine.dtype]
     if engine.seed is not None:
         argv += ["--seed", str(engine.seed)]
+    if engine.block_size is not None:
+        argv += ["--block-size", str(engine.block_size)]
     if lora_modules:
         argv += ["--lora-modules", *(f"{name}={path}" for name, path in lora_modules.items())]
     argv += ["--enforce-eager", "--disable-uvicorn-access-log"]

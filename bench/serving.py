@@ -634,7 +634,8 @@ def save(
             "partial": partial,
             "params": {k: v for k, v in vars(args).items() if k not in ("litellm", "report")},
             "labels": {k: LABELS[k] for k in args.only},
-            "engine": "bench.harness.BENCH_ENGINE (ServeSettings defaults: max_num_seqs 64, max_model_len 1024)",
+            "engine": "bench.harness.BENCH_ENGINE (ServeSettings defaults: max_num_seqs 64, max_model_len 1024, "
+            "block_size 32)",
             "cells": [asdict(c) | {"name": c.name} for c in cells],
             "table": table,
             "goals": goals(cells, table),

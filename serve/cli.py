@@ -90,6 +90,10 @@ def serve(
     enable_prefix_caching: Annotated[
         bool | None, typer.Option(help="Reuse KV cache across shared prompt prefixes (default: vLLM's).")
     ] = None,
+    block_size: Annotated[
+        int | None,
+        typer.Option(min=1, help="KV-cache block size in tokens (default: 32 on CPU, vLLM's with a GPU)."),
+    ] = None,
     merged_weights: Annotated[
         bool | None,
         typer.Option(
@@ -127,6 +131,7 @@ def serve(
         "max_lora_rank": max_lora_rank,
         "enforce_eager": enforce_eager,
         "enable_prefix_caching": enable_prefix_caching,
+        "block_size": block_size,
         "merged_weights": merged_weights,
         "log_format": log_format,
     }

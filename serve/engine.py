@@ -56,11 +56,16 @@ _DELTA_LORA_ID = 1_000_000
 """Delta adapters get vLLM LoRA ids from here up (a version's own adapter uses its number)."""
 
 
+CPU_BLOCK_SIZE = 32
+"""KV-cache block size on CPU when `block_size` is unset: the smallest vLLM's CPU attention takes, so the prefix
+cache can reuse a shared prefix as short as the policy instructions (ServeSettings.block_size says why)."""
+
+
 def engine_kwargs(settings: ServeSettings, *, cuda: bool) -> dict[str, Any]:
     """vLLM's `AsyncEngineArgs` for these settings; `cuda` says whether a CUDA (or ROCm) GPU runs the model.
 
     Settings left unset (None) are left out, so vLLM applies its own default for the platform; the exception
-    is enforce_eager, whose default here depends on the device (see `ServeSettings.enforce_eager`).
+    are enforce_eager and block_size, whose defaults here depend on the device (see `ServeSettings`).
     """
     kwargs: dict[str, Any] = {
         "model": settings.model_path,
@@ -80,6 +85,9 @@ def engine_kwargs(settings: ServeSettings, *, cuda: bool) -> dict[str, Any]:
     }
     if settings.enable_prefix_caching is not None:
         kwargs["enable_prefix_caching"] = settings.enable_prefix_caching
+    block_size = settings.block_size if settings.block_size is not None else (None if cuda else CPU_BLOCK_SIZE)
+    if block_size is not None:
+        kwargs["block_size"] = block_size
     if settings.distributed_executor_backend is not None:
         kwargs["distributed_executor_backend"] = settings.distributed_executor_backend
     return kwargs

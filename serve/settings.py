@@ -55,6 +55,16 @@ class ServeSettings(CommonSettings):
         description="Reuse the KV cache of shared prompt prefixes (system prompts, the policy instructions). "
         "Unset: vLLM's default for the platform.",
     )
+    block_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Tokens per KV-cache block (vLLM's `block_size`). The prefix cache reuses whole blocks only, so a "
+        "shared prefix shorter than a block is computed again for every request. Unset: 32 on CPU (vLLM's CPU "
+        "default is 128, and its attention needs a multiple of 32: at 128 the policy instructions every request "
+        "starts with, ~95 tokens on the demo model, never fill a block and are prefilled each time; at 32, 96 of "
+        "them come from the cache — README Performance, 'Equal prompts and the KV block size'), vLLM's default "
+        "with a CUDA GPU (16).",
+    )
     merged_weights: bool = Field(
         default=False,
         description="Serve the promoted version merged into full weights (as fast as the base model; a LoRA "

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.harness import Engine, log_tail, running, vllm_server
+from serve.engine import CPU_BLOCK_SIZE
 
 
 @dataclass
@@ -28,7 +29,9 @@ class Reference:
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Reference]:
     base = tmp_path_factory.mktemp("vllm-reference")
-    # vLLM's defaults for everything else (no LoRA): the fidelity tests compare the base model's answers.
-    process = vllm_server(log=base / "vllm.log", model=demo_model, engine=Engine(max_model_len=1024))
+    # vLLM's defaults for everything else (no LoRA): the fidelity tests compare the base model's answers. The KV
+    # block size is ours (serve.engine.CPU_BLOCK_SIZE): the same engine, so any difference is the API's.
+    engine = Engine(max_model_len=1024, block_size=CPU_BLOCK_SIZE)
+    process = vllm_server(log=base / "vllm.log", model=demo_model, engine=engine)
     with running(process):
         yield Reference(process.url, process.log)

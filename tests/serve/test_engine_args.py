@@ -43,6 +43,16 @@ def test_enforce_eager_defaults_by_device() -> None:
     assert engine_kwargs(ServeSettings(model="m", enforce_eager=False), cuda=False)["enforce_eager"] is False
 
 
+def test_block_size_defaults_by_device() -> None:
+    """CPU: 32, so the prefix cache can hold the policy instructions (vLLM's CPU default, 128, never fills a block
+    with them); a GPU keeps vLLM's default; a set value wins on both."""
+    settings = ServeSettings(model="m")
+    assert engine_kwargs(settings, cuda=False)["block_size"] == 32
+    assert "block_size" not in engine_kwargs(settings, cuda=True)
+    assert engine_kwargs(ServeSettings(model="m", block_size=64), cuda=False)["block_size"] == 64
+    assert engine_kwargs(ServeSettings(model="m", block_size=64), cuda=True)["block_size"] == 64
+
+
 def test_unset_options_are_left_to_vllm() -> None:
     kwargs = engine_kwargs(ServeSettings(model="m"), cuda=False)
     assert "enable_prefix_caching" not in kwargs and "distributed_executor_backend" not in kwargs
