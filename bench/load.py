@@ -90,10 +90,14 @@ def summarise(samples: list[Sample], wall_s: float) -> dict[str, Any]:
     }
 
 
-def chat_body(model: str, content: str, max_tokens: int, stream: bool) -> dict[str, Any]:
+def chat_body(model: str, content: str, max_tokens: int, stream: bool, system: str | None = None) -> dict[str, Any]:
+    """One load request; `system`, if given, goes first as a system message (bench/serving.py's equal prompts)."""
+    messages = [{"role": "user", "content": content}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
     body: dict[str, Any] = {
         "model": model,
-        "messages": [{"role": "user", "content": content}],
+        "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,

@@ -80,13 +80,15 @@ async def _cell(
     return s
 
 
-def _tokens(tokenizer: Any, messages: list[str]) -> list[list[int]]:
-    """The chat template and tokenization, done off the clock: the ceiling is the engine alone."""
+def _tokens(tokenizer: Any, messages: list[str], system: str | None = None) -> list[list[int]]:
+    """The chat template and tokenization, done off the clock: the ceiling is the engine alone. `system`: the
+    system message the HTTP clients send too (bench/serving.py's equal prompts)."""
     out = []
     for content in messages:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-        )
+        chat = [{"role": "user", "content": content}]
+        if system is not None:
+            chat.insert(0, {"role": "system", "content": system})
+        text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
         out.append(list(tokenizer.encode(text, add_special_tokens=False)))
     return out
 
@@ -112,7 +114,8 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
             lora = None
             if cell.get("adapter"):
                 lora = LoRARequest(lora_name="bench", lora_int_id=1, lora_path=cell["adapter"])
-            warm, prompts = _tokens(tokenizer, cell["warmup"]), _tokens(tokenizer, cell["prompts"])
+            system = spec.get("system")
+            warm, prompts = _tokens(tokenizer, cell["warmup"], system), _tokens(tokenizer, cell["prompts"], system)
             s = await _cell(llm, cell, warm, prompts, lora)
             s["loadavg_1m_after"] = os.getloadavg()[0]
             out["cells"][cell["name"]] = s

@@ -3,7 +3,9 @@
     .venv/bin/python -m bench.serving [--quick] [--passes 3] [--only rabc] [--cells c16-] [--scale 1.0] [--grid]
     .venv/bin/python -m bench.serving --report      # the last run's tables again, and as Markdown
 
-Same model, same engine settings (`bench.harness.BENCH_ENGINE`, which are ServeSettings' defaults), same load:
+Same model, same engine settings (`bench.harness.BENCH_ENGINE`, which are ServeSettings' defaults), same load,
+same prompt tokens (full secondstage's instructions rule puts a system message in front of every request, so the
+other servers' clients send that message themselves; `--bare-prompts` sends them the bare prompts instead):
   r  the raw engine: `AsyncLLM` with secondstage's engine arguments, driven in-process with no HTTP
      (bench/raw_engine.py, a fresh subprocess per pass; its docstring says why) — the ceiling
   a  vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`), with the LoRA adapter under
@@ -217,10 +219,15 @@ def plan(cells: list[Cell]) -> list[dict[str, Any]]:
 
 
 def run_http(
-    server: ServerProcess, steps: list[dict[str, Any]], on_lora: Any, extra_pids: tuple[int, ...] = ()
+    server: ServerProcess,
+    steps: list[dict[str, Any]],
+    on_lora: Any,
+    extra_pids: tuple[int, ...] = (),
+    system: str | None = None,
 ) -> dict[str, Any]:
     """Every step against `server`; `on_lora()` returns the model name LoRA steps ask for (after switching).
-    The CPU of the server's process tree (and of `extra_pids`: Redis for secondstage) is counted per cell."""
+    The CPU of the server's process tree (and of `extra_pids`: Redis for secondstage) is counted per cell.
+    `system`: a system message every request sends first (the equal prompts, `instructions_message`)."""
     out: dict[str, Any] = {}
     lora_model: str | None = None
     pids = [p for p in (server.proc.pid if server.proc else None, *extra_pids) if p is not None]
@@ -234,8 +241,8 @@ def run_http(
             if lora_model is None:
                 lora_model = on_lora()
             model = lora_model
-        bodies = [chat_body(model, p, step["max_tokens"], step["stream"]) for p in step["prompts"]]
-        warm = [chat_body(model, p, step["max_tokens"], step["stream"]) for p in step["warmup"]]
+        bodies = [chat_body(model, p, step["max_tokens"], step["stream"], system) for p in step["prompts"]]
+        warm = [chat_body(model, p, step["max_tokens"], step["stream"], system) for p in step["warmup"]]
         samples, wall, cores = asyncio.run(
             drive_http(
                 server.url,
@@ -255,12 +262,14 @@ def run_http(
     return out
 
 
-def run_raw(env: dict[str, str], steps: list[dict[str, Any]], adapter: Path, work: Path, rep: int) -> dict[str, Any]:
+def run_raw(
+    env: dict[str, str], steps: list[dict[str, Any]], adapter: Path, work: Path, rep: int, system: str | None = None
+) -> dict[str, Any]:
     spec = work / f"raw-spec-{rep}.json"
     result = work / f"raw-out-{rep}.json"
     log = work / f"raw-{rep}.log"
     cells = [{**s, "adapter": str(adapter) if s["lora"] else None} for s in steps]
-    spec.write_text(json.dumps({"cells": cells}))
+    spec.write_text(json.dumps({"cells": cells, "system": system}))
     t0 = time.monotonic()
     with log.open("wb") as out:
         rc = subprocess.run(
@@ -316,20 +325,38 @@ def switch_to(server: ServerProcess, registry: Registry, version: str, timeout: 
     raise RuntimeError(f"{server.name} did not serve {version} within {timeout}s of its activation")
 
 
+def instructions_message(policies: Path) -> str | None:
+    """The system message full secondstage's instructions rules add to every request (None if they add none).
+
+    The other servers' clients send it themselves, so every server prefills the same tokens: without it full
+    secondstage's prompts were 3× the others' (138 against 45 tokens on the short prompts), and its ratios
+    measured that prefill as much as the server.
+    """
+    from core.policy.engine import PolicyEngine
+    from core.policy.scope import RequestContext
+
+    engine = PolicyEngine(policies)
+    engine.load()
+    messages = engine.check_input([{"role": "user", "content": "x"}], RequestContext(None, None, "demo")).messages
+    return messages[0]["content"] if len(messages) > 1 and messages[0]["role"] == "system" else None
+
+
 def run_one(
     name: str, rep: int, steps: list[dict[str, Any]], work: Path, rs: PrivateRedis, adapter: Path, args: Any
 ) -> dict[str, Any]:
     t0 = time.monotonic()
     console.print(f"[bold]{name}[/] {LABELS[name]} pass {rep + 1}")
+    # Every server but full secondstage (whose instructions rule adds it) gets the instructions from its client.
+    system = None if name == "c" else args.system
     if name == "r":
         env = secondstage_env(redis_url=rs.url, var_dir=work / "var-r", port=free_port())
-        return run_raw(env, steps, adapter, work, rep)
+        return run_raw(env, steps, adapter, work, rep, system)
     if name == "a":
         with running(vllm_server(log=work / f"vllm-{rep}.log", lora_modules={LORA_NAME: adapter})) as server:
             console.print(f"  ready in {time.monotonic() - t0:.0f}s")
-            return run_http(server, steps, lambda: LORA_NAME)
+            return run_http(server, steps, lambda: LORA_NAME, system=system)
     if name == "d":
-        return _litellm(rep, steps, work, args.litellm)
+        return _litellm(rep, steps, work, args.litellm, system)
     flag = "false" if name == "b" else "true"
     var_dir = work / f"var-{name}"
     client = redis.Redis.from_url(rs.url)
@@ -352,13 +379,15 @@ def run_one(
                 return "demo"
 
             # Redis' CPU counts as the server's: logging (c) writes every completion there.
-            return run_http(server, steps, on_lora, extra_pids=(rs.pid,) if rs.pid else ())
+            return run_http(server, steps, on_lora, extra_pids=(rs.pid,) if rs.pid else (), system=system)
     finally:
         registry.activate(BASE)  # the next server starts on the base model
         client.close()
 
 
-def _litellm(rep: int, steps: list[dict[str, Any]], work: Path, explicit: str | None) -> dict[str, Any]:
+def _litellm(
+    rep: int, steps: list[dict[str, Any]], work: Path, explicit: str | None, system: str | None = None
+) -> dict[str, Any]:
     binary = explicit or _litellm_bin()
     if binary is None:
         raise RuntimeError("no `litellm` executable (pip install 'litellm[proxy]' into var/litellm-venv, or --litellm)")
@@ -367,7 +396,7 @@ def _litellm(rep: int, steps: list[dict[str, Any]], work: Path, explicit: str | 
         running(vllm_server(log=work / f"vllm-d-{rep}.log")) as upstream,
         running(litellm_server(binary, upstream.url, work), timeout=180) as proxy,
     ):
-        return run_http(proxy, adapter_free, lambda: "demo")
+        return run_http(proxy, adapter_free, lambda: "demo", system=system)
 
 
 def _litellm_bin() -> str | None:
@@ -660,11 +689,17 @@ def main() -> None:
     p.add_argument("--grid", action="store_true", help="add the 256-client cells the default leaves out")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every cell's requests (at least 1 per client)")
     p.add_argument("--litellm", default=None, help="path of a `litellm` executable for (d)")
+    p.add_argument(
+        "--bare-prompts",
+        action="store_true",
+        help="send the other servers the bare prompts (full secondstage then also prefills its instructions)",
+    )
     p.add_argument("--report", action="store_true", help="print the last run's tables (and Markdown); run nothing")
     args = p.parse_args()
     if args.report:
         report()
         return
+    args.system = None if args.bare_prompts else instructions_message(ROOT / "policies")
     if not args.only or set(args.only) - set(LABELS):
         p.error(f"--only={args.only!r}: use letters from {''.join(LABELS)}")
     if args.passes < 1:
