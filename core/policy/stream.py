@@ -1,23 +1,31 @@
 """Applies one stage's match rules to a text that arrives in pieces, holding back as little as possible.
 
 `Matcher` is the core, used for both stages: the output filter feeds it model deltas, the input
-check feeds each message whole. What it emits never depends on how the text was split: the
-result is defined as Python `re` (leftmost-first) run over the whole text, rule by rule, with the
-matches then applied in order of their start (block stops, redact/rewrite replace, flag and shadow
-only record). Streaming gets the same answer by only deciding positions that more text can no
-longer change:
+check feeds each message whole. What it emits, and the decisions it records, never depend on how
+the text was split: the result is defined as Python `re` (leftmost-first) run over the whole text,
+rule by rule, with the matches then applied in order of their start (block stops, redact/rewrite
+replace, flag and shadow only record). Streaming gets the same answer by only deciding positions
+that more text can no longer change:
 
 - hyperscan (stream mode) reports "rule i matched, ending here"; Python runs only for such rules.
 - For rule i, a match attempt at position p is final once p < N - width_i (it examines at most
-  width_i + 1 characters), or once no prefix of a possible match of any rule starts at or before p
-  at the end of the text (the tail database, a block-mode scan of the last `hold_back` characters
-  that reports only the leftmost such start, whatever the number of rules).
-- The filter emits up to the smallest undecided position over all rules: it holds back text only
-  while some pattern could still be matching, and never more than the widest rule.
+  width_i + 1 characters), or once no prefix of a possible match of any rule of its group starts at
+  or before p at the end of the text (the tail database, a block-mode scan of the last characters
+  that reports only the leftmost such start per group, whatever the number of rules).
+- The groups: rules that change text (block, redact, rewrite in mode `enforce`) and rules that only
+  record (`flag`, or mode `shadow`). The filter emits up to the smallest undecided position over
+  the first group only: it holds back text only while a rule that could change it could still be
+  matching, and never more than the widest such rule. A record-only rule never delays the stream.
+- Decisions are recorded in order of start (then rule, then end) up to the smallest undecided
+  position over both groups ("settled"), so the list is the same as the whole-text run's and a
+  record-only decision is recorded as soon as it is final. A block fires (stop, refusal) only once
+  the text before it is settled: the decisions before a block never depend on where the caller
+  stopped feeding. The text from the block on is never sent anyway, so waiting for that costs the
+  stream nothing but a slightly later stop.
 
 So the Python work per chunk is a fixed amount plus the rules with an exact hit to confirm: it does not
-grow with the number of rules (with 1,000 keyword rules, a chunk ending in a common word's first
-letters begins dozens of possible matches; none of them costs anything until one matches).
+grow with the number of rules, of either group (with 1,000 keyword rules, a chunk ending in a common
+word's first letters begins dozens of possible matches; none of them costs anything until one matches).
 
 Not thread-safe: the compiled databases share one hyperscan scratch; call from one thread (the
 event loop).
@@ -33,7 +41,7 @@ from dataclasses import dataclass
 
 import hyperscan
 
-from core.policy.compiler import CompiledStage
+from core.policy.compiler import TAIL_CHANGES, TAIL_RECORDS, CompiledStage
 from core.policy.results import Decision
 from core.policy.schema import refusal_for
 
@@ -90,10 +98,13 @@ class Matcher:
         self._on_decision = on_decision
         self._message_index = message_index
         if len(self._active) == len(stage.rules):  # the usual case: no pass over the rules per response
-            self._hold = stage.hold_back
+            self._hold, self._record_hold, self._records = stage.hold_back, stage.record_width, stage.record_only
         else:
             widths = stage.widths
-            self._hold = max((widths[i] for i in self._active), default=0)
+            self._records = stage.record_only & self._active
+            self._hold = max((widths[i] for i in self._active if i not in self._records), default=0)
+            self._record_hold = max((widths[i] for i in self._records), default=0)
+        self._changes = len(self._records) < len(self._active)  # some active rule changes text
         self._always = [i for i in stage.always_hold if i in self._active]
 
         self.decisions: list[Decision] = []
@@ -107,8 +118,12 @@ class Matcher:
         self._done = 0  # output is decided up to here (absolute, original text)
         self._cursor: dict[int, int] = {}  # rules not caught up: every match starting before cursor is queued
         self._hit_end: dict[int, int] = {}  # rules with an exact hit that Python has not looked at yet
-        self._partial: int | None = None  # leftmost start of a match that may be growing at the end, if any
-        self._queue: list[tuple[int, int, int]] = []  # (start, rule index, end)
+        # Leftmost start of a match that may be growing at the end, if any: of a rule that changes text (holds the
+        # output back), and of a rule that only records (holds only its decisions back).
+        self._partial: int | None = None
+        self._record_partial: int | None = None
+        self._queue: list[tuple[int, int, int]] = []  # (start, rule index, end): final matches, not yet applied
+        self._pending: list[tuple[int, int, int]] = []  # applied (or record-only) matches whose decision waits
         self._finished = False
 
         self._hits: set[int] = set()
@@ -161,17 +176,32 @@ class Matcher:
         if self._stream is not None:
             self._stream.scan(text.encode("utf-8"), match_event_handler=self._on_hit)
         self._note_hits()
-        before = self._partial
-        partial = self._tail_start(prev)
-        cursor = self._cursor
+        before, record_before = self._partial, self._record_partial
+        self._tail_start(prev)
+        partial, record_partial = self._partial, self._record_partial
+        cursor, records = self._cursor, self._records
         # Python runs only for rules with an exact hit to confirm (and those still catching up after one). A match
         # ending in this chunk that started before it was growing at the previous end, so it starts at or after
-        # that end's partial start (prefix-closure, see _tail_start): the search for a rule starts there.
+        # that end's partial start of its group (prefix-closure, see _tail_start): the search starts there.
         start = prev if before is None else before
+        record_start = prev if record_before is None else record_before
         for rule in {*cursor, *self._hit_end, *self._always}:
-            self._advance(rule, cursor.get(rule, start), partial)
-        safe = min(cursor.values(), default=self._n)
-        return self._process(safe if partial is None else min(safe, partial))
+            if rule in records:
+                self._advance(rule, cursor.get(rule, record_start), record_partial)
+            else:
+                self._advance(rule, cursor.get(rule, start), partial)
+        n = self._n
+        safe = n if partial is None else partial
+        if not records:
+            safe = min(safe, *cursor.values()) if cursor else safe
+            return self._process(safe, safe)
+        settled = n if record_partial is None else record_partial
+        for rule, at in cursor.items():  # only rules with a hit still to decide: few, whatever the rule count
+            if rule in records:
+                settled = min(settled, at)
+            else:
+                safe = min(safe, at)
+        return self._process(safe, min(settled, safe))
 
     def finish(self) -> str:
         """End of text: decide everything, return the rest to emit."""
@@ -186,10 +216,12 @@ class Matcher:
         if self.stopped:
             return ""
         self._note_hits()
-        start = self._n if self._partial is None else self._partial
+        n = self._n
+        start = n if self._partial is None else self._partial
+        record_start = n if self._record_partial is None else self._record_partial
         for rule in {*self._cursor, *self._hit_end}:
-            self._advance(rule, self._cursor.get(rule, start), None)
-        return self._process(self._n)
+            self._advance(rule, self._cursor.get(rule, record_start if rule in self._records else start), None)
+        return self._process(n, n)
 
     def close(self) -> None:
         """Release the hyperscan stream without deciding the rest (client went away)."""
@@ -205,39 +237,46 @@ class Matcher:
             self._hit_end[rule] = self._n  # the hit ended somewhere in the last chunk: n is an upper bound
         self._hits.clear()
 
-    def _tail_start(self, prev: int) -> int | None:
-        """The leftmost start of a possible match prefix (of any rule) that ends at the end of the text; None if none.
+    def _tail_start(self, prev: int) -> None:
+        """Set each group's leftmost start of a possible match prefix that ends at the end of the text (None: none).
 
         Possible-match prefixes are prefix-closed: one that ends at the new end and starts before
         the previous end was already one at the previous end. So a scan from the leftmost start
         found last time (or from the previous end, if there was none) sees every one; with no
-        match in progress the window is just the new chunk. The tail database gives every rule's
-        prefix pattern the same id, so hyperscan reports one match with the leftmost start among
-        them (compiler.py): one callback per chunk, whatever the number of rules. A rule outside
-        this caller's scope may hold text back a little longer; it never changes what is emitted.
+        match in progress the window is just the new chunk. The tail database gives every prefix
+        pattern of a group the same id, so hyperscan reports one match per group with the leftmost
+        start among them (compiler.py): one scan and at most two callbacks per chunk, whatever the
+        number of rules. A rule outside this caller's scope may hold text back a little longer; it
+        never changes what is emitted.
         """
         db = self._stage.tail_db
         if db is None:
-            return None
-        n = self._n
-        first = max(prev if self._partial is None else self._partial, n - self._hold)
-        lo = max(first - 1, 0)  # one character of context, so `\b` at `first` is judged right
-        window = self._buf[lo - self._base :]
+            return
+        n, base = self._n, self._base
+        # Each group's window start (None: no active rule in it); the scan covers both.
+        first = max(prev if self._partial is None else self._partial, n - self._hold) if self._changes else None
+        record_first = None
+        if self._records:
+            record_first = max(prev if self._record_partial is None else self._record_partial, n - self._record_hold)
+        lo = max(min(f for f in (first, record_first) if f is not None) - 1, 0)  # `\b` context at the window start
+        window = self._buf[lo - base :]
         data = window.encode("utf-8")
-        found: list[int] = []
+        found = [-1, -1]  # per group id: leftmost start (bytes into data), -1 if none
 
-        def on_prefix(_rule: int, start: int, _to: int, _flags: int, _ctx: object) -> None:
-            found.append(start)
+        def on_prefix(group: int, start: int, _to: int, _flags: int, _ctx: object) -> None:
+            if found[group] < 0 or start < found[group]:  # one report per group; min in case a build reports more
+                found[group] = start
 
         db.scan(data, match_event_handler=on_prefix)
-        if not found:
-            self._partial = None
+        self._partial = self._group_start(found[TAIL_CHANGES], first, lo, window, data)
+        self._record_partial = self._group_start(found[TAIL_RECORDS], record_first, lo, window, data)
+
+    @staticmethod
+    def _group_start(b: int, first: int | None, lo: int, window: str, data: bytes) -> int | None:
+        if b < 0 or first is None:
             return None
-        b = min(found)  # one report; min() in case a hyperscan build reports each pattern
         start = lo + (b if len(data) == len(window) else len(data[:b].decode("utf-8")))
-        # Nothing starts before `first` (see above).
-        self._partial = max(start, first)
-        return self._partial
+        return max(start, first)  # nothing of this group starts before `first` (see _tail_start)
 
     def _advance(self, rule: int, cursor: int, partial: int | None) -> None:
         """Queue every final match of `rule` and move its cursor to the first undecided position."""
@@ -267,45 +306,77 @@ class Matcher:
         else:
             self._cursor.pop(rule, None)
 
-    def _process(self, safe: int) -> str:
+    def _process(self, safe: int, settled: int) -> str:
+        """Apply the queued matches and emit text up to `safe`; record decisions up to `settled` (<= safe).
+
+        `safe`: every match of a rule that changes text starting before it is queued. `settled`: every
+        match of any rule starting before it is queued.
+        """
         emitted: list[str] = []
-        while self._queue and self._queue[0][0] < safe and not self.stopped:
-            start, rule, end = heapq.heappop(self._queue)
-            self._apply(start, rule, end, emitted)
-        if not self.stopped and self._done < safe:
-            emitted.append(self._text(self._done, safe))
-            self._done = safe
+        queue, pending, records, rules = self._queue, self._pending, self._records, self._stage.rules
+        while queue and queue[0][0] < safe and not self.stopped:
+            start, rule, end = item = queue[0]
+            if rule not in records and rules[rule].rule.action == "block":
+                if start >= settled:
+                    # A record-only match before it may still be growing: the block waits for it (module
+                    # docstring); the text from the block on is never sent, so only the stop comes later.
+                    safe = start
+                    break
+                heapq.heappop(queue)
+                heapq.heappush(pending, item)
+                self._record(None)  # everything pending sorts before the block: all of it, the block last
+                self._block(start, rule, emitted)
+                break
+            heapq.heappop(queue)
+            heapq.heappush(pending, item)
+            if rule not in records:
+                self._replace(start, rule, end, emitted)
+        if not self.stopped:
+            self._record(settled)
+            if self._done < safe:
+                emitted.append(self._text(self._done, safe))
+                self._done = safe
         self._trim()
         out = "".join(emitted)
         if out:
             self._out.append(out)
         return out
 
-    def _apply(self, start: int, rule: int, end: int, emitted: list[str]) -> None:
-        compiled = self._stage.rules[rule]
-        model = compiled.rule
-        decision = Decision(
-            rule_id=model.id,
-            kind=model.kind,
-            action=model.action,
-            mode=model.mode,
-            stage=self._stage_name,
-            ruleset_version=self._version,
-            span=(start, end),
-            message_index=self._message_index,
-        )
-        self.decisions.append(decision)
-        if self._on_decision is not None:
-            self._on_decision(decision)
-        if model.mode == "shadow" or model.action == "flag":
-            return
+    def _record(self, before: int | None) -> None:
+        """Record the decisions of the pending matches starting before `before` (None: all), in order of
+        (start, rule, end)."""
+        pending = self._pending
+        while pending and (before is None or pending[0][0] < before):
+            start, rule, end = heapq.heappop(pending)
+            model = self._stage.rules[rule].rule
+            decision = Decision(
+                rule_id=model.id,
+                kind=model.kind,
+                action=model.action,
+                mode=model.mode,
+                stage=self._stage_name,
+                ruleset_version=self._version,
+                span=(start, end),
+                message_index=self._message_index,
+            )
+            self.decisions.append(decision)
+            if self._on_decision is not None:
+                self._on_decision(decision)
+
+    def _block(self, start: int, rule: int, emitted: list[str]) -> None:
         if start > self._done:
             emitted.append(self._text(self._done, start))
             self._done = start
-        if model.action == "block":
-            self.stopped = True
-            self.refusal = refusal_for(model)
-            return
+        self.stopped = True
+        self.refusal = refusal_for(self._stage.rules[rule].rule)
+
+    def _replace(self, start: int, rule: int, end: int, emitted: list[str]) -> None:
+        """Apply a redact or rewrite match (enforce mode) to the output."""
+        compiled = self._stage.rules[rule]
+        model = compiled.rule
+        if start > self._done:
+            emitted.append(self._text(self._done, start))
+            self._done = start
         if end <= self._done:  # inside text an earlier rule already replaced
             return
         if start >= self._done:
@@ -314,7 +385,7 @@ class Matcher:
         self._done = end
 
     def _emit_to(self, safe: int) -> str:
-        return self._process(safe)
+        return self._process(safe, safe)
 
     def _text(self, a: int, b: int) -> str:
         return self._buf[a - self._base : b - self._base]
@@ -325,6 +396,7 @@ class Matcher:
             min(self._cursor.values(), default=self._n),
             self._queue[0][0] if self._queue else self._n,
             self._n if self._partial is None else self._partial,
+            self._n if self._record_partial is None else self._record_partial,
         )
         keep -= 1  # one character of context for `\b` at the first position still needed
         if keep - self._base > _TRIM_AT:
