@@ -254,11 +254,14 @@ class Matcher:
             return
         n, base = self._n, self._base
         # Each group's window start (None: no active rule in it); the scan covers both.
-        first = max(prev if self._partial is None else self._partial, n - self._hold) if self._changes else None
-        record_first = None
+        lo = n
+        first = record_first = None
+        if self._changes:
+            first = lo = max(prev if self._partial is None else self._partial, n - self._hold)
         if self._records:
             record_first = max(prev if self._record_partial is None else self._record_partial, n - self._record_hold)
-        lo = max(min(f for f in (first, record_first) if f is not None) - 1, 0)  # `\b` context at the window start
+            lo = min(lo, record_first)
+        lo = max(lo - 1, 0)  # one character of context, so `\b` at the window start is judged right
         window = self._buf[lo - base :]
         data = window.encode("utf-8")
         found = [-1, -1]  # per group id: leftmost start (bytes into data), -1 if none
@@ -268,15 +271,17 @@ class Matcher:
                 found[group] = start
 
         db.scan(data, match_event_handler=on_prefix)
-        self._partial = self._group_start(found[TAIL_CHANGES], first, lo, window, data)
-        self._record_partial = self._group_start(found[TAIL_RECORDS], record_first, lo, window, data)
-
-    @staticmethod
-    def _group_start(b: int, first: int | None, lo: int, window: str, data: bytes) -> int | None:
+        ascii_only = len(data) == len(window)
+        b = found[TAIL_CHANGES]
         if b < 0 or first is None:
-            return None
-        start = lo + (b if len(data) == len(window) else len(data[:b].decode("utf-8")))
-        return max(start, first)  # nothing of this group starts before `first` (see _tail_start)
+            self._partial = None
+        else:  # nothing of this group starts before `first` (see above)
+            self._partial = max(lo + (b if ascii_only else len(data[:b].decode("utf-8"))), first)
+        b = found[TAIL_RECORDS]
+        if b < 0 or record_first is None:
+            self._record_partial = None
+        else:
+            self._record_partial = max(lo + (b if ascii_only else len(data[:b].decode("utf-8"))), record_first)
 
     def _advance(self, rule: int, cursor: int, partial: int | None) -> None:
         """Queue every final match of `rule` and move its cursor to the first undecided position."""
@@ -332,7 +337,8 @@ class Matcher:
             if rule not in records:
                 self._replace(start, rule, end, emitted)
         if not self.stopped:
-            self._record(settled)
+            if pending and pending[0][0] < settled:
+                self._record(settled)
             if self._done < safe:
                 emitted.append(self._text(self._done, safe))
                 self._done = safe
