@@ -107,7 +107,7 @@ class Matcher:
         self._changes = len(self._records) < len(self._active)  # some active rule changes text
         self._always = [i for i in stage.always_hold if i in self._active]
 
-        self.decisions: list[Decision] = []
+        self._decisions: list[Decision] = []
         self.stopped = False
         self.refusal: str | None = None
         self._pieces: list[str] = []  # everything fed
@@ -143,6 +143,18 @@ class Matcher:
             self._finalizer = weakref.finalize(self, _close_stream, self._stream)
 
     # -- public -----------------------------------------------------------------------------
+
+    @property
+    def decisions(self) -> list[Decision]:
+        """Every decision so far, in order of (start, rule, end), as the whole-text run lists them.
+
+        The recorded ones (`on_decision` has seen them), then any final match whose turn waits for an
+        earlier record-only match to end: a change already applied to the sent text is listed even if
+        the stream is abandoned now (the record of an aborted response withholds its span).
+        """
+        if not self._pending:
+            return self._decisions
+        return self._decisions + [self._decision(*item) for item in sorted(self._pending)]
 
     @property
     def original_text(self) -> str:
@@ -224,7 +236,11 @@ class Matcher:
         return self._process(n, n)
 
     def close(self) -> None:
-        """Release the hyperscan stream without deciding the rest (client went away)."""
+        """Release the hyperscan stream without deciding the rest (client went away).
+
+        The final matches still waiting for their turn are recorded (and seen by `on_decision`) now.
+        """
+        self._record(None)
         if self._stream is not None:
             self._finalizer()
             self._stream = None
@@ -353,21 +369,23 @@ class Matcher:
         (start, rule, end)."""
         pending = self._pending
         while pending and (before is None or pending[0][0] < before):
-            start, rule, end = heapq.heappop(pending)
-            model = self._stage.rules[rule].rule
-            decision = Decision(
-                rule_id=model.id,
-                kind=model.kind,
-                action=model.action,
-                mode=model.mode,
-                stage=self._stage_name,
-                ruleset_version=self._version,
-                span=(start, end),
-                message_index=self._message_index,
-            )
-            self.decisions.append(decision)
+            decision = self._decision(*heapq.heappop(pending))
+            self._decisions.append(decision)
             if self._on_decision is not None:
                 self._on_decision(decision)
+
+    def _decision(self, start: int, rule: int, end: int) -> Decision:
+        model = self._stage.rules[rule].rule
+        return Decision(
+            rule_id=model.id,
+            kind=model.kind,
+            action=model.action,
+            mode=model.mode,
+            stage=self._stage_name,
+            ruleset_version=self._version,
+            span=(start, end),
+            message_index=self._message_index,
+        )
 
     def _block(self, start: int, rule: int, emitted: list[str]) -> None:
         if start > self._done:

@@ -355,12 +355,14 @@ rules:
   - {id: words, description: w, kind: keywords, keywords: [colour], action: rewrite, replacement: COLOR}
   - {id: shade, description: s, kind: keywords, keywords: [colour, "our"], action: flag}
   - {id: mail-watch, description: m, kind: preset, preset: email, action: block, mode: shadow}
+  - {id: quote, description: q, kind: regex, pattern: "<<[^>]{0,60}>>", action: flag}
 """
 
 PIECES = [
     "a@b.co", "x.y+z@mail.example.org", "4111 1111 1111 1111", "4111111111111112", "(555) 123-4567",
     "sk-abcdefghijklmnopqrstuvwxyz", "123-45-6789", "colour", "grey area", "TCK-99", "TCK-1234567890123",
     "note: ", "note:", "frobnicate", "frobnicated", "our", " ", "  ", "\n", ".", "@", "-", "word", "é", "日本", "4111",
+    "<<", ">>", ">",
 ]  # fmt: skip
 
 
@@ -454,3 +456,30 @@ def test_a_block_waits_for_a_record_only_match_growing_across_it(mixed: PolicyEn
     end = f.finish()
     assert end.blocked_here and end.text == "I can't help with that request."
     assert _decisions(f) == decisions
+
+
+def test_an_abandoned_stream_lists_every_change_it_sent(mixed: PolicyEngine) -> None:
+    # `quote` (flag) may still be growing over the address: its decision waits, and the redaction, which sorts
+    # after it, waits for its turn. The record of a response the client abandoned now must still list the
+    # redaction (serve withholds its span from the stored original text).
+    seen: list[str] = []
+    f = mixed.output_filter(CTX)
+    f._m._on_decision = lambda d: seen.append(d.rule_id)  # type: ignore[attr-defined]
+    assert f.feed("<<mail a@b.co ").emit == "<<mail [EMAIL] "
+    # (`mail-watch`, record-only too, is not final yet: a record-only match may still be growing from 0.)
+    assert [(d.rule_id, d.span) for d in f.decisions] == [("email", (7, 13))]
+    assert seen == []  # not recorded yet: `quote` may still match from 0
+    f.close()
+    assert seen == ["email"] and len(f.decisions) == 1
+    # Finished, the quote comes first, as in the whole-text run.
+    text = "<<mail a@b.co >> ok"
+    _, f = stream(mixed, list(text))
+    assert (
+        _decisions(f)
+        == _reference_with_decisions(mixed, text)[1]
+        == [
+            ("quote", 0, 16),
+            ("email", 7, 13),
+            ("mail-watch", 7, 13),
+        ]
+    )
