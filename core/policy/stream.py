@@ -16,12 +16,13 @@ that more text can no longer change:
   record (`flag`, or mode `shadow`). The filter emits up to the smallest undecided position over
   the first group only: it holds back text only while a rule that could change it could still be
   matching, and never more than the widest such rule. A record-only rule never delays the stream.
-- Decisions are recorded in order of start (then rule, then end) up to the smallest undecided
-  position over both groups ("settled"), so the list is the same as the whole-text run's and a
-  record-only decision is recorded as soon as it is final. A block fires (stop, refusal) only once
-  the text before it is settled: the decisions before a block never depend on where the caller
-  stopped feeding. The text from the block on is never sent anyway, so waiting for that costs the
-  stream nothing but a slightly later stop.
+- Decisions are recorded (`on_decision`) in order of start (then rule, then end) up to the
+  smallest undecided position over both groups ("settled"), so the list is the same as the
+  whole-text run's and a record-only decision is recorded as soon as it and everything before it
+  are final. A change already sent whose turn is still waiting is listed by `decisions` all the
+  same. A block fires (stop, refusal) only once the text before it is settled: the decisions
+  before a block never depend on where the caller stopped feeding. The text from the block on is
+  never sent anyway, so waiting for that costs the stream nothing but a slightly later stop.
 
 So the Python work per chunk is a fixed amount plus the rules with an exact hit to confirm: it does not
 grow with the number of rules, of either group (with 1,000 keyword rules, a chunk ending in a common
