@@ -206,14 +206,20 @@ class Matcher:
         n = self._n
         safe = n if partial is None else partial
         if not records:
-            safe = min(safe, *cursor.values()) if cursor else safe
+            if cursor:
+                safe = min(safe, *cursor.values())
             return self._process(safe, safe)
         settled = n if record_partial is None else record_partial
+        if not self._changes:  # only record-only rules: nothing holds the text back
+            if cursor:
+                settled = min(settled, *cursor.values())
+            return self._process(n, settled)
         for rule, at in cursor.items():  # only rules with a hit still to decide: few, whatever the rule count
             if rule in records:
-                settled = min(settled, at)
-            else:
-                safe = min(safe, at)
+                if at < settled:
+                    settled = at
+            elif at < safe:
+                safe = at
         return self._process(safe, min(settled, safe))
 
     def finish(self) -> str:
@@ -335,6 +341,24 @@ class Matcher:
         match of any rule starting before it is queued.
         """
         emitted: list[str] = []
+        queue = self._queue
+        if queue and queue[0][0] < safe and not self.stopped:
+            safe = self._apply_queued(safe, settled, emitted)
+        if not self.stopped:
+            pending = self._pending
+            if pending and pending[0][0] < settled:
+                self._record(settled)
+            if self._done < safe:
+                emitted.append(self._text(self._done, safe))
+                self._done = safe
+        self._trim()
+        out = "".join(emitted)
+        if out:
+            self._out.append(out)
+        return out
+
+    def _apply_queued(self, safe: int, settled: int, emitted: list[str]) -> int:
+        """Apply the queued matches starting before `safe`, in order; return how far text may now be emitted."""
         queue, pending, records, rules = self._queue, self._pending, self._records, self._stage.rules
         while queue and queue[0][0] < safe and not self.stopped:
             start, rule, end = item = queue[0]
@@ -353,17 +377,7 @@ class Matcher:
             heapq.heappush(pending, item)
             if rule not in records:
                 self._replace(start, rule, end, emitted)
-        if not self.stopped:
-            if pending and pending[0][0] < settled:
-                self._record(settled)
-            if self._done < safe:
-                emitted.append(self._text(self._done, safe))
-                self._done = safe
-        self._trim()
-        out = "".join(emitted)
-        if out:
-            self._out.append(out)
-        return out
+        return safe
 
     def _record(self, before: int | None) -> None:
         """Record the decisions of the pending matches starting before `before` (None: all), in order of
