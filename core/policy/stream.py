@@ -106,6 +106,7 @@ class Matcher:
             self._hold = max((widths[i] for i in self._active if i not in self._records), default=0)
             self._record_hold = max((widths[i] for i in self._records), default=0)
         self._changes = len(self._records) < len(self._active)  # some active rule changes text
+        self._grouped = bool(stage.record_only)  # two groups in the tail database: see _feed_groups
         self._always = [i for i in stage.always_hold if i in self._active]
 
         self._decisions: list[Decision] = []
@@ -189,13 +190,29 @@ class Matcher:
         if self._stream is not None:
             self._stream.scan(text.encode("utf-8"), match_event_handler=self._on_hit)
         self._note_hits()
-        before, record_before = self._partial, self._record_partial
-        self._tail_start(prev)
-        partial, record_partial = self._partial, self._record_partial
-        cursor, records = self._cursor, self._records
+        if self._grouped:
+            return self._feed_groups(prev)
+        # Every rule of the stage changes text (the usual case, kept to the one-group code: it is the hot path).
+        before = self._partial
+        partial = self._tail_start(prev)
+        cursor = self._cursor
         # Python runs only for rules with an exact hit to confirm (and those still catching up after one). A match
         # ending in this chunk that started before it was growing at the previous end, so it starts at or after
-        # that end's partial start of its group (prefix-closure, see _tail_start): the search starts there.
+        # that end's partial start (prefix-closure, see _tail_start): the search for a rule starts there.
+        start = prev if before is None else before
+        for rule in {*cursor, *self._hit_end, *self._always}:
+            self._advance(rule, cursor.get(rule, start), partial)
+        safe = min(cursor.values(), default=self._n)
+        if partial is not None and partial < safe:
+            safe = partial
+        return self._process(safe, safe)
+
+    def _feed_groups(self, prev: int) -> str:
+        """feed() for a stage with rules that only record: each group with its own tail start and cursors."""
+        before, record_before = self._partial, self._record_partial
+        self._tail_groups(prev)
+        partial, record_partial = self._partial, self._record_partial
+        cursor, records = self._cursor, self._records
         start = prev if before is None else before
         record_start = prev if record_before is None else record_before
         for rule in {*cursor, *self._hit_end, *self._always}:
@@ -205,10 +222,6 @@ class Matcher:
                 self._advance(rule, cursor.get(rule, start), partial)
         n = self._n
         safe = n if partial is None else partial
-        if not records:
-            if cursor:
-                safe = min(safe, *cursor.values())
-            return self._process(safe, safe)
         settled = n if record_partial is None else record_partial
         if not self._changes:  # only record-only rules: nothing holds the text back
             if cursor:
@@ -260,17 +273,49 @@ class Matcher:
             self._hit_end[rule] = self._n  # the hit ended somewhere in the last chunk: n is an upper bound
         self._hits.clear()
 
-    def _tail_start(self, prev: int) -> None:
-        """Set each group's leftmost start of a possible match prefix that ends at the end of the text (None: none).
+    def _tail_start(self, prev: int) -> int | None:
+        """The leftmost start of a possible match prefix (of any rule) that ends at the end of the text; None if none.
 
         Possible-match prefixes are prefix-closed: one that ends at the new end and starts before
         the previous end was already one at the previous end. So a scan from the leftmost start
         found last time (or from the previous end, if there was none) sees every one; with no
-        match in progress the window is just the new chunk. The tail database gives every prefix
-        pattern of a group the same id, so hyperscan reports one match per group with the leftmost
-        start among them (compiler.py): one scan and at most two callbacks per chunk, whatever the
-        number of rules. A rule outside this caller's scope may hold text back a little longer; it
-        never changes what is emitted.
+        match in progress the window is just the new chunk. The tail database gives every rule's
+        prefix pattern the same id, so hyperscan reports one match with the leftmost start among
+        them (compiler.py): one callback per chunk, whatever the number of rules. A rule outside
+        this caller's scope may hold text back a little longer; it never changes what is emitted.
+        Only for a stage whose rules all change text (one group); see _tail_groups.
+        """
+        db = self._stage.tail_db
+        if db is None:
+            return None
+        n = self._n
+        first = max(prev if self._partial is None else self._partial, n - self._hold)
+        lo = max(first - 1, 0)  # one character of context, so `\b` at `first` is judged right
+        window = self._buf[lo - self._base :]
+        data = window.encode("utf-8")
+        found: list[int] = []
+
+        def on_prefix(_rule: int, start: int, _to: int, _flags: int, _ctx: object) -> None:
+            found.append(start)
+
+        db.scan(data, match_event_handler=on_prefix)
+        if not found:
+            self._partial = None
+            return None
+        b = min(found)  # one report; min() in case a hyperscan build reports each pattern
+        start = lo + (b if len(data) == len(window) else len(data[:b].decode("utf-8")))
+        # Nothing starts before `first` (see above).
+        self._partial = max(start, first)
+        return self._partial
+
+    def _tail_groups(self, prev: int) -> None:
+        """_tail_start for a stage with rules that only record: set each group's leftmost start (None: none).
+
+        The same argument per group (prefix-closure holds rule by rule, so group by group): the
+        window starts at the earlier of the two groups' starts. The tail database gives every
+        prefix pattern of a group its group's id, so hyperscan reports one match per group with
+        the leftmost start in it (compiler.py): one scan and at most two callbacks per chunk,
+        whatever the number of rules.
         """
         db = self._stage.tail_db
         if db is None:

@@ -96,6 +96,18 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> PolicyEngine:
     return engine
 
 
+@pytest.fixture(scope="module")
+def changing_only(tmp_path_factory: pytest.TempPathFactory) -> PolicyEngine:
+    """RULES without its flag and shadow rules: a stage with one group (the matcher's one-group path)."""
+    directory = tmp_path_factory.mktemp("changing-only")
+    rules = RULES.split("\n  - ")
+    write_rules(directory, "\n  - ".join(r for r in rules if "action: flag" not in r and "mode: shadow" not in r))
+    engine = PolicyEngine(directory, registry=CollectorRegistry())
+    engine.load()
+    assert not engine.active.stages["output"].record_only and len(engine.active.stages["output"].rules) == 8
+    return engine
+
+
 def _reference(engine: PolicyEngine, text: str) -> str:
     """The spec, written independently: Python finditer per rule on the whole text, applied by start."""
     return _reference_with_decisions(engine, text)[0]
@@ -168,7 +180,9 @@ def test_every_two_piece_split_gives_the_same_text(engine: PolicyEngine) -> None
         assert stream(engine, [TEXT[:i], TEXT[i:]])[0] == EXPECTED, i
 
 
-def test_random_splits_of_random_texts_match_the_reference(engine: PolicyEngine) -> None:
+@pytest.mark.parametrize("which", ["engine", "changing_only"])
+def test_random_splits_of_random_texts_match_the_reference(which: str, request: pytest.FixtureRequest) -> None:
+    engine = request.getfixturevalue(which)
     rng = random.Random(1234)
     pieces = [
         "a@b.co", "x.y+z@mail.example.org", "4111 1111 1111 1111", "5500-0000-0000-0004", "4111111111111112",
