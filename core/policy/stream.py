@@ -82,6 +82,44 @@ def _close_stream(stream: hyperscan.Stream) -> None:
 class Matcher:
     """One text through one stage's rules; see the module docstring for the method."""
 
+    # Slots: attribute reads are most of the per-chunk work, and past 30 instance attributes CPython stops
+    # sharing the instance dict's keys and its fast attribute reads (measured: +0.4 us a chunk at 32 attributes).
+    __slots__ = (
+        "__weakref__",
+        "_active",
+        "_always",
+        "_base",
+        "_buf",
+        "_changes",
+        "_cursor",
+        "_decisions",
+        "_done",
+        "_finalizer",
+        "_finished",
+        "_grouped",
+        "_hit_end",
+        "_hits",
+        "_hold",
+        "_message_index",
+        "_n",
+        "_on_decision",
+        "_on_hit",
+        "_out",
+        "_partial",
+        "_pending",
+        "_pieces",
+        "_queue",
+        "_record_hold",
+        "_record_partial",
+        "_records",
+        "_stage",
+        "_stage_name",
+        "_stream",
+        "_version",
+        "refusal",
+        "stopped",
+    )
+
     def __init__(
         self,
         stage: CompiledStage,
