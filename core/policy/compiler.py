@@ -6,12 +6,15 @@ scanning a chunk does not grow with the number of rules:
 - `stream`: stream mode, the exact patterns. A report means "rule i matched, ending here"; only
   then does Python (`re`, leftmost-first) run for that rule to find the precise spans.
 - `tail`: block mode with leftmost start-of-match, each rule's *prefix* pattern anchored at the
-  end. Scanned over the last `hold_back` characters after each chunk, it says where a match could
-  still be growing, which is exactly the text the stream filter must hold back. Every prefix pattern
-  has the same id (0): hyperscan then reports one match per end offset with the leftmost start of
-  all of them (its start-of-match dedupe keeps the minimum per id), so a scan costs one Python
-  callback whatever the number of rules. tests/core/policy/test_stream.py checks that against a
-  database with one id per rule.
+  end. Scanned over the last characters after each chunk (at most the widest rule), it says where
+  a match could still be growing. The prefixes come in two groups, one id each: rules that change
+  text (block, redact, rewrite in mode `enforce`; id `TAIL_CHANGES`) and rules that only record
+  (`flag`, or any action in mode `shadow`; id `TAIL_RECORDS`). Hyperscan reports one match per id
+  and end offset with the leftmost start of that group (its start-of-match dedupe keeps the minimum
+  per id), so a scan costs at most two Python callbacks whatever the number of rules. The first
+  group's start is exactly the text the stream filter must hold back; the second only says when a
+  record-only rule's decisions are final, so flag and shadow rules never delay the stream.
+  tests/core/policy/test_scale.py checks both against a database with one id per rule.
 
 We use stream mode for exact matches instead of start-of-match tracking because hyperscan refuses
 SOM on many bounded-repeat patterns ("Pattern is too large"); the prefix patterns are relaxed to
@@ -56,14 +59,21 @@ class CompiledRule:
     def width(self) -> int:
         return self.analysed.max_width
 
+    @property
+    def records_only(self) -> bool:
+        """True for a rule that only records (`flag`, or any action in mode `shadow`): it never changes text."""
+        return self.rule.mode == "shadow" or self.rule.action == "flag"
+
 
 @dataclass
 class CompiledStage:
     rules: list[CompiledRule]
     stream_db: hyperscan.Database | None
     tail_db: hyperscan.Database | None
-    hold_back: int  # characters: the widest match any rule of this stage can have
+    hold_back: int  # characters: the widest match of a rule that changes text (what streaming may hold back)
     always_hold: list[int] = field(default_factory=list)
+    record_only: frozenset[int] = frozenset()  # indices of the rules that only record (CompiledRule.records_only)
+    record_width: int = 0  # characters: the widest match of a rule that only records
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable (a reload compiles in a worker process): the hyperscan databases travel serialised."""
@@ -168,9 +178,15 @@ def _failing(mode: int, exprs: Sequence[tuple[int, str, int]]) -> list[int]:
     return out
 
 
-def _one_id(exprs: Sequence[tuple[int, str, int]]) -> list[tuple[int, str, int]]:
-    """The tail expressions under one id, so that a scan reports only the leftmost start (module docstring)."""
-    return [(0, e[1], e[2]) for e in exprs]
+# The tail database's two ids: every prefix of a rule that changes text, and every prefix of a rule that only records.
+TAIL_CHANGES = 0
+TAIL_RECORDS = 1
+
+
+def _group_ids(exprs: Sequence[tuple[int, str, int]], record_only: frozenset[int]) -> list[tuple[int, str, int]]:
+    """The tail expressions under their group's id, so that a scan reports one leftmost start per group (module
+    docstring)."""
+    return [(TAIL_RECORDS if e[0] in record_only else TAIL_CHANGES, e[1], e[2]) for e in exprs]
 
 
 def compile_stage(entries: Sequence[tuple[MatchRuleModel, str]]) -> CompiledStage:
@@ -188,6 +204,7 @@ def compile_stage(entries: Sequence[tuple[MatchRuleModel, str]]) -> CompiledStag
         compiled.append(CompiledRule(i, rule, file, analysed, python, validate, tag))
     if not compiled:
         return CompiledStage([], None, None, 0)
+    record_only = frozenset(r.index for r in compiled if r.records_only)
 
     stream_exprs = [(r.index, r.analysed.trigger, _hs_flags(r.analysed, som=False)) for r in compiled]
     try:
@@ -216,7 +233,7 @@ def compile_stage(entries: Sequence[tuple[MatchRuleModel, str]]) -> CompiledStag
     always: list[int] = [r.index for r in compiled if r.analysed.prefix is None]
     tail_db: hyperscan.Database | None = None
     try:
-        tail_db = _compile(hyperscan.HS_MODE_BLOCK, _one_id(tail_exprs)) if tail_exprs else None
+        tail_db = _compile(hyperscan.HS_MODE_BLOCK, _group_ids(tail_exprs, record_only)) if tail_exprs else None
     except hyperscan.error:
         bad = _failing(hyperscan.HS_MODE_BLOCK, tail_exprs)
         ok = [expr for k, expr in enumerate(tail_exprs) if k not in set(bad)]
@@ -230,13 +247,15 @@ def compile_stage(entries: Sequence[tuple[MatchRuleModel, str]]) -> CompiledStag
                 r.width,
             )
             always.append(r.index)
-        tail_db = _compile(hyperscan.HS_MODE_BLOCK, _one_id(ok)) if ok else None
+        tail_db = _compile(hyperscan.HS_MODE_BLOCK, _group_ids(ok, record_only)) if ok else None
     for i in always:
         compiled[i] = CompiledRule(**{**compiled[i].__dict__, "always_hold": True})
     return CompiledStage(
         rules=compiled,
         stream_db=stream_db,
         tail_db=tail_db,
-        hold_back=max(r.width for r in compiled),
+        hold_back=max((r.width for r in compiled if not r.records_only), default=0),
         always_hold=sorted(always),
+        record_only=record_only,
+        record_width=max((r.width for r in compiled if r.records_only), default=0),
     )

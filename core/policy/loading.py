@@ -55,7 +55,7 @@ class PolicySet:
 
     @property
     def hold_back(self) -> int:
-        """Most characters the output filter can hold back (the widest output pattern)."""
+        """Most characters the output filter can hold back (the widest output rule that changes text)."""
         return self.stages["output"].hold_back
 
     def of_kind(self, kind: type[Any]) -> list[Any]:

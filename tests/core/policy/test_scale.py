@@ -1,8 +1,10 @@
 """Policies that stay flat in the number of rules: what the stream filter does per chunk, and reloads off the loop.
 
 bench/policy_bench.py measures the figures; these tests pin the behaviour the figures rest on:
-- the tail database reports only the leftmost possible-match start of all rules (one callback per chunk);
-- text that merely *could* begin a match of hundreds of rules costs no Python per rule;
+- the tail database reports only the leftmost possible-match start of all rules (one callback per chunk), per
+  group when some rules only record (flag, shadow);
+- text that merely *could* begin a match of hundreds of rules costs no Python per rule, and record-only rules
+  hold nothing back;
 - every preset compiles exactly (no fallback search, no prefilter);
 - a large rule set reloads without stalling the event loop (the gap is judged against the reload's own length,
   and the same check run on the loop fails, so it can fail).
@@ -75,10 +77,55 @@ def test_tail_reports_the_leftmost_start_of_all_rules(tmp_path: Path) -> None:
     assert checked > 100  # most texts end inside a possible match
 
 
+def test_the_tail_reports_one_leftmost_start_per_group(tmp_path: Path) -> None:
+    """Rules that change text and rules that only record get one report each: the leftmost start of their group."""
+    body = preset_rules() + keyword_rules(60).removeprefix("rules:\n")
+    lines = body.splitlines(keepends=True)
+    # Every third rule only records: a flag, or a shadow redact.
+    for k in range(1, len(lines), 3):
+        lines[k] = lines[k].replace("action: redact}", "action: flag}" if k % 2 else "action: redact, mode: shadow}")
+    engine = engine_for(tmp_path, "".join(lines))
+    stage = engine.active.stages["output"]
+    assert stage.tail_db is not None and 0 < len(stage.record_only) < len(stage.rules)
+    groups = {}
+    for group, indices in (
+        (compiler.TAIL_CHANGES, [r.index for r in stage.rules if r.index not in stage.record_only]),
+        (compiler.TAIL_RECORDS, sorted(stage.record_only)),
+    ):
+        groups[group] = compiler._compile(
+            hyperscan.HS_MODE_BLOCK,
+            [
+                (i, stage.rules[i].analysed.prefix, compiler._hs_flags(stage.rules[i].analysed, som=True))
+                for i in indices
+                if stage.rules[i].analysed.prefix is not None and not stage.rules[i].always_hold
+            ],
+        )
+    rng = random.Random(4)
+    pieces = [*WORDS, "thewas", "sk-proj-abc", "4111 11", "jane.doe@exa", "-----BEGIN RSA PRIV", "password = ab", " "]
+    both = 0
+
+    def reported(db: hyperscan.Database, data: bytes) -> list[tuple[int, int]]:
+        found: list[tuple[int, int]] = []
+        db.scan(data, match_event_handler=lambda i, start, _t, _f, _c: found.append((i, start)))
+        return found
+
+    for _ in range(300):
+        text = " ".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+        reports = reported(stage.tail_db, text.encode())
+        for group, db in groups.items():
+            got = [start for i, start in reports if i == group]
+            each = [start for _i, start in reported(db, text.encode())]
+            assert len(got) <= 1
+            assert (got[0] if got else None) == (min(each) if each else None), (group, text)
+        both += len(reports) == 2
+    assert both > 30  # many texts end inside a possible match of both groups
+
+
+@pytest.mark.parametrize("action", ["redact", "flag"])
 def test_text_that_could_begin_hundreds_of_rules_costs_no_python_per_rule(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    action: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = engine_for(tmp_path, keyword_rules(300))
+    engine = engine_for(tmp_path, keyword_rules(300).replace("action: redact", f"action: {action}"))
     text = prose(600)
     calls = 0
     advance = Matcher._advance
@@ -92,10 +139,14 @@ def test_text_that_could_begin_hundreds_of_rules_costs_no_python_per_rule(
     chunks = [text[i : i + 3] for i in range(0, len(text), 3)]
     out, _ = stream(engine, chunks)
     assert out == text
-    # Many chunks end in text that could begin a keyword (the hold-back shows it) ...
+    # Many chunks end in text that could begin a keyword (the hold-back shows it; a rule that only flags holds
+    # nothing back) ...
     f = engine.output_filter(CTX)
     held = sum(1 for c in chunks if len(f.feed(c).emit) < len(c))
-    assert held > len(chunks) // 10
+    if action == "flag":
+        assert held == 0
+    else:
+        assert held > len(chunks) // 10
     # ... and yet no rule was ever looked at in Python: none had a hit.
     assert calls == 0
 

@@ -96,31 +96,54 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> PolicyEngine:
     return engine
 
 
+@pytest.fixture(scope="module")
+def changing_only(tmp_path_factory: pytest.TempPathFactory) -> PolicyEngine:
+    """RULES without its flag and shadow rules: a stage with one group (the matcher's one-group path)."""
+    directory = tmp_path_factory.mktemp("changing-only")
+    rules = RULES.split("\n  - ")
+    write_rules(directory, "\n  - ".join(r for r in rules if "action: flag" not in r and "mode: shadow" not in r))
+    engine = PolicyEngine(directory, registry=CollectorRegistry())
+    engine.load()
+    assert not engine.active.stages["output"].record_only and len(engine.active.stages["output"].rules) == 8
+    return engine
+
+
 def _reference(engine: PolicyEngine, text: str) -> str:
     """The spec, written independently: Python finditer per rule on the whole text, applied by start."""
+    return _reference_with_decisions(engine, text)[0]
+
+
+def _reference_with_decisions(engine: PolicyEngine, text: str) -> tuple[str, list[tuple[str, int, int]]]:
+    """The spec's text and its decisions (rule id, start, end): every match in order of (start, rule, end), up to
+    and including the block that stops the text."""
     stage = engine.active.stages["output"]
     matches = []
     for r in stage.rules:
         for m in r.python.finditer(text):
             if r.validate is None or r.validate(m.group()):
                 matches.append((m.start(), r.index, m.end()))
-    out, done = [], 0
+    out, done, decisions = [], 0, []
     for start, i, end in sorted(matches):
         rule = stage.rules[i].rule
+        decisions.append((rule.id, start, end))
         if rule.mode == "shadow" or rule.action == "flag":
             continue
         if start > done:
             out.append(text[done:start])
             done = start
         if rule.action == "block":
-            return "".join(out)
+            return "".join(out), decisions
         if end <= done:
             continue
         if start >= done:
             out.append(stage.rules[i].tag if rule.action == "redact" else rule.replacement)
         done = end
     out.append(text[done:])
-    return "".join(out)
+    return "".join(out), decisions
+
+
+def _decisions(f: object) -> list[tuple[str, int, int]]:
+    return [(d.rule_id, *d.span) for d in f.decisions]  # type: ignore[attr-defined]
 
 
 def _random_split(text: str, rng: random.Random, most: int = 40) -> list[str]:
@@ -157,7 +180,9 @@ def test_every_two_piece_split_gives_the_same_text(engine: PolicyEngine) -> None
         assert stream(engine, [TEXT[:i], TEXT[i:]])[0] == EXPECTED, i
 
 
-def test_random_splits_of_random_texts_match_the_reference(engine: PolicyEngine) -> None:
+@pytest.mark.parametrize("which", ["engine", "changing_only"])
+def test_random_splits_of_random_texts_match_the_reference(which: str, request: pytest.FixtureRequest) -> None:
+    engine = request.getfixturevalue(which)
     rng = random.Random(1234)
     pieces = [
         "a@b.co", "x.y+z@mail.example.org", "4111 1111 1111 1111", "5500-0000-0000-0004", "4111111111111112",
@@ -166,10 +191,11 @@ def test_random_splits_of_random_texts_match_the_reference(engine: PolicyEngine)
     ]  # fmt: skip
     for _ in range(150):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 25)))
-        want = _reference(engine, text)
+        want, decisions = _reference_with_decisions(engine, text)
         assert stream(engine, [text])[0] == want, text
         for _ in range(3):
-            assert stream(engine, _random_split(text, rng))[0] == want, text
+            out, f = stream(engine, _random_split(text, rng))
+            assert (out, _decisions(f)) == (want, decisions), text
 
 
 def test_a_secret_in_one_char_deltas_is_never_emitted(engine: PolicyEngine) -> None:
@@ -263,6 +289,18 @@ def test_shadow_changes_nothing_but_records(make_engine: Callable[..., PolicyEng
         assert out == text and not f.stopped
         got = [(d.rule_id, d.action, d.mode) for d in f.decisions]
         assert got == [("e", "redact", "shadow"), ("k", "block", "shadow")]
+        assert [d.span for d in f.decisions] == [(5, 11), (17, 21)]
+    # Nor does it delay the text: every delta goes out in the step it arrived, even inside the address.
+    f = engine.output_filter(CTX)
+    assert [f.feed(c).emit for c in ("mail jane.do", "e@example", ".com", " now")] == [
+        "mail jane.do",
+        "e@example",
+        ".com",
+        " now",
+    ]
+    # The decision is recorded once it is final (the space ends the address), before finish().
+    assert [(d.rule_id, d.span, d.mode) for d in f.decisions] == [("e", (5, 25), "shadow")]
+    assert f.finish().emit == "" and len(f.decisions) == 1
 
 
 def test_scope_globs(make_engine: Callable[..., PolicyEngine]) -> None:
@@ -306,3 +344,156 @@ def test_long_stream_stays_linear(engine: PolicyEngine) -> None:
     text = ("The quick brown fox jumps over the lazy dog. " * 2000) + "a@b.co"
     out, _ = stream(engine, re.findall(r".{1,4}", text, re.S))
     assert out.endswith("dog. [EMAIL]") and len(out) == len(text) - len("a@b.co") + len("[EMAIL]")
+
+
+RECORD_ONLY_RULES = """
+rules:
+  - {id: email, description: e, kind: preset, preset: email, action: flag}
+  - {id: card, description: c, kind: preset, preset: credit_card, action: redact, mode: shadow}
+  - {id: key, description: k, kind: preset, preset: openai_key, action: flag}
+  - {id: ssn, description: s, kind: preset, preset: us_ssn, action: redact, mode: shadow}
+  - {id: words, description: w, kind: keywords, keywords: [colour, "grey area"], action: rewrite,
+     replacement: COLOR, mode: shadow}
+  - {id: ticket, description: t, kind: regex, pattern: "TCK-[0-9]+", max_len: 12, action: flag}
+  - {id: stop, description: s, kind: keywords, keywords: [frobnicate], action: block, mode: shadow}
+"""
+
+# Record-only rules beside rules that change text, overlapping them; `note` can grow across the block.
+MIXED_RULES = """
+rules:
+  - {id: email, description: e, kind: preset, preset: email, action: redact}
+  - {id: note, description: n, kind: regex, pattern: "note:[a-z ]{1,40}", action: flag}
+  - {id: stop, description: s, kind: keywords, keywords: [frobnicate], action: block}
+  - {id: phone, description: p, kind: preset, preset: phone, action: flag}
+  - {id: card, description: c, kind: preset, preset: credit_card, action: redact, mode: shadow}
+  - {id: words, description: w, kind: keywords, keywords: [colour], action: rewrite, replacement: COLOR}
+  - {id: shade, description: s, kind: keywords, keywords: [colour, "our"], action: flag}
+  - {id: mail-watch, description: m, kind: preset, preset: email, action: block, mode: shadow}
+  - {id: quote, description: q, kind: regex, pattern: "<<[^>]{0,60}>>", action: flag}
+"""
+
+PIECES = [
+    "a@b.co", "x.y+z@mail.example.org", "4111 1111 1111 1111", "4111111111111112", "(555) 123-4567",
+    "sk-abcdefghijklmnopqrstuvwxyz", "123-45-6789", "colour", "grey area", "TCK-99", "TCK-1234567890123",
+    "note: ", "note:", "frobnicate", "frobnicated", "our", " ", "  ", "\n", ".", "@", "-", "word", "é", "日本", "4111",
+    "<<", ">>", ">",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def record_only(tmp_path_factory: pytest.TempPathFactory) -> PolicyEngine:
+    directory = tmp_path_factory.mktemp("record-only")
+    write_rules(directory, RECORD_ONLY_RULES)
+    engine = PolicyEngine(directory, registry=CollectorRegistry())
+    engine.load()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> PolicyEngine:
+    directory = tmp_path_factory.mktemp("mixed")
+    write_rules(directory, MIXED_RULES)
+    engine = PolicyEngine(directory, registry=CollectorRegistry())
+    engine.load()
+    return engine
+
+
+def test_record_only_rules_never_hold_the_stream_back(record_only: PolicyEngine) -> None:
+    stage = record_only.active.stages["output"]
+    assert stage.record_only == frozenset(range(len(stage.rules))) and stage.hold_back == 0
+    # The issue's case: before, each delta went out one step late ("", "The ", "sky ").
+    f = record_only.output_filter(CTX)
+    assert [f.feed(c).emit for c in ("The", " sky", " is")] == ["The", " sky", " is"]
+    rng = random.Random(77)
+    for _ in range(150):
+        text = "".join(rng.choice(PIECES) for _ in range(rng.randint(1, 25)))
+        want, decisions = _reference_with_decisions(record_only, text)
+        assert want == text  # nothing here changes text
+        for chunks in ([text], _random_split(text, rng) if len(text) > 1 else [text], list(text)):
+            f = record_only.output_filter(CTX)
+            for c in chunks:
+                step = f.feed(c)
+                assert (step.emit, step.stopped) == (c, False), (text, chunks)
+            assert f.finish().emit == ""
+            assert _decisions(f) == decisions, (text, chunks)
+            assert all(d.mode == "shadow" or d.action == "flag" for d in f.decisions)
+
+
+def test_mixed_stage_redacts_and_records_across_every_split(mixed: PolicyEngine) -> None:
+    text = "note: mail a@b.co, call (555) 123-4567 re colour; card 4111 1111 1111 1111 ok. bye"
+    want, decisions = _reference_with_decisions(mixed, text)
+    assert want == "note: mail [EMAIL], call (555) 123-4567 re COLOR; card 4111 1111 1111 1111 ok. bye"
+    spans = {(rule, text[a:b]) for rule, a, b in decisions}
+    assert {("email", "a@b.co"), ("mail-watch", "a@b.co"), ("phone", "(555) 123-4567"), ("words", "colour")} <= spans
+    assert {("shade", "colour"), ("card", "4111 1111 1111 1111"), ("note", "note: mail a")} <= spans
+    splits = [[text], list(text)] + [[text[:i], text[i:]] for i in range(1, len(text))]
+    for chunks in splits:
+        out, f = stream(mixed, chunks)
+        assert (out, _decisions(f)) == (want, decisions), chunks
+    rng = random.Random(5)
+    for _ in range(200):
+        text = "".join(rng.choice(PIECES) for _ in range(rng.randint(1, 25)))
+        want, decisions = _reference_with_decisions(mixed, text)
+        for chunks in ([text], _random_split(text, rng) if len(text) > 1 else [text], list(text)):
+            out, f = stream(mixed, chunks)
+            assert (out, _decisions(f)) == (want, decisions), (text, chunks)
+
+
+def test_mixed_stage_holds_back_only_for_rules_that_change_text(mixed: PolicyEngine) -> None:
+    f = mixed.output_filter(CTX)
+    # "(555) " could still become a phone number, but `phone` only flags: it goes out at once.
+    assert f.feed("call (555) ").emit == "call (555) "
+    assert f.feed("123-4567 or ").emit == "123-4567 or "
+    # "jane.do" could become an email address, which `email` redacts: held, as before.
+    assert f.feed("jane.do").emit == ""
+    assert f.feed("e@example.com ").emit == "[EMAIL] "
+    assert f.finish().emit == ""
+    assert [(d.rule_id, d.span) for d in f.decisions] == [
+        ("phone", (5, 19)),
+        ("email", (23, 43)),
+        ("mail-watch", (23, 43)),
+    ]
+
+
+def test_a_block_waits_for_a_record_only_match_growing_across_it(mixed: PolicyEngine) -> None:
+    # `note` matches from "note:" on, across "frobnicate": its span must not depend on where the stream stopped.
+    text = "note: we frobnicate the widget"
+    want, decisions = _reference_with_decisions(mixed, text)
+    assert want == "note: we " and decisions == [("note", 0, len(text)), ("stop", 9, 19)]
+    f = mixed.output_filter(CTX)
+    emitted = ""
+    for ch in text:
+        step = f.feed(ch)
+        emitted += step.emit
+        assert not step.stopped  # `note` is still growing: the stop waits for it ...
+    assert emitted == "note: we "  # ... but the text before the block was not held back for it
+    end = f.finish()
+    assert end.blocked_here and end.text == "I can't help with that request."
+    assert _decisions(f) == decisions
+
+
+def test_an_abandoned_stream_lists_every_change_it_sent(mixed: PolicyEngine) -> None:
+    # `quote` (flag) may still be growing over the address: its decision waits, and the redaction, which sorts
+    # after it, waits for its turn. The record of a response the client abandoned now must still list the
+    # redaction (serve withholds its span from the stored original text).
+    seen: list[str] = []
+    f = mixed.output_filter(CTX)
+    f._m._on_decision = lambda d: seen.append(d.rule_id)  # type: ignore[attr-defined]
+    assert f.feed("<<mail a@b.co ").emit == "<<mail [EMAIL] "
+    # (`mail-watch`, record-only too, is not final yet: a record-only match may still be growing from 0.)
+    assert [(d.rule_id, d.span) for d in f.decisions] == [("email", (7, 13))]
+    assert seen == []  # not recorded yet: `quote` may still match from 0
+    f.close()
+    assert seen == ["email"] and len(f.decisions) == 1
+    # Finished, the quote comes first, as in the whole-text run.
+    text = "<<mail a@b.co >> ok"
+    _, f = stream(mixed, list(text))
+    assert (
+        _decisions(f)
+        == _reference_with_decisions(mixed, text)[1]
+        == [
+            ("quote", 0, 16),
+            ("email", 7, 13),
+            ("mail-watch", 7, 13),
+        ]
+    )
