@@ -145,7 +145,7 @@ class AlignSettings(CommonSettings):
         "manifest counts. False: the KTO phase trains them.",
     )
     kl_weight: float = Field(
-        default=0.0,
+        default=5.0,
         ge=0.0,
         description="Weight of a KL(parent ‖ new) term in the DPO phase when it runs as SFT (dpo_weight 0; with the "
         "preference term on, DPO's β holds the policy to its reference and this is not used): per completion "
@@ -160,25 +160,16 @@ class AlignSettings(CommonSettings):
         "(tests/e2e/test_loop.py: similarity to the corrections +0.037 with it, +0.061 without), so it is off by "
         "default. About 35% more time per step (a second forward, for the parent).",
     )
-    kl_tokens: Literal["rehearsal", "all", "agreed", "confident", "leading"] = Field(
-        default="agreed",
+    kl_tokens: Literal["rehearsal", "all", "agreed", "leading"] = Field(
+        default="leading",
         description="Completion tokens the KL term (kl_weight) applies to: 'agreed' = those of any row where the "
         "answer's token is the one the parent ranks first (what a correction keeps of the parent's answer, not "
-        "where it departs from it), 'confident' = those of 'agreed' where the parent gives the answer's token "
-        "probability ≥ 0.5 (a token it ranks first by a hair is taught by the correction, not kept), "
+        "where it departs from it), "
         "'leading' = those of 'agreed' before the row's first token that is not the parent's first choice (the "
         "parent's own answer so far, in a context it writes itself; after a departure, e.g. a prefix style, the "
         "parent's distribution is a guess in a context it never writes, and the correction trains freely), "
         "'rehearsal' = those of the liked answers trained with liked_as_sft, 'all' = "
         "those of every row, corrections included (it holds back what the corrections teach: measured worse).",
-    )
-    kl_mean_over: Literal["kl_tokens", "completion"] = Field(
-        default="kl_tokens",
-        description="What the KL term's sum over its tokens (kl_tokens) is divided by: 'kl_tokens' = their own "
-        "count (a mean over them: a row with 3 agreed tokens of 12 weighs each of them 4 times as much as the NLL "
-        "term weighs a token), 'completion' = the count of every completion token, as the NLL term's mean — so "
-        "each completion token costs its NLL plus kl_weight × its KL when kl_tokens names it, and rows that keep "
-        "little of the parent's answer (a prefix style that changes what follows it) are held back less.",
     )
     dpo_loss: DpoLoss = Field(
         default="sigmoid",

@@ -336,7 +336,6 @@ def _train_sft(
         sft_weight=settings.sft_weight,
         kl_weight=settings.kl_weight,
         kl_tokens=settings.kl_tokens,
-        kl_mean_over=settings.kl_mean_over,
     )
     metrics["dpo_sft_trainer"] = 1.0
     return _run_phase("dpo", trainer, metrics, console, label="SFT")
@@ -365,12 +364,10 @@ def _sft_trainer_class() -> Any:
             sft_weight: float = 1.0,
             kl_weight: float = 0.0,
             kl_tokens: str = "rehearsal",
-            kl_mean_over: str = "kl_tokens",
             **kwargs: Any,
         ) -> None:
             # Set before TRL's __init__, which asks for the signature columns.
             self.sft_weight, self.kl_weight, self.kl_tokens = sft_weight, kl_weight, kl_tokens
-            self.kl_mean_over = kl_mean_over
             super().__init__(*args, **kwargs)
             if kl_weight > 0:
                 self.data_collator = _RehearsalCollator(self.data_collator)
@@ -420,9 +417,7 @@ def _sft_trainer_class() -> Any:
             nll = -(token_logp * mask).sum() / mask.sum().clamp(min=1)
             kl_mask = kl_token_mask(self.kl_tokens, parent, target, mask, rehearsal)
             kl_token = (parent.exp() * (parent - logp)).sum(-1)
-            # kl_mean_over "completion": the NLL's denominator, so both terms are means over the same tokens.
-            denominator = mask.sum() if self.kl_mean_over == "completion" else kl_mask.sum()
-            kl = (kl_token * kl_mask).sum() / denominator.clamp(min=1)
+            kl = (kl_token * kl_mask).sum() / kl_mask.sum().clamp(min=1)
             self._metrics["train"]["kl"].append(float(kl.detach()))
             self._metrics["train"]["nll"].append(float(nll.detach()))
             return self.sft_weight * nll + self.kl_weight * kl
@@ -441,9 +436,6 @@ def kl_token_mask(kl_tokens: str, parent: Any, target: Any, mask: Any, rehearsal
     if kl_tokens == "leading":
         # Agreed up to the row's first completion token that departs (prompt and padding count as agreeing).
         return mask & (agreed | ~mask).long().cumprod(dim=1).bool()
-    if kl_tokens == "confident":
-        parent_target = parent.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return mask & (parent_target >= math.log(0.5))
     if kl_tokens == "rehearsal" and rehearsal is not None:
         return mask & rehearsal.bool().unsqueeze(1)
     return mask

@@ -120,11 +120,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "kl5-agreed": {"kl_weight": 5.0, "kl_tokens": "agreed"},
     "kl10-agreed": {"kl_weight": 10.0, "kl_tokens": "agreed"},
     "kl20-agreed": {"kl_weight": 20.0, "kl_tokens": "agreed"},
-    # the KL sum over the agreed tokens divided by every completion token (the NLL's denominator), not by their own
-    # count; or only the agreed tokens the parent gives ≥ 0.5 (kl-default's candidates for a default on).
-    "kl5-agreed-completion": {"kl_weight": 5.0, "kl_tokens": "agreed", "kl_mean_over": "completion"},
-    "kl10-agreed-completion": {"kl_weight": 10.0, "kl_tokens": "agreed", "kl_mean_over": "completion"},
-    "kl5-confident": {"kl_weight": 5.0, "kl_tokens": "confident"},
     # only the agreed tokens before the row's first departure from the parent's first choice.
     "kl5-leading": {"kl_weight": 5.0, "kl_tokens": "leading"},
     "kl10-leading": {"kl_weight": 10.0, "kl_tokens": "leading"},
