@@ -25,8 +25,9 @@ Which TRL trainer runs the DPO phase depends on that weight:
   with the generation prompt, then the answer and the end-of-turn token, so the model learns to stop.
   The SFT phase adds a KL(parent ‖ new) term (`kl_weight`, `kl_tokens`; hand-written in `compute_loss`: TRL's
   SFTTrainer has none): a frozen copy of the adapter as the phase starts ("parent") gives the next-token
-  distribution to stay near on the completion tokens where the answer agrees with the parent's first choice —
-  the content a correction keeps — while the tokens a correction changes train freely (README Performance).
+  distribution to stay near on the completion tokens where the answer agrees with the parent's first choice
+  before it first departs from it (`kl_tokens` "leading", the default) — the parent's own answer that a correction
+  keeps — while the tokens a correction changes, and what follows them, train freely (README Performance).
 
 Runs on CPU with fp32 (the demo model is tiny); on a CUDA machine TRL/accelerate pick the GPU.
 
