@@ -153,8 +153,9 @@ class AlignSettings(CommonSettings):
         "from (the parent version's, or the base model for a fresh adapter) — regularising toward the parent so "
         "that what the feedback does not ask to change stays put. 0 = no term. Default 5, with kl_tokens "
         "'leading' (README Performance, 'The KL term on by default again'): on 200 sign-off events held-out "
-        "content kept in round 1 rose offline from 70% to 85% (seed 0) and 82.5% (seed 1), in the closed loop "
-        "from 62.5% to 75% (seed 0, goal not met) and from 70% to 85% (seed 1, goal met), preferred 95-100%; "
+        "content kept in round 1 rose offline from 70% to 85% (seed 0) and 82.5% (seed 1); in the closed loop it "
+        "was 75-77.5% on seed 0 (no term: 62.5-75%; goal not met either way) and 85% on seed 1 (the goal in round "
+        "1; no term: 70%, the goal in round 4), preferred 95-100%; "
         "tests/e2e/test_loop.py's 8 prefix corrections train as without the term (+0.061 similarity; 'agreed' "
         "held them to +0.037). About 35% more time per step (a second forward, for the parent).",
     )

@@ -7,7 +7,7 @@ plus how many of the corrections' completion tokens are "agreed" (the base model
 with kl_tokens "agreed" applies). vLLM's answers may differ from transformers' in the last digits: the e2e test
 stays the figure of record.
 
-    .venv/bin/python -m bench.loop_offline --set kl_weight=5 --set kl_mean_over=completion
+    .venv/bin/python -m bench.loop_offline --set threads=1 --set kl_weight=5 --set kl_tokens=agreed
 """
 
 from __future__ import annotations
