@@ -145,26 +145,30 @@ class AlignSettings(CommonSettings):
         "manifest counts. False: the KTO phase trains them.",
     )
     kl_weight: float = Field(
-        default=0.0,
+        default=5.0,
         ge=0.0,
         description="Weight of a KL(parent ‖ new) term in the DPO phase when it runs as SFT (dpo_weight 0; with the "
         "preference term on, DPO's β holds the policy to its reference and this is not used): per completion "
         "token `kl_tokens` names, how far the next-token distribution moved from the adapter the phase started "
         "from (the parent version's, or the base model for a fresh adapter) — regularising toward the parent so "
-        "that what the feedback does not ask to change stays put. 0 = no term (the default). Weight 5 with "
-        "kl_tokens 'agreed': offline on 200 sign-off events, held-out content kept rose from 70% to 82.5-85% "
-        "in round 1 and from "
-        "72.5-75% to 75-82.5% in round 2, preferred unchanged or higher, on two prompt splits; in the closed loop "
-        "one split reached 97.5% preferred / 80% kept in round 1 (95% / 70% without it), the other did not gain "
-        "(README Performance, closed loop); but on 8 house-style corrections (a prefix) it held the style back "
-        "(tests/e2e/test_loop.py: similarity to the corrections +0.037 with it, +0.061 without), so it is off by "
-        "default. About 35% more time per step (a second forward, for the parent).",
+        "that what the feedback does not ask to change stays put. 0 = no term. Default 5, with kl_tokens "
+        "'leading' (README Performance, 'The KL term on by default again'): on 200 sign-off events held-out "
+        "content kept in round 1 rose offline from 70% to 85% (seed 0) and 82.5% (seed 1); in the closed loop it "
+        "was 75-77.5% on seed 0 (no term: 62.5-75%; goal not met either way) and 85% on seed 1 (the goal in round "
+        "1; no term: 70%, the goal in round 4), preferred 95-100%; "
+        "tests/e2e/test_loop.py's 8 prefix corrections train as without the term (+0.061 similarity; 'agreed' "
+        "held them to +0.037). About 35% more time per step (a second forward, for the parent).",
     )
-    kl_tokens: Literal["rehearsal", "all", "agreed"] = Field(
-        default="agreed",
+    kl_tokens: Literal["rehearsal", "all", "agreed", "leading"] = Field(
+        default="leading",
         description="Completion tokens the KL term (kl_weight) applies to: 'agreed' = those of any row where the "
         "answer's token is the one the parent ranks first (what a correction keeps of the parent's answer, not "
-        "where it departs from it), 'rehearsal' = those of the liked answers trained with liked_as_sft, 'all' = "
+        "where it departs from it), "
+        "'leading' = those of 'agreed' before the row's first token that is not the parent's first choice (the "
+        "parent's own answer so far, in a context it writes itself; after a departure, e.g. a prefix style, the "
+        "parent's distribution is a guess in a context it never writes, and the correction trains freely; the "
+        "default), "
+        "'rehearsal' = those of the liked answers trained with liked_as_sft, 'all' = "
         "those of every row, corrections included (it holds back what the corrections teach: measured worse).",
     )
     dpo_loss: DpoLoss = Field(

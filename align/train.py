@@ -25,8 +25,9 @@ Which TRL trainer runs the DPO phase depends on that weight:
   with the generation prompt, then the answer and the end-of-turn token, so the model learns to stop.
   The SFT phase adds a KL(parent ‖ new) term (`kl_weight`, `kl_tokens`; hand-written in `compute_loss`: TRL's
   SFTTrainer has none): a frozen copy of the adapter as the phase starts ("parent") gives the next-token
-  distribution to stay near on the completion tokens where the answer agrees with the parent's first choice —
-  the content a correction keeps — while the tokens a correction changes train freely (README Performance).
+  distribution to stay near on the completion tokens where the answer agrees with the parent's first choice
+  before it first departs from it (`kl_tokens` "leading", the default) — the parent's own answer that a correction
+  keeps — while the tokens a correction changes, and what follows them, train freely (README Performance).
 
 Runs on CPU with fp32 (the demo model is tiny); on a CUDA machine TRL/accelerate pick the GPU.
 
@@ -415,12 +416,7 @@ def _sft_trainer_class() -> Any:
             logp = torch.log_softmax(model(**forward, use_cache=False).logits[:, :-1].float(), dim=-1)
             token_logp = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             nll = -(token_logp * mask).sum() / mask.sum().clamp(min=1)
-            if self.kl_tokens == "agreed":
-                kl_mask = mask & (parent.argmax(-1) == target)
-            elif self.kl_tokens == "rehearsal" and rehearsal is not None:
-                kl_mask = mask & rehearsal.bool().unsqueeze(1)
-            else:
-                kl_mask = mask
+            kl_mask = kl_token_mask(self.kl_tokens, parent, target, mask, rehearsal)
             kl_token = (parent.exp() * (parent - logp)).sum(-1)
             kl = (kl_token * kl_mask).sum() / kl_mask.sum().clamp(min=1)
             self._metrics["train"]["kl"].append(float(kl.detach()))
@@ -428,6 +424,22 @@ def _sft_trainer_class() -> Any:
             return self.sft_weight * nll + self.kl_weight * kl
 
     return WeightedSFTTrainer
+
+
+def kl_token_mask(kl_tokens: str, parent: Any, target: Any, mask: Any, rehearsal: Any = None) -> Any:
+    """Which completion tokens the SFT phase's KL term applies to (`AlignSettings.kl_tokens`).
+
+    `parent`: the parent's next-token log-probs (batch, positions, vocab); `target`: the row's next tokens (batch,
+    positions); `mask`: the completion tokens (the NLL's); `rehearsal`: per row, whether it is a liked answer."""
+    agreed = parent.argmax(-1) == target
+    if kl_tokens == "agreed":
+        return mask & agreed
+    if kl_tokens == "leading":
+        # Agreed up to the row's first completion token that departs (prompt and padding count as agreeing).
+        return mask & (agreed | ~mask).long().cumprod(dim=1).bool()
+    if kl_tokens == "rehearsal" and rehearsal is not None:
+        return mask & rehearsal.bool().unsqueeze(1)
+    return mask
 
 
 class _RehearsalCollator:

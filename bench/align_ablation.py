@@ -120,6 +120,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "kl5-agreed": {"kl_weight": 5.0, "kl_tokens": "agreed"},
     "kl10-agreed": {"kl_weight": 10.0, "kl_tokens": "agreed"},
     "kl20-agreed": {"kl_weight": 20.0, "kl_tokens": "agreed"},
+    # only the agreed tokens before the row's first departure from the parent's first choice.
+    "kl5-leading": {"kl_weight": 5.0, "kl_tokens": "leading"},
+    "kl10-leading": {"kl_weight": 10.0, "kl_tokens": "leading"},
     # The current defaults (align/settings.py), whatever they are.
     "defaults": {},
 }

@@ -139,3 +139,26 @@ def test_sft_rows_are_each_chosen_and_liked_answer_once() -> None:
 def test_an_unknown_kl_token_set_is_refused() -> None:
     with pytest.raises(ValueError, match="kl_tokens"):
         settings(kl_tokens="some")
+
+
+def test_kl_token_sets_on_a_prefix_and_a_suffix_correction() -> None:
+    import torch
+
+    from align.train import kl_token_mask
+
+    # Two rows, two prompt positions then four completion positions; the parent ranks token 0 first everywhere.
+    # Row 0 keeps the parent's answer and departs at
+    # the end (a suffix style); row 1 departs at its first completion token (a prefix style) and agrees after it.
+    parent = torch.tensor([0.4, 0.3, 0.3]).log().expand(2, 6, 3)
+    mask = torch.tensor([[False, False, True, True, True, True]] * 2)
+    target = torch.tensor([[-100, -100, 0, 0, 0, 2], [-100, -100, 1, 0, 0, 0]])
+    rehearsal = torch.tensor([False, True])
+
+    def rows(kl_tokens: str) -> list[list[int]]:
+        return kl_token_mask(kl_tokens, parent, target, mask, rehearsal)[:, 2:].int().tolist()
+
+    assert rows("agreed") == [[1, 1, 1, 0], [0, 1, 1, 1]]
+    # Only before the first departure: nothing of the prefix-style row, the kept answer of the suffix-style one.
+    assert rows("leading") == [[1, 1, 1, 0], [0, 0, 0, 0]]
+    assert rows("rehearsal") == [[0, 0, 0, 0], [1, 1, 1, 1]]
+    assert rows("all") == [[1, 1, 1, 1], [1, 1, 1, 1]]
