@@ -25,7 +25,13 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     # Quick: secondstage full only (bare runs the same code with two flags off), one pass.
     "serving": ([], ["--quick", "--passes", "1", "--only", "rac"]),
     "swap": ([], ["--versions", "2", "--idle-swaps", "3", "--swaps", "4", "--clients", "16"]),
-    "closed_loop": ([], ["--rounds", "1", "--train", "16", "--heldout", "12"]),
+    # The preference issue 9's goal is measured on (a suffix the demo model can learn without losing its content: the
+    # house style's prefix it cannot, so the gate refuses those rounds), at the goal's 200 events; three rounds keep
+    # `make bench` near 30 minutes (README Performance has five-round runs).
+    "closed_loop": (
+        ["--preference", "sign-off", "--train", "200", "--rounds", "3"],
+        ["--preference", "sign-off", "--rounds", "1", "--train", "16", "--heldout", "12"],
+    ),
     "align_scale": ([], ["--quick"]),
     "api_cost": ([], ["--quick"]),
 }
