@@ -44,7 +44,7 @@ import statistics
 import subprocess
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,10 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.harness import (
+    BENCH_ENGINE,
     PYTHON,
     ROOT,
+    Engine,
     ServerProcess,
     cpu_seconds,
     ensure_demo_model,
@@ -349,14 +351,15 @@ def run_one(
     # Every server but full secondstage (whose instructions rule adds it) gets the instructions from its client.
     system = None if name == "c" else args.system
     if name == "r":
-        env = secondstage_env(redis_url=rs.url, var_dir=work / "var-r", port=free_port())
+        env = secondstage_env(redis_url=rs.url, var_dir=work / "var-r", port=free_port(), engine=args.engine)
         return run_raw(env, steps, adapter, work, rep, system)
     if name == "a":
-        with running(vllm_server(log=work / f"vllm-{rep}.log", lora_modules={LORA_NAME: adapter})) as server:
+        vllm = vllm_server(log=work / f"vllm-{rep}.log", lora_modules={LORA_NAME: adapter}, engine=args.engine)
+        with running(vllm) as server:
             console.print(f"  ready in {time.monotonic() - t0:.0f}s")
             return run_http(server, steps, lambda: LORA_NAME, system=system)
     if name == "d":
-        return _litellm(rep, steps, work, args.litellm, system)
+        return _litellm(rep, steps, work, args.litellm, system, args.engine)
     flag = "false" if name == "b" else "true"
     var_dir = work / f"var-{name}"
     client = redis.Redis.from_url(rs.url)
@@ -364,6 +367,7 @@ def run_one(
     version = publish_adapter(adapter, var_dir, registry)
     registry.activate(BASE)
     server = secondstage_server(
+        engine=args.engine,
         redis_url=rs.url,
         var_dir=var_dir,
         log=work / f"secondstage-{name}-{rep}.log",
@@ -386,14 +390,19 @@ def run_one(
 
 
 def _litellm(
-    rep: int, steps: list[dict[str, Any]], work: Path, explicit: str | None, system: str | None = None
+    rep: int,
+    steps: list[dict[str, Any]],
+    work: Path,
+    explicit: str | None,
+    system: str | None = None,
+    engine: Engine = BENCH_ENGINE,
 ) -> dict[str, Any]:
     binary = explicit or _litellm_bin()
     if binary is None:
         raise RuntimeError("no `litellm` executable (pip install 'litellm[proxy]' into var/litellm-venv, or --litellm)")
     adapter_free = [s for s in steps if not s["lora"]]
     with (
-        running(vllm_server(log=work / f"vllm-d-{rep}.log")) as upstream,
+        running(vllm_server(log=work / f"vllm-d-{rep}.log", engine=engine)) as upstream,
         running(litellm_server(binary, upstream.url, work), timeout=180) as proxy,
     ):
         return run_http(proxy, adapter_free, lambda: "demo", system=system)
@@ -663,8 +672,8 @@ def save(
             "partial": partial,
             "params": {k: v for k, v in vars(args).items() if k not in ("litellm", "report")},
             "labels": {k: LABELS[k] for k in args.only},
-            "engine": "bench.harness.BENCH_ENGINE (ServeSettings defaults: max_num_seqs 64, max_model_len 1024, "
-            "block_size 32)",
+            "engine": f"bench.harness.BENCH_ENGINE (ServeSettings defaults: max_num_seqs 64, max_model_len 1024, "
+            f"block_size {args.engine.block_size})",
             "cells": [asdict(c) | {"name": c.name} for c in cells],
             "table": table,
             "goals": goals(cells, table),
@@ -694,8 +703,15 @@ def main() -> None:
         action="store_true",
         help="send the other servers the bare prompts (full secondstage then also prefills its instructions)",
     )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help=f"KV-cache block size for every server (default {BENCH_ENGINE.block_size}: an A/B of the block size)",
+    )
     p.add_argument("--report", action="store_true", help="print the last run's tables (and Markdown); run nothing")
     args = p.parse_args()
+    args.engine = BENCH_ENGINE if args.block_size is None else replace(BENCH_ENGINE, block_size=args.block_size)
     if args.report:
         report()
         return
