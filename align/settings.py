@@ -169,8 +169,9 @@ class AlignSettings(CommonSettings):
         "parent's distribution is a guess in a context it never writes, and the correction trains freely; the "
         "default), "
         "'leading+rehearsal' = 'leading' on the corrections and every token of the liked answers (a liked answer "
-        "is the parent's own throughout; 'leading' stops holding it at its first near tie where the parent's argmax "
-        "is not the token the server wrote), "
+        "is the parent's own throughout, where 'leading' would stop at a near tie the server broke the other way; "
+        "on the demo model 'leading' held every liked token, metric dpo_liked_leading 1.0, so it trains the same "
+        "adapter: README Performance, 'Are the liked answers held?'), "
         "'rehearsal' = those of the liked answers trained with liked_as_sft, 'all' = "
         "those of every row, corrections included (it holds back what the corrections teach: measured worse).",
     )
