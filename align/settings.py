@@ -159,7 +159,7 @@ class AlignSettings(CommonSettings):
         "tests/e2e/test_loop.py's 8 prefix corrections train as without the term (+0.061 similarity; 'agreed' "
         "held them to +0.037). About 35% more time per step (a second forward, for the parent).",
     )
-    kl_tokens: Literal["rehearsal", "all", "agreed", "leading"] = Field(
+    kl_tokens: Literal["rehearsal", "all", "agreed", "leading", "leading+rehearsal"] = Field(
         default="leading",
         description="Completion tokens the KL term (kl_weight) applies to: 'agreed' = those of any row where the "
         "answer's token is the one the parent ranks first (what a correction keeps of the parent's answer, not "
@@ -168,6 +168,10 @@ class AlignSettings(CommonSettings):
         "parent's own answer so far, in a context it writes itself; after a departure, e.g. a prefix style, the "
         "parent's distribution is a guess in a context it never writes, and the correction trains freely; the "
         "default), "
+        "'leading+rehearsal' = 'leading' on the corrections and every token of the liked answers (a liked answer "
+        "is the parent's own throughout, where 'leading' would stop at a near tie the server broke the other way; "
+        "on the demo model 'leading' held every liked token, metric dpo_liked_leading 1.0, so it trains the same "
+        "adapter: README Performance, 'Are the liked answers held?'), "
         "'rehearsal' = those of the liked answers trained with liked_as_sft, 'all' = "
         "those of every row, corrections included (it holds back what the corrections teach: measured worse).",
     )

@@ -180,6 +180,8 @@ def _phase_metrics(prefix: str, trainer: Any, output: Any, seconds: float) -> di
         "kl": "kl",
         "mean_token_accuracy": "token_accuracy",  # SFTTrainer's: share of completion tokens the model ranks first
         "nll": "nll",  # the SFT phase's NLL term, logged apart when the KL term (kl_weight) is on
+        # Share of the liked answers' completion tokens that kl_tokens "leading" holds (KL term on, round 2 on).
+        "liked_leading": "liked_leading",
     }
     for entry in trainer.state.log_history:
         for key, name in wanted.items():
@@ -369,6 +371,7 @@ def _sft_trainer_class() -> Any:
         ) -> None:
             # Set before TRL's __init__, which asks for the signature columns.
             self.sft_weight, self.kl_weight, self.kl_tokens = sft_weight, kl_weight, kl_tokens
+            self._liked_tokens = self._liked_leading = 0  # the liked_leading metric's counts (_loss_with_kl)
             super().__init__(*args, **kwargs)
             if kl_weight > 0:
                 self.data_collator = _RehearsalCollator(self.data_collator)
@@ -420,6 +423,14 @@ def _sft_trainer_class() -> Any:
             kl_token = (parent.exp() * (parent - logp)).sum(-1)
             kl = (kl_token * kl_mask).sum() / kl_mask.sum().clamp(min=1)
             self._metrics["train"]["kl"].append(float(kl.detach()))
+            if rehearsal is not None and bool(rehearsal.any()):
+                # Diagnostic: how much of the liked answers (the parent's own) `leading` holds, over the phase so far;
+                # less than all where this forward's argmax is not the token the answer has (a near tie).
+                liked = mask & rehearsal.bool().unsqueeze(1)
+                self._liked_tokens += int(liked.sum())
+                self._liked_leading += int((liked & kl_token_mask("leading", parent, target, mask)).sum())
+            if self._liked_tokens:
+                self._metrics["train"]["liked_leading"].append(self._liked_leading / self._liked_tokens)
             self._metrics["train"]["nll"].append(float(nll.detach()))
             return self.sft_weight * nll + self.kl_weight * kl
 
@@ -434,9 +445,14 @@ def kl_token_mask(kl_tokens: str, parent: Any, target: Any, mask: Any, rehearsal
     agreed = parent.argmax(-1) == target
     if kl_tokens == "agreed":
         return mask & agreed
-    if kl_tokens == "leading":
+    if kl_tokens in ("leading", "leading+rehearsal"):
         # Agreed up to the row's first completion token that departs (prompt and padding count as agreeing).
-        return mask & (agreed | ~mask).long().cumprod(dim=1).bool()
+        leading = mask & (agreed | ~mask).long().cumprod(dim=1).bool()
+        if kl_tokens == "leading" or rehearsal is None:
+            return leading
+        # A liked answer is the parent's own answer throughout, even past a near tie where this forward's argmax
+        # is not the token the server wrote (another engine, another batch, a re-tokenized text): all of it held.
+        return leading | (mask & rehearsal.bool().unsqueeze(1))
     if kl_tokens == "rehearsal" and rehearsal is not None:
         return mask & rehearsal.bool().unsqueeze(1)
     return mask

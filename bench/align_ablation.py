@@ -123,6 +123,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # only the agreed tokens before the row's first departure from the parent's first choice.
     "kl5-leading": {"kl_weight": 5.0, "kl_tokens": "leading"},
     "kl10-leading": {"kl_weight": 10.0, "kl_tokens": "leading"},
+    # `leading` on the corrections, every token of the liked answers (round 2 on).
+    "kl5-leading-rehearsal": {"kl_weight": 5.0, "kl_tokens": "leading+rehearsal"},
     # The current defaults (align/settings.py), whatever they are.
     "defaults": {},
 }
@@ -333,7 +335,7 @@ def main() -> None:
                         "train_metrics": {
                             k: v
                             for k, v in trained.metrics.items()
-                            if k.endswith(("_steps", "_seconds", "_loss", "_kl", "_nll"))
+                            if k.endswith(("_steps", "_seconds", "_loss", "_kl", "_nll", "_liked_leading"))
                         },
                         "samples": [a[0] for a in held[:4]],
                         # Every held-out answer whose content broke: what the user wanted, what came out.

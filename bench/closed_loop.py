@@ -185,6 +185,18 @@ def all_prompts() -> list[str]:
     return [q for q, _ in qa_pairs(facts())]
 
 
+def _align_report(stdout: str) -> dict[str, Any] | None:
+    """The last JSON object `align run --json` printed, or None (a crash before it printed one)."""
+    for line in reversed(stdout.strip().splitlines()):
+        try:
+            report = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(report, dict):
+            return report
+    return None
+
+
 def split_prompts(n_train: int, n_heldout: int, seed: int) -> tuple[list[str], list[str]]:
     questions = all_prompts()
     random.Random(seed).shuffle(questions)
@@ -446,7 +458,7 @@ def main() -> None:
                     time.sleep(1.0)  # the log writer is asynchronous; align reads what reached Redis
                     ta = time.monotonic()
                     run = subprocess.run(
-                        [PYTHON, "-m", "core.cli", "align", "run"],
+                        [PYTHON, "-m", "core.cli", "align", "run", "--json"],
                         env={**server.env, **align_env},
                         cwd=ROOT,
                         capture_output=True,
@@ -464,7 +476,9 @@ def main() -> None:
                             **result,
                             "published": after if after != before else None,
                             "align_exit": run.returncode,
-                            "align_tail": (run.stdout + run.stderr).strip().splitlines()[-3:],
+                            "align_tail": run.stderr.strip().splitlines()[-3:],
+                            # The run's --json object (gate checks, training metrics such as dpo_liked_leading).
+                            "align_report": _align_report(run.stdout),
                             "align_s": align_s,
                             "swap_s": swap_s,
                             "train_rate_before": train_rate,

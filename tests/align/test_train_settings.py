@@ -162,3 +162,29 @@ def test_kl_token_sets_on_a_prefix_and_a_suffix_correction() -> None:
     assert rows("leading") == [[1, 1, 1, 0], [0, 0, 0, 0]]
     assert rows("rehearsal") == [[0, 0, 0, 0], [1, 1, 1, 1]]
     assert rows("all") == [[1, 1, 1, 1], [1, 1, 1, 1]]
+
+
+def test_leading_plus_rehearsal_holds_a_liked_answer_past_a_near_tie() -> None:
+    import torch
+
+    from align.train import kl_token_mask
+
+    # Two rows with the same tokens, which depart from the parent's first choice (token 0) at their second completion
+    # token: row 0 is a correction (held up to the departure, then free), row 1 a liked answer — the parent's own,
+    # where the departure is a near tie the server broke the other way — held entirely.
+    parent = torch.tensor([0.4, 0.35, 0.25]).log().expand(2, 6, 3)
+    mask = torch.tensor([[False, False, True, True, True, True]] * 2)
+    target = torch.tensor([[-100, -100, 0, 1, 0, 0]] * 2)
+    rehearsal = torch.tensor([False, True])
+
+    def rows(kl_tokens: str, flags: torch.Tensor | None = rehearsal) -> list[list[int]]:
+        return kl_token_mask(kl_tokens, parent, target, mask, flags)[:, 2:].int().tolist()
+
+    assert rows("leading") == [[1, 0, 0, 0], [1, 0, 0, 0]]
+    assert rows("leading+rehearsal") == [[1, 0, 0, 0], [1, 1, 1, 1]]
+    # Padding and prompt positions are never held, liked row or not.
+    assert kl_token_mask("leading+rehearsal", parent, target, mask, rehearsal)[:, :2].sum() == 0
+    # Without the flags (a collator that does not pass them) it is `leading`.
+    assert rows("leading+rehearsal", None) == rows("leading")
+    # A correction-only batch (round 1: no liked answers) is held exactly as with `leading`.
+    assert rows("leading+rehearsal", torch.tensor([False, False])) == rows("leading")
