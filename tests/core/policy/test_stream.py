@@ -86,24 +86,27 @@ EXPECTED = (
 )
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> PolicyEngine:
-    # One compile for the module: the private-key pattern takes most of a second.
-    directory = tmp_path_factory.mktemp("policies")
-    write_rules(directory, RULES)
+def _loaded(tmp_path_factory: pytest.TempPathFactory, name: str, rules: str) -> PolicyEngine:
+    """An engine over `rules` in a fresh directory, loaded (the module fixtures compile once each)."""
+    directory = tmp_path_factory.mktemp(name)
+    write_rules(directory, rules)
     engine = PolicyEngine(directory, registry=CollectorRegistry())
     engine.load()
     return engine
 
 
 @pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> PolicyEngine:
+    # One compile for the module: the private-key pattern takes most of a second.
+    return _loaded(tmp_path_factory, "policies", RULES)
+
+
+@pytest.fixture(scope="module")
 def changing_only(tmp_path_factory: pytest.TempPathFactory) -> PolicyEngine:
     """RULES without its flag and shadow rules: a stage with one group (the matcher's one-group path)."""
-    directory = tmp_path_factory.mktemp("changing-only")
     rules = RULES.split("\n  - ")
-    write_rules(directory, "\n  - ".join(r for r in rules if "action: flag" not in r and "mode: shadow" not in r))
-    engine = PolicyEngine(directory, registry=CollectorRegistry())
-    engine.load()
+    text = "\n  - ".join(r for r in rules if "action: flag" not in r and "mode: shadow" not in r)
+    engine = _loaded(tmp_path_factory, "changing-only", text)
     assert not engine.active.stages["output"].record_only and len(engine.active.stages["output"].rules) == 8
     return engine
 
@@ -382,20 +385,12 @@ PIECES = [
 
 @pytest.fixture(scope="module")
 def record_only(tmp_path_factory: pytest.TempPathFactory) -> PolicyEngine:
-    directory = tmp_path_factory.mktemp("record-only")
-    write_rules(directory, RECORD_ONLY_RULES)
-    engine = PolicyEngine(directory, registry=CollectorRegistry())
-    engine.load()
-    return engine
+    return _loaded(tmp_path_factory, "record-only", RECORD_ONLY_RULES)
 
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory: pytest.TempPathFactory) -> PolicyEngine:
-    directory = tmp_path_factory.mktemp("mixed")
-    write_rules(directory, MIXED_RULES)
-    engine = PolicyEngine(directory, registry=CollectorRegistry())
-    engine.load()
-    return engine
+    return _loaded(tmp_path_factory, "mixed", MIXED_RULES)
 
 
 def test_record_only_rules_never_hold_the_stream_back(record_only: PolicyEngine) -> None:
