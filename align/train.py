@@ -428,7 +428,8 @@ def _sft_trainer_class() -> Any:
                 # less than all where this forward's argmax is not the token the answer has (a near tie).
                 liked = mask & rehearsal.bool().unsqueeze(1)
                 self._liked_tokens += int(liked.sum())
-                self._liked_leading += int((liked & kl_token_mask("leading", parent, target, mask)).sum())
+                leading = kl_mask if self.kl_tokens == "leading" else kl_token_mask("leading", parent, target, mask)
+                self._liked_leading += int((liked & leading).sum())
             if self._liked_tokens:
                 self._metrics["train"]["liked_leading"].append(self._liked_leading / self._liked_tokens)
             self._metrics["train"]["nll"].append(float(nll.detach()))
