@@ -213,9 +213,9 @@ async def measure(
     warm = [chat_body("demo", prompt(10**6 + i, SHORT_WORDS), cell.tokens, cell.stream) for i in range(clients * 2)]
     readings: list[tuple[float, float]] = []
 
-    def reading() -> float:
+    def reading() -> dict[str, float]:
         readings.append((cpu_of(pid), cpu_of(redis_pid) if redis_pid else 0.0))
-        return 0.0
+        return {}
 
     samples, wall, _ = await drive_http(server.url, bodies, concurrency=clients, warmup=warm, server_cpu=reading)
     ttfts = [s.ttft for s in samples if s.ok and s.ttft is not None]

@@ -69,23 +69,33 @@ BENCH_ENGINE = Engine(max_num_seqs=64, max_lora_rank=16, max_loras=2, dtype="flo
 engine configuration secondstage runs in-process."""
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process `pid` and its live descendants (an engine's workers included)."""
+def cpu_by_process(pid: int) -> dict[str, float]:
+    """User + system CPU seconds of process `pid` and its live descendants, by role: vLLM titles its engine
+    processes ("VLLM::EngineCore", "VLLM::Worker"), anything else counts as `pid`'s own ("frontend": the HTTP
+    server with vLLM's engine client, or the raw engine's driving process). Where a server's CPU goes is what
+    bounds it on a machine whose cores the engine, the frontend and the load generator share."""
     import psutil
 
-    total = 0.0
+    roles = {"frontend": 0.0, "engine_core": 0.0, "engine_worker": 0.0}
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0.0
+        return roles
     for proc in procs:
         try:
             t = proc.cpu_times()
+            title = " ".join(proc.cmdline()[:1])
         except psutil.NoSuchProcess:
             continue
-        total += t.user + t.system
-    return total
+        role = "engine_core" if "EngineCore" in title else "engine_worker" if "Worker" in title else "frontend"
+        roles[role] += t.user + t.system
+    return roles
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` and its live descendants (an engine's workers included)."""
+    return sum(cpu_by_process(pid).values())
 
 
 def free_port() -> int:

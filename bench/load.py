@@ -150,12 +150,13 @@ async def drive_http(
     concurrency: int,
     warmup: list[dict[str, Any]],
     headers: dict[str, str] | None = None,
-    server_cpu: Callable[[], float] | None = None,
+    server_cpu: Callable[[], dict[str, float]] | None = None,
 ) -> tuple[list[Sample], float, dict[str, float]]:
     """Send `warmup` (all at once, unmeasured), then `bodies` through `concurrency` clients.
 
-    Returns the samples, the wall seconds of the measured part, and the CPU cores it used on average:
-    `client_cores` (this process: the load generator) and `server_cores` (`server_cpu()`'s CPU seconds).
+    Returns the samples, the wall seconds of the measured part, and the CPU it used: cores on average,
+    `client_cores` (this process: the load generator) and `server_cores` (the sum of `server_cpu()`'s CPU seconds
+    by role), and milliseconds per request, `cpu_ms_<role>` for each role and `cpu_ms_load_generator`.
     """
     url = base_url + "/v1/chat/completions"
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
@@ -170,10 +171,14 @@ async def drive_http(
             while queue:
                 samples.append(await one_http(client, url, queue.pop()))
 
-        srv0, cli0 = server_cpu() if server_cpu else 0.0, time.process_time()
+        srv0, cli0 = server_cpu() if server_cpu else {}, time.process_time()
         t0 = time.perf_counter()
         await asyncio.gather(*[client_task() for _ in range(concurrency)])
         wall = time.perf_counter() - t0
-        srv1, cli1 = server_cpu() if server_cpu else 0.0, time.process_time()
-    cores = {"client_cores": (cli1 - cli0) / wall, "server_cores": (srv1 - srv0) / wall}
+        srv1, cli1 = server_cpu() if server_cpu else {}, time.process_time()
+    used = {role: srv1[role] - srv0.get(role, 0.0) for role in srv1}
+    n = max(len(bodies), 1)
+    cores = {"client_cores": (cli1 - cli0) / wall, "server_cores": sum(used.values()) / wall}
+    cores |= {f"cpu_ms_{role}": 1e3 * s / n for role, s in used.items()}
+    cores["cpu_ms_load_generator"] = 1e3 * (cli1 - cli0) / n
     return samples, wall, cores

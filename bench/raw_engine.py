@@ -30,7 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.harness import cpu_seconds
+from bench.harness import cpu_by_process
 from bench.load import Sample, summarise
 
 
@@ -69,14 +69,17 @@ async def _cell(
         while queue:
             samples.append(await _one(llm, queue.pop(), params, lora))
 
-    cpu0 = cpu_seconds(os.getpid())
+    cpu0 = cpu_by_process(os.getpid())
     t0 = time.perf_counter()
     await asyncio.gather(*[client() for _ in range(cell["concurrency"])])
     wall = time.perf_counter() - t0
     s = summarise(samples, wall)
     # This process and its engine core: the CPU the ceiling used (there is no load generator process).
-    s["server_cores"] = (cpu_seconds(os.getpid()) - cpu0) / wall
+    used = {role: seconds - cpu0[role] for role, seconds in cpu_by_process(os.getpid()).items()}
+    s["server_cores"] = sum(used.values()) / wall
     s["client_cores"] = 0.0
+    s |= {f"cpu_ms_{role}": 1e3 * seconds / len(prompts) for role, seconds in used.items()}
+    s["cpu_ms_load_generator"] = 0.0
     return s
 
 

@@ -59,6 +59,7 @@ from bench.harness import (
     ROOT,
     Engine,
     ServerProcess,
+    cpu_by_process,
     cpu_seconds,
     ensure_demo_model,
     free_port,
@@ -232,10 +233,14 @@ def run_http(
     `system`: a system message every request sends first (the equal prompts, `instructions_message`)."""
     out: dict[str, Any] = {}
     lora_model: str | None = None
-    pids = [p for p in (server.proc.pid if server.proc else None, *extra_pids) if p is not None]
+    assert server.proc is not None
+    pid = server.proc.pid
 
-    def server_cpu() -> float:
-        return sum(cpu_seconds(pid) for pid in pids)
+    def server_cpu() -> dict[str, float]:
+        roles = cpu_by_process(pid)
+        if extra_pids:
+            roles["redis"] = sum(cpu_seconds(p) for p in extra_pids)
+        return roles
 
     for step in steps:
         model = "demo"
@@ -610,6 +615,34 @@ def print_table(cells: list[Cell], table: dict[str, Any]) -> None:
         console.print(t)
 
 
+CPU_ROLES = ("frontend", "engine_core", "engine_worker", "redis", "load_generator")
+"""Where a request's CPU goes (`bench.harness.cpu_by_process`; Redis for full secondstage; the load generator
+for the HTTP servers: the raw engine has none)."""
+
+
+def cpu_rows(cells: list[Cell], table: dict[str, Any]) -> list[tuple[str, str, list[float | None], float]]:
+    """(cell, server, CPU ms per request by `CPU_ROLES`, total) at 16 and 64 clients — the goals' cells: on two
+    cores every millisecond a request costs outside the engine is one the engine does not get."""
+    rows = []
+    for cell in cells:
+        if cell.concurrency not in (16, 64):
+            continue
+        for name, s in table[cell.name]["servers"].items():
+            ms = [s.get(f"cpu_ms_{role}") for role in CPU_ROLES]
+            if any(x is not None for x in ms):
+                rows.append((cell.name, name, ms, sum(x or 0.0 for x in ms)))
+    return rows
+
+
+def print_cpu_table(cells: list[Cell], table: dict[str, Any]) -> None:
+    t = Table(title="CPU milliseconds per request by process, median over passes (16 and 64 clients)")
+    for col in ("cell", "server", *CPU_ROLES, "total"):
+        t.add_column(col, justify="left" if col in ("cell", "server") else "right", no_wrap=True)
+    for cell, name, ms, total in cpu_rows(cells, table):
+        t.add_row(cell, LABELS.get(name, name), *[fmt(x) for x in ms], fmt(total))
+    console.print(t)
+
+
 def markdown(cells: list[Cell], table: dict[str, Any]) -> str:
     """The sweep as a Markdown table (README's Performance section is pasted from it)."""
 
@@ -642,6 +675,11 @@ def markdown(cells: list[Cell], table: dict[str, Any]) -> str:
             f"| {'-' if ttft is None else f'{ttft:.0f}'} | {ms(ar and ar['added_ttft_p50_ms'])} "
             f"| {ms(cr and cr['added_ttft_p50_ms'])} | {cores} |"
         )
+    lines += ["", "| cell | server | " + " | ".join(CPU_ROLES) + " | total (CPU ms per request) |"]
+    lines.append("|---|---|" + "---:|" * (len(CPU_ROLES) + 1))
+    for cell_name, name, cpu, total in cpu_rows(cells, table):
+        cols = " | ".join("-" if x is None else f"{x:.1f}" for x in cpu)
+        lines.append(f"| {cell_name} | {LABELS.get(name, name)} | {cols} | {total:.1f} |")
     return "\n".join(lines)
 
 
@@ -652,6 +690,7 @@ def report() -> None:
         raise SystemExit("no bench/results/serving.json: run the benchmark first")
     cells = [Cell(**{k: v for k, v in c.items() if k != "name"}) for c in data["cells"]]
     print_table(cells, data["table"])
+    print_cpu_table(cells, data["table"])
     console.print(f"load avg at each server start: {[round(x, 1) for x in data['loadavg_1m_at_each_start']]}")
     print(markdown(cells, data["table"]))
 
@@ -762,6 +801,7 @@ def main() -> None:
                 save(args, cells, analyse(cells, runs), errors, loadavg, started, partial=True)
     table = analyse(cells, runs)
     print_table(cells, table)
+    print_cpu_table(cells, table)
     for name, g in goals(cells, table).items():
         console.print(f"goal {name}: {g}")
     path = save(args, cells, table, errors, loadavg, started, partial=False)
