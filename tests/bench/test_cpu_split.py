@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 from bench.harness import cpu_by_process, cpu_seconds
 from bench.serving import Cell, analyse, cpu_rows
