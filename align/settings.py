@@ -175,6 +175,16 @@ class AlignSettings(CommonSettings):
         "'rehearsal' = those of the liked answers trained with liked_as_sft, 'all' = "
         "those of every row, corrections included (it holds back what the corrections teach: measured worse).",
     )
+    kl_reference: Literal["parent", "base"] = Field(
+        default="parent",
+        description="What the KL term (kl_weight) holds the adapter near, and whose first choices kl_tokens' "
+        "'agreed'/'leading' masks compare with: 'parent' = the adapter as the phase starts (the parent version's, "
+        "or the base model for a fresh adapter), 'base' = the base model without any adapter (no parent copy is "
+        "made; the reference forward runs with the adapter disabled). Each round held to its parent only stays "
+        "near the previous round, so drift can add up over rounds; 'base' anchors every round to the root, as "
+        "RLHF holds the policy to the SFT model rather than its previous iterate. A fresh adapter (round 1, no KTO "
+        "phase) starts as the base model, so both train the same adapter there.",
+    )
     dpo_loss: DpoLoss = Field(
         default="sigmoid",
         description="TRL DPO loss type of the preference term: 'sigmoid' (DPO), 'sigmoid_norm' (per-token "

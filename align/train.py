@@ -329,8 +329,8 @@ def _train_sft(
         loss_type="nll",
         packing=False,
     )
-    if settings.kl_weight > 0:
-        _add_parent_adapter(model)
+    if settings.kl_weight > 0 and settings.kl_reference == "parent":
+        _add_parent_adapter(model)  # kl_reference "base" compares with the adapter disabled: no copy needed
     trainer = _sft_trainer_class()(
         model=model,
         args=args,
@@ -339,6 +339,7 @@ def _train_sft(
         sft_weight=settings.sft_weight,
         kl_weight=settings.kl_weight,
         kl_tokens=settings.kl_tokens,
+        kl_reference=settings.kl_reference,
     )
     metrics["dpo_sft_trainer"] = 1.0
     return _run_phase("dpo", trainer, metrics, console, label="SFT")
@@ -367,10 +368,12 @@ def _sft_trainer_class() -> Any:
             sft_weight: float = 1.0,
             kl_weight: float = 0.0,
             kl_tokens: str = "rehearsal",
+            kl_reference: str = "parent",
             **kwargs: Any,
         ) -> None:
             # Set before TRL's __init__, which asks for the signature columns.
             self.sft_weight, self.kl_weight, self.kl_tokens = sft_weight, kl_weight, kl_tokens
+            self.kl_reference = kl_reference
             self._liked_tokens = self._liked_leading = 0  # the liked_leading metric's counts (_loss_with_kl)
             super().__init__(*args, **kwargs)
             if kl_weight > 0:
@@ -402,8 +405,9 @@ def _sft_trainer_class() -> Any:
             return out * self.sft_weight
 
         def _loss_with_kl(self, model: Any, inputs: dict[str, Any], rehearsal: Any) -> Any:
-            """sft_weight × NLL of the completions + kl_weight × KL(parent ‖ new) per completion token that
-            `kl_tokens` names. Hand-written: TRL's SFTTrainer has no KL term (its loss is NLL or DFT), and
+            """sft_weight × NLL of the completions + kl_weight × KL(reference ‖ new) per completion token that
+            `kl_tokens` names; the reference ("parent" below) is the parent copy or, with kl_reference "base", the
+            base model. Hand-written: TRL's SFTTrainer has no KL term (its loss is NLL or DFT), and
             DPOTrainer's reference model is compared on the sampled answers' log-probs, not the whole distribution
             the next token is drawn from, which is what keeps the answers to other prompts where they were."""
             import torch
@@ -413,8 +417,14 @@ def _sft_trainer_class() -> Any:
             forward = {k: v for k, v in inputs.items() if k != "labels"}
             target = labels[:, 1:]
             mask = target != -100
-            # The parent first, without a graph: switching adapters toggles requires_grad on their weights.
-            with torch.no_grad(), use_adapter(self.accelerator.unwrap_model(model), PARENT_ADAPTER):
+            # The reference first, without a graph: switching adapters toggles requires_grad on their weights.
+            # kl_reference "base": the base model, adapter disabled — every round held near the root, not near
+            # the previous round (whose drift would otherwise add up round over round).
+            unwrapped = self.accelerator.unwrap_model(model)
+            reference = (
+                unwrapped.disable_adapter() if self.kl_reference == "base" else use_adapter(unwrapped, PARENT_ADAPTER)
+            )
+            with torch.no_grad(), reference:
                 parent = torch.log_softmax(model(**forward, use_cache=False).logits[:, :-1].float(), dim=-1)
             logp = torch.log_softmax(model(**forward, use_cache=False).logits[:, :-1].float(), dim=-1)
             token_logp = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
