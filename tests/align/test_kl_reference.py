@@ -139,3 +139,25 @@ def test_the_parent_reference_is_the_frozen_copy_not_the_base() -> None:
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
     assert loss_with_kl(model, inputs, "all", "parent")[0] == pytest.approx(0.0, abs=1e-6)
     assert loss_with_kl(model, inputs, "all", "base")[0] > 0.01
+
+
+def test_on_a_fresh_adapter_both_references_are_the_base_model() -> None:
+    import torch
+    from trl.trainer.utils import use_adapter
+
+    from align.train import PARENT_ADAPTER, _add_parent_adapter
+
+    # Round 1 (no parent version, no KTO phase): the adapter starts with zero B matrices, so its parent copy gives
+    # the base model's logits bit for bit, and kl_reference 'parent' and 'base' train the same adapter.
+    model = tiny_adapted_model()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.zero_()
+    _add_parent_adapter(model)
+    input_ids = torch.tensor([[1, 5, 7, 2, 9, 4, 11, 3]])
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=input_ids).logits
+    with torch.no_grad(), use_adapter(model, PARENT_ADAPTER):
+        parent = model(input_ids=input_ids).logits
+    assert torch.equal(base, parent)
