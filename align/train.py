@@ -23,11 +23,13 @@ Which TRL trainer runs the DPO phase depends on that weight:
   weight 0: one policy forward and backward per row is what is left (README Performance: seconds per step).
   Both trainers tokenize a row the same way, as the gate and serve see it: the prompt through the chat template
   with the generation prompt, then the answer and the end-of-turn token, so the model learns to stop.
-  The SFT phase adds a KL(parent ‖ new) term (`kl_weight`, `kl_tokens`; hand-written in `compute_loss`: TRL's
-  SFTTrainer has none): a frozen copy of the adapter as the phase starts ("parent") gives the next-token
-  distribution to stay near on the completion tokens where the answer agrees with the parent's first choice
-  before it first departs from it (`kl_tokens` "leading", the default) — the parent's own answer that a correction
-  keeps — while the tokens a correction changes, and what follows them, train freely (README Performance).
+  The SFT phase adds a KL(reference ‖ new) term (`kl_weight`, `kl_tokens`; hand-written in `compute_loss`: TRL's
+  SFTTrainer has none): the base model, adapter disabled (`kl_reference` "base", the default: every round anchored
+  to the root, so drift does not add up round over round), or a frozen copy of the adapter as the phase starts
+  (`kl_reference` "parent"), called "parent" in the code below, gives the next-token distribution to stay near
+  on the completion tokens where the answer agrees with the parent's first choice before it first departs from it
+  (`kl_tokens` "leading", the default) — the parent's own answer that a correction keeps — while the tokens a
+  correction changes, and what follows them, train freely (README Performance).
 
 Runs on CPU with fp32 (the demo model is tiny); on a CUDA machine TRL/accelerate pick the GPU.
 
@@ -368,7 +370,7 @@ def _sft_trainer_class() -> Any:
             sft_weight: float = 1.0,
             kl_weight: float = 0.0,
             kl_tokens: str = "rehearsal",
-            kl_reference: str = "parent",
+            kl_reference: str = "base",
             **kwargs: Any,
         ) -> None:
             # Set before TRL's __init__, which asks for the signature columns.

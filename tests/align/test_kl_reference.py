@@ -19,7 +19,7 @@ COMPLETION_FROM = 3  # positions 0-2 are the prompt (labels -100), 3-7 the compl
 
 
 def test_an_unknown_kl_reference_is_refused() -> None:
-    assert AlignSettings(model="unused").kl_reference == "parent"  # type: ignore[arg-type]
+    assert AlignSettings(model="unused").kl_reference == "base"  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="kl_reference"):
         AlignSettings(model="unused", kl_reference="grandparent")  # type: ignore[arg-type]
 
