@@ -23,11 +23,13 @@ Which TRL trainer runs the DPO phase depends on that weight:
   weight 0: one policy forward and backward per row is what is left (README Performance: seconds per step).
   Both trainers tokenize a row the same way, as the gate and serve see it: the prompt through the chat template
   with the generation prompt, then the answer and the end-of-turn token, so the model learns to stop.
-  The SFT phase adds a KL(parent ‖ new) term (`kl_weight`, `kl_tokens`; hand-written in `compute_loss`: TRL's
-  SFTTrainer has none): a frozen copy of the adapter as the phase starts ("parent") gives the next-token
-  distribution to stay near on the completion tokens where the answer agrees with the parent's first choice
-  before it first departs from it (`kl_tokens` "leading", the default) — the parent's own answer that a correction
-  keeps — while the tokens a correction changes, and what follows them, train freely (README Performance).
+  The SFT phase adds a KL(reference ‖ new) term (`kl_weight`, `kl_tokens`; hand-written in `compute_loss`: TRL's
+  SFTTrainer has none): the base model, adapter disabled (`kl_reference` "base", the default: every round anchored
+  to the root, so drift does not add up round over round), or a frozen copy of the adapter as the phase starts
+  (`kl_reference` "parent"), called "parent" in the code below, gives the next-token distribution to stay near
+  on the completion tokens where the answer agrees with the parent's first choice before it first departs from it
+  (`kl_tokens` "leading", the default) — the parent's own answer that a correction keeps — while the tokens a
+  correction changes, and what follows them, train freely (README Performance).
 
 Runs on CPU with fp32 (the demo model is tiny); on a CUDA machine TRL/accelerate pick the GPU.
 
@@ -329,8 +331,8 @@ def _train_sft(
         loss_type="nll",
         packing=False,
     )
-    if settings.kl_weight > 0:
-        _add_parent_adapter(model)
+    if settings.kl_weight > 0 and settings.kl_reference == "parent":
+        _add_parent_adapter(model)  # kl_reference "base" compares with the adapter disabled: no copy needed
     trainer = _sft_trainer_class()(
         model=model,
         args=args,
@@ -339,6 +341,7 @@ def _train_sft(
         sft_weight=settings.sft_weight,
         kl_weight=settings.kl_weight,
         kl_tokens=settings.kl_tokens,
+        kl_reference=settings.kl_reference,
     )
     metrics["dpo_sft_trainer"] = 1.0
     return _run_phase("dpo", trainer, metrics, console, label="SFT")
@@ -367,10 +370,12 @@ def _sft_trainer_class() -> Any:
             sft_weight: float = 1.0,
             kl_weight: float = 0.0,
             kl_tokens: str = "rehearsal",
+            kl_reference: str = "base",
             **kwargs: Any,
         ) -> None:
             # Set before TRL's __init__, which asks for the signature columns.
             self.sft_weight, self.kl_weight, self.kl_tokens = sft_weight, kl_weight, kl_tokens
+            self.kl_reference = kl_reference
             self._liked_tokens = self._liked_leading = 0  # the liked_leading metric's counts (_loss_with_kl)
             super().__init__(*args, **kwargs)
             if kl_weight > 0:
@@ -402,8 +407,9 @@ def _sft_trainer_class() -> Any:
             return out * self.sft_weight
 
         def _loss_with_kl(self, model: Any, inputs: dict[str, Any], rehearsal: Any) -> Any:
-            """sft_weight × NLL of the completions + kl_weight × KL(parent ‖ new) per completion token that
-            `kl_tokens` names. Hand-written: TRL's SFTTrainer has no KL term (its loss is NLL or DFT), and
+            """sft_weight × NLL of the completions + kl_weight × KL(reference ‖ new) per completion token that
+            `kl_tokens` names; the reference ("parent" below) is the parent copy or, with kl_reference "base", the
+            base model. Hand-written: TRL's SFTTrainer has no KL term (its loss is NLL or DFT), and
             DPOTrainer's reference model is compared on the sampled answers' log-probs, not the whole distribution
             the next token is drawn from, which is what keeps the answers to other prompts where they were."""
             import torch
@@ -413,8 +419,14 @@ def _sft_trainer_class() -> Any:
             forward = {k: v for k, v in inputs.items() if k != "labels"}
             target = labels[:, 1:]
             mask = target != -100
-            # The parent first, without a graph: switching adapters toggles requires_grad on their weights.
-            with torch.no_grad(), use_adapter(self.accelerator.unwrap_model(model), PARENT_ADAPTER):
+            # The reference first, without a graph: switching adapters toggles requires_grad on their weights.
+            # kl_reference "base": the base model, adapter disabled — every round held near the root, not near
+            # the previous round (whose drift would otherwise add up round over round).
+            unwrapped = self.accelerator.unwrap_model(model)
+            reference = (
+                unwrapped.disable_adapter() if self.kl_reference == "base" else use_adapter(unwrapped, PARENT_ADAPTER)
+            )
+            with torch.no_grad(), reference:
                 parent = torch.log_softmax(model(**forward, use_cache=False).logits[:, :-1].float(), dim=-1)
             logp = torch.log_softmax(model(**forward, use_cache=False).logits[:, :-1].float(), dim=-1)
             token_logp = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)

@@ -67,7 +67,7 @@ def test_without_the_preference_term_sft_trainer_raises_the_chosen_answers(
     assert result.metrics["dpo_steps"] == 12 and result.metrics["dpo_rows"] == len(PROMPTS) + len(LIKED)
     assert result.metrics["sft_rows"] == len(LIKED) and result.metrics["kto_rows"] == 0
     assert "dpo_logp_rejected" not in result.metrics  # nothing ran on the rejected answers
-    assert result.metrics["dpo_kl"] >= 0  # the KL term toward the parent (the default kl_tokens, "leading")
+    assert result.metrics["dpo_kl"] >= 0  # the KL term toward the base (the default kl_reference; kl_tokens "leading")
     lines = out.getvalue().splitlines()
     assert any(line.startswith("SFT: 12 steps, loss ") for line in lines), lines
     assert not any(line.startswith("DPO: ") for line in lines), lines
