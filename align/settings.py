@@ -151,7 +151,7 @@ class AlignSettings(CommonSettings):
         "preference term on, DPO's β holds the policy to its reference and this is not used): per completion "
         "token `kl_tokens` names, how far the next-token distribution moved from the adapter the phase started "
         "from (the parent version's, or the base model for a fresh adapter), or from the base model (kl_reference) "
-        "— regularising toward the parent so "
+        "— regularising toward that reference so "
         "that what the feedback does not ask to change stays put. 0 = no term. Default 5, with kl_tokens "
         "'leading' (README Performance, 'The KL term on by default again'): on 200 sign-off events held-out "
         "content kept in round 1 rose offline from 70% to 85% (seed 0) and 82.5% (seed 1); in the closed loop it "
@@ -171,8 +171,8 @@ class AlignSettings(CommonSettings):
         "default), "
         "'leading+rehearsal' = 'leading' on the corrections and every token of the liked answers (a liked answer "
         "is the parent's own throughout, where 'leading' would stop at a near tie the server broke the other way; "
-        "on the demo model 'leading' held every liked token, metric dpo_liked_leading 1.0, so it trains the same "
-        "adapter: README Performance, 'Are the liked answers held?'), "
+        "on the demo model with kl_reference 'parent' 'leading' held every liked token, metric dpo_liked_leading "
+        "1.0, so it trained the same adapter: README Performance, 'Are the liked answers held?'), "
         "'rehearsal' = those of the liked answers trained with liked_as_sft, 'all' = "
         "those of every row, corrections included (it holds back what the corrections teach: measured worse).",
     )
