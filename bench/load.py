@@ -143,6 +143,11 @@ async def one_http(client: httpx.AsyncClient, url: str, body: dict[str, Any]) ->
         return Sample(False, time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}")
 
 
+def cpu_ms_per_request(used: dict[str, float], requests: int) -> dict[str, float]:
+    """`cpu_ms_<role>`: the CPU milliseconds per request each role (`bench.harness.cpu_by_process`) used."""
+    return {f"cpu_ms_{role}": 1e3 * seconds / max(requests, 1) for role, seconds in used.items()}
+
+
 async def drive_http(
     base_url: str,
     bodies: list[dict[str, Any]],
@@ -177,8 +182,6 @@ async def drive_http(
         wall = time.perf_counter() - t0
         srv1, cli1 = server_cpu() if server_cpu else {}, time.process_time()
     used = {role: srv1[role] - srv0.get(role, 0.0) for role in srv1}
-    n = max(len(bodies), 1)
     cores = {"client_cores": (cli1 - cli0) / wall, "server_cores": sum(used.values()) / wall}
-    cores |= {f"cpu_ms_{role}": 1e3 * s / n for role, s in used.items()}
-    cores["cpu_ms_load_generator"] = 1e3 * (cli1 - cli0) / n
+    cores |= cpu_ms_per_request(used | {"load_generator": cli1 - cli0}, len(bodies))
     return samples, wall, cores

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import cpu_by_process
-from bench.load import Sample, summarise
+from bench.load import Sample, cpu_ms_per_request, summarise
 
 
 async def _one(llm: Any, ids: list[int], params: Any, lora: Any) -> Sample:
@@ -78,8 +78,7 @@ async def _cell(
     used = {role: seconds - cpu0[role] for role, seconds in cpu_by_process(os.getpid()).items()}
     s["server_cores"] = sum(used.values()) / wall
     s["client_cores"] = 0.0
-    s |= {f"cpu_ms_{role}": 1e3 * seconds / len(prompts) for role, seconds in used.items()}
-    s["cpu_ms_load_generator"] = 0.0
+    s |= cpu_ms_per_request(used | {"load_generator": 0.0}, len(prompts))
     return s
 
 
