@@ -7,7 +7,7 @@ The real app (`serve.app.build_app`: middleware, auth, rate limits, the default 
 Redis log writer into a real redis-server) runs under real uvicorn in a subprocess, with the options `secondstage
 serve` uses (`serve.cli.UVICORN_OPTIONS`), over a *fake engine* that answers every request with `--tokens`
 tokens at once (no model: a step per token, `asyncio.sleep(0)` between them) and the demo model's real
-tokenizer, so the chat template and tokenization cost what they cost in serve. An httpx load of `--clients`
+tokenizer, so the chat template and tokenization cost what they cost in serve. A load of `--clients`
 concurrent clients (bench/load.py, the serving benchmark's bodies) sends `--requests` measured requests per
 cell after a warm-up; the server process' CPU time (user + system, psutil) over the measured requests, divided by
 their number, is the cost of one request. CPU seconds, not wall seconds: on a shared machine the load moves wall

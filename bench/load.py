@@ -2,11 +2,16 @@
 
     stats = asyncio.run(drive_http(server.url, cell_requests, stream=True, concurrency=16, warmup=4))
 
-`concurrency` clients (asyncio tasks on one httpx client) each send their next request as soon as the last
+`concurrency` clients (asyncio tasks on one aiohttp session) each send their next request as soon as the last
 one finished, until `requests` are done; every request has its own prompt (`prompt(i, words)`: a number in
 front, so no two share more than the chat template's prefix and the prefix cache cannot turn the benchmark
 into a cache test) and asks for exactly `max_tokens` tokens (`ignore_eos`). bench/raw_engine.py produces the
 same `Sample`s without HTTP, so every row of the serving table is computed by `summarise`.
+
+The client is aiohttp, not httpx, because the load generator runs on the same cores as the server it measures:
+reading a 64-token stream cost httpx (`aiter_lines`) 12-13 ms of CPU against aiohttp's 1.3-1.4 ms (a trivial SSE
+server, 64 clients, 3 rounds), and at 64 clients that difference was a sixth of all the CPU a request cost the
+machine (README Performance, "Where the CPU goes").
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 
 from bench.results import percentile
 
@@ -108,24 +113,21 @@ def chat_body(model: str, content: str, max_tokens: int, stream: bool, system: s
     return body
 
 
-async def one_http(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Sample:
+async def one_http(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Sample:
     """One chat completion; TTFT is the first chunk with content (streams only)."""
     t0 = time.perf_counter()
     try:
-        if not body["stream"]:
-            r = await client.post(url, json=body)
-            latency = time.perf_counter() - t0
-            if r.status_code != 200:
-                return Sample(False, latency, error=f"HTTP {r.status_code}: {r.text[:200]}")
-            usage = r.json().get("usage") or {}
-            return Sample(True, latency, None, usage.get("completion_tokens", 0), usage.get("prompt_tokens", 0))
-        ttft, chunks, usage = None, 0, {}
-        async with client.stream("POST", url, json=body) as r:
-            if r.status_code != 200:
-                text = (await r.aread()).decode(errors="replace")
-                return Sample(False, time.perf_counter() - t0, error=f"HTTP {r.status_code}: {text[:200]}")
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+        async with session.post(url, json=body) as r:
+            if r.status != 200:
+                text = (await r.read()).decode(errors="replace")
+                return Sample(False, time.perf_counter() - t0, error=f"HTTP {r.status}: {text[:200]}")
+            if not body["stream"]:
+                usage = json.loads(await r.read()).get("usage") or {}
+                latency = time.perf_counter() - t0
+                return Sample(True, latency, None, usage.get("completion_tokens", 0), usage.get("prompt_tokens", 0))
+            ttft, chunks, usage = None, 0, {}
+            async for line in r.content:  # one SSE line at a time
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                     continue
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
@@ -139,7 +141,7 @@ async def one_http(client: httpx.AsyncClient, url: str, body: dict[str, Any]) ->
                             ttft = time.perf_counter() - t0
         latency = time.perf_counter() - t0
         return Sample(True, latency, ttft, usage.get("completion_tokens", chunks), usage.get("prompt_tokens", 0))
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: bad JSON, a line over the limit
         return Sample(False, time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}")
 
 
@@ -164,8 +166,9 @@ async def drive_http(
     by role), and milliseconds per request, `cpu_ms_<role>` for each role and `cpu_ms_load_generator`.
     """
     url = base_url + "/v1/chat/completions"
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits, headers=headers) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency + 4)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=60, sock_read=600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as client:
         warm = await asyncio.gather(*[one_http(client, url, b) for b in warmup])
         if warm and not any(s.ok for s in warm):
             raise RuntimeError(f"every warm-up request to {url} failed; first: {warm[0].error}")

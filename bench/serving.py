@@ -28,7 +28,7 @@ fall on both sides of 1.0 is "inside the noise"; one whose every pass is on the 
 is the median over passes of the difference of TTFT p50s. Writes bench/results/serving.json; figures are
 printed, never judged by the exit status.
 
-The load generator (bench/load.py, asyncio + httpx) shares the CPUs with the HTTP servers; the raw engine
+The load generator (bench/load.py, asyncio + aiohttp) shares the CPUs with the HTTP servers; the raw engine
 has no such neighbour (part of what the ceiling leaves out). Absolute figures drift with the machine's load;
 every cell records the 1-minute load average after it ran.
 """
