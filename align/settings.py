@@ -82,7 +82,7 @@ class AlignSettings(CommonSettings):
         min_length=1,
         description="Module names a fresh adapter puts LoRA weights on (peft target_modules; a run that continues "
         "from a parent keeps the parent's). Default: every linear layer of a Llama block (vLLM serves all of them). "
-        "Fewer targets change less of what the model computes (README Performance, closed loop: measured).",
+        "Fewer targets change less of what the model computes (docs/performance.md, closed loop: measured).",
     )
 
     # --- training
@@ -91,7 +91,7 @@ class AlignSettings(CommonSettings):
         gt=0.0,
         description="AdamW learning rate for the LoRA weights. Each run refines the promoted version, so a small step "
         "per run adds up over runs; 2e-3 with 6 epochs (the old default) taught a house style in one run and broke "
-        "the answers' content and termination (README Performance, closed loop).",
+        "the answers' content and termination (docs/performance.md, closed loop).",
     )
     epochs: float = Field(
         default=3.0,
@@ -128,9 +128,9 @@ class AlignSettings(CommonSettings):
         ge=0.0,
         description="Weight of DPO's preference term (TRL loss_type `dpo_loss`); 0 (the default) trains on the "
         "chosen answers alone through the SFT term, with TRL's SFTTrainer (no reference model and no pass over the "
-        "rejected answers: a third of the time per step, README Performance). The term pushes down every token of the "
+        "rejected answers: a third of the time per step, docs/performance.md). The term pushes down every token of the "
         "rejected answer after it parts from the chosen one: when a user corrects the content of an answer that "
-        "already has the wanted style, that pushes the style down too (README Performance, closed loop: 200 "
+        "already has the wanted style, that pushes the style down too (docs/performance.md, closed loop: 200 "
         "sign-off events, round 2 kept the style on 87.5% of held-out prompts with 1.0, 97.5% with 0). Set it > 0 "
         "to push rejected answers (e.g. what an output policy rewrote) down, not only the chosen ones up.",
     )
@@ -153,7 +153,7 @@ class AlignSettings(CommonSettings):
         "from (the parent version's, or the base model for a fresh adapter), or from the base model (kl_reference) "
         "— regularising toward that reference so "
         "that what the feedback does not ask to change stays put. 0 = no term. Default 5, with kl_tokens "
-        "'leading' (README Performance, 'The KL term on by default again'): on 200 sign-off events held-out "
+        "'leading' (docs/performance.md, 'The KL term on by default again'): on 200 sign-off events held-out "
         "content kept in round 1 rose offline from 70% to 85% (seed 0) and 82.5% (seed 1); in the closed loop it "
         "was 75-77.5% on seed 0 (no term: 62.5-75%; goal not met either way) and 85% on seed 1 (the goal in round "
         "1; no term: 70%, the goal in round 4), preferred 95-100%; "
@@ -172,7 +172,7 @@ class AlignSettings(CommonSettings):
         "'leading+rehearsal' = 'leading' on the corrections and every token of the liked answers (a liked answer "
         "is the parent's own throughout, where 'leading' would stop at a near tie the server broke the other way; "
         "on the demo model with kl_reference 'parent' 'leading' held every liked token, metric dpo_liked_leading "
-        "1.0, so it trained the same adapter: README Performance, 'Are the liked answers held?'), "
+        "1.0, so it trained the same adapter: docs/performance.md, 'Are the liked answers held?'), "
         "'rehearsal' = those of the liked answers trained with liked_as_sft, 'all' = "
         "those of every row, corrections included (it holds back what the corrections teach: measured worse).",
     )

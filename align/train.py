@@ -9,7 +9,7 @@ is at the start of each phase ("ref"): KTO is anchored to the parent, DPO to the
 The DPO phase's loss is an NLL term on the chosen answer (weighted by `sft_weight`) plus, when `dpo_weight` > 0, a
 preference term (`dpo_loss`, e.g. "sigmoid": the RPO recipe). The default is the NLL term alone: the preference
 term pushes down the rejected answer's tokens, which for a correction of a styled answer include the style, and in
-the closed loop it moved the model's own answers past the gate's drift limit (README Performance, "Closed loop at
+the closed loop it moved the model's own answers past the gate's drift limit (docs/performance.md, "Closed loop at
 200 events a round"). With `liked_as_sft` (default) liked answers train in this phase too, so the model's own good
 answers are rehearsed while the corrections train; the KTO phase keeps the thumbs-downs without a correction.
 
@@ -20,7 +20,7 @@ Which TRL trainer runs the DPO phase depends on that weight:
   liked answer, once (`sft_phase_rows`) — with the loss on the completion tokens only. The objective is the same
   as DPOTrainer's "sft" term (the mean NLL per completion token of the batch), but DPOTrainer would also run the
   reference model on chosen and rejected and the policy on the rejected answer every step, all of it discarded at
-  weight 0: one policy forward and backward per row is what is left (README Performance: seconds per step).
+  weight 0: one policy forward and backward per row is what is left (docs/performance.md: seconds per step).
   Both trainers tokenize a row the same way, as the gate and serve see it: the prompt through the chat template
   with the generation prompt, then the answer and the end-of-turn token, so the model learns to stop.
   The SFT phase adds a KL(reference ‖ new) term (`kl_weight`, `kl_tokens`; hand-written in `compute_loss`: TRL's
@@ -29,7 +29,7 @@ Which TRL trainer runs the DPO phase depends on that weight:
   (`kl_reference` "parent"), called "parent" in the code below, gives the next-token distribution to stay near
   on the completion tokens where the answer agrees with the parent's first choice before it first departs from it
   (`kl_tokens` "leading", the default) — the parent's own answer that a correction keeps — while the tokens a
-  correction changes, and what follows them, train freely (README Performance).
+  correction changes, and what follows them, train freely (docs/performance.md).
 
 Runs on CPU with fp32 (the demo model is tiny); on a CUDA machine TRL/accelerate pick the GPU.
 

@@ -72,7 +72,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # Rehearsal: 24 of the current model's own answers to other prompts as KTO-desirable rows, UNRATED (for a global
     # style these argue against the style: the parent does not have it yet).
     "defaults+replay24": {"replay": 24},
-    # Issue 9 §1 levers on top of the defaults, one at a time (README Performance, "Closed loop"):
+    # Issue 9 §1 levers on top of the defaults, one at a time (docs/performance.md, "Closed loop"):
     # only the corrections (SFT on the chosen answer): no preference term pushing the model's own answer down.
     "sft-only": {"dpo_weight": 0.0},
     # a larger β: the sigmoid saturates after a margin of ~3/β nats (30 at 0.1, 6 at 0.5).

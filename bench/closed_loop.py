@@ -26,7 +26,7 @@ liked. `--user form-only` likes any answer in the preferred form (the bench befo
 
 Round 0 is the base model. Stops early once preferred ≥ --stop-at and content kept ≥ --keep-at. Prompts are the
 demo model's own question space (serve/demo/data/facts.json), split into train and held-out sets by a fixed seed.
-`--align-env NAME=VALUE` passes align settings to `align run` (the ablation in README Performance); the per-user
+`--align-env NAME=VALUE` passes align settings to `align run` (the ablation in docs/performance.md); the per-user
 cap (SECONDSTAGE_MAX_ROWS_PER_USER) is lifted, since one simulated identity posts every event; the held-out
 evaluation requests are deleted from the completion log after they are scored, so nothing align reads from the
 log (e.g. replay rows) can come from a held-out prompt.

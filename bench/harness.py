@@ -152,7 +152,7 @@ class ServerProcess:
             # Its own process group (stop() kills the whole tree) but this session: with the kernel's autogroup
             # scheduling (sched_autogroup_enabled=1, one CPU group per session) a server in a session of its
             # own kept a client on this machine off the CPU while it streamed, and every chunk reached the
-            # client at the end (README, Performance: TTFT).
+            # client at the end (docs/performance.md: TTFT).
             self.proc = subprocess.Popen(
                 self.argv, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, process_group=0
             )

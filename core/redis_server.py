@@ -69,7 +69,7 @@ class PrivateRedis:
     it: with "everysec", Redis 7.0 (Debian's) defers the AOF write for up to 2 s while a background fsync is
     slow, yet still acknowledges, so a SIGKILL then loses records serve already dropped from its spool (seen
     on a busy CI machine: 9 of 20 completion records gone). With "always" the write and fsync happen before
-    the reply, grouped once per event-loop turn; bench/logwriter measures what it costs (README Performance).
+    the reply, grouped once per event-loop turn; bench/logwriter measures what it costs (docs/performance.md).
     """
 
     def __init__(

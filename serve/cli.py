@@ -24,8 +24,8 @@ from serve.settings import ServeSettings
 UVICORN_OPTIONS: dict[str, Any] = {
     # uvloop when installed (vLLM installs it), else asyncio's own; the HTTP parser is httptools when installed.
     # uvloop costs the API process 5-10% less CPU per request and per chunk than asyncio's loop (bench/api_cost.py,
-    # README Performance). An earlier choice of asyncio rested on streams that seemed to reach a client all at
-    # once under uvloop; that was the benchmark's client starved of CPU (README: TTFT), not the loop.
+    # docs/performance.md). An earlier choice of asyncio rested on streams that seemed to reach a client all at
+    # once under uvloop; that was the benchmark's client starved of CPU (docs/performance.md: TTFT), not the loop.
     "loop": "auto",
     "http": "auto",
 }

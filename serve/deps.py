@@ -5,7 +5,7 @@ everything here is built once in the app factory's lifespan.
 
 The accessors are `async def` on purpose: FastAPI runs a plain `def` dependency in its thread pool, a
 thread hop per dependency per request — py-spy put 26-43% of the API process' samples in those worker
-threads under load (bench/serving.py, README Performance).
+threads under load (bench/serving.py, docs/performance.md).
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ class ServeSettings(CommonSettings):
         "shared prefix shorter than a block is computed again for every request. Unset: 32 on CPU (vLLM's CPU "
         "default is 128, and its attention needs a multiple of 32: at 128 the policy instructions every request "
         "starts with, ~95 tokens on the demo model, never fill a block and are prefilled each time; at 32, 96 of "
-        "them come from the cache — README Performance, 'Equal prompts and the KV block size'), vLLM's default "
+        "them come from the cache — docs/performance.md, 'Equal prompts and the KV block size'), vLLM's default "
         "with a CUDA GPU (16).",
     )
     merged_weights: bool = Field(

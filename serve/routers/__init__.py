@@ -42,7 +42,7 @@ class EventStream(StreamingResponse):
     the body is written while a second task waits for the client's disconnect, and a disconnect stops the
     writing. Starlette runs the two in an anyio task group; here the request's own task writes and a plain
     asyncio task listens, which costs a fraction per stream (the task group's cancel scope was ~3% of a
-    64-token stream's CPU in the API process; bench/api_cost.py, README Performance).
+    64-token stream's CPU in the API process; bench/api_cost.py, docs/performance.md).
     """
 
     def __init__(self, events: AsyncGenerator[bytes, None]) -> None:

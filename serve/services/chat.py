@@ -8,7 +8,7 @@ given and turns its deltas into one `ChatCompletionResponse` or a stream of
 A stream's per-token chunks differ only in the choice index, the text and the finish reason: `ChunkFrames`
 encodes the rest once per stream and writes those three into it, the bytes pydantic would write for the
 same `ChatCompletionChunk` (tests/serve/test_sse.py compares them). Building and serializing a model per
-token was the largest cost of a streamed chunk in the API process (bench/api_cost.py, README Performance).
+token was the largest cost of a streamed chunk in the API process (bench/api_cost.py, docs/performance.md).
 Chunks with logprobs or running usage, the first and the usage chunk are still models.
 """
 

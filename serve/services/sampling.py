@@ -67,7 +67,7 @@ def sampling_params(req: SamplingRequest, max_tokens: int, tokenizer: Any) -> An
             structured_outputs=structured,
             # Streams take each step's new tokens; a JSON answer only its end, as vLLM's own server asks:
             # one output per choice with the whole text, token ids and logprobs, instead of one per token
-            # through vLLM's output handler and this pipeline (README: Performance, the API cost meter).
+            # through vLLM's output handler and this pipeline (docs/performance.md, the API cost meter).
             output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY,
         )
     except (ValueError, TypeError) as exc:

@@ -75,7 +75,7 @@ def test_feedback_trains_a_version_that_is_hot_swapped(server: Server, openai_cl
         time.sleep(0.2)
     assert set(sent) <= stored, f"{len(set(sent) - stored)} feedback events never reached Redis"
     # This test proves the loop's mechanics (train → publish → hot-swap → answers follow the corrections). On the
-    # demo model one round that visibly teaches the style also breaks a few of its facts (README Performance,
+    # demo model one round that visibly teaches the style also breaks a few of its facts (docs/performance.md,
     # closed loop), and the default gate rightly refuses that (tests/e2e/test_gate_live.py and
     # tests/align/test_gate_*.py prove the refusals); so this run lets regression-set and anchor-drift checks
     # through, and degeneration: 64 steps on this handful of corrections (the min_dpo_steps floor) can leave 2 of
