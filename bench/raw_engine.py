@@ -35,11 +35,14 @@ from bench.load import Sample, cpu_ms_per_request, summarise
 
 
 async def _one(llm: Any, ids: list[int], params: Any, lora: Any) -> Sample:
+    from vllm.inputs import tokens_input
+
     t0 = time.perf_counter()
     ttft, tokens = None, 0
     delta = params.output_kind.name == "DELTA"
     try:
-        async for out in llm.generate({"prompt_token_ids": ids}, params, uuid.uuid4().hex, lora_request=lora):
+        # The rendered input secondstage and vLLM's server pass (a bare dict would be re-rendered in a thread pool).
+        async for out in llm.generate(tokens_input(ids), params, uuid.uuid4().hex, lora_request=lora):
             completion = out.outputs[0]
             # DELTA outputs carry the new tokens only, FINAL_ONLY all of them once.
             tokens = tokens + len(completion.token_ids) if delta else len(completion.token_ids)

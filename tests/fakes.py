@@ -95,7 +95,14 @@ class FakeLLM:
             self.healthy = False
             raise RuntimeError("engine core died: weights on the meta device")
         self.seen.append(
-            {"prompt": text, "params": params, "lora": lora_request, "request_id": request_id, "weights": weights}
+            {
+                "prompt": text,
+                "input_type": prompt.get("type"),
+                "params": params,
+                "lora": lora_request,
+                "request_id": request_id,
+                "weights": weights,
+            }
         )
         answer = self.reply(text) if self.reply else "echo: " + text.rsplit("<user>", 1)[-1].split("<")[0]
         if lora_request is not None:

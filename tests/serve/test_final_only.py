@@ -53,6 +53,13 @@ def test_json_asks_final_only_and_streams_delta(client: TestClient, fake_llm: Fa
     assert r.status_code == 200 and fake_llm.seen[-1]["params"].output_kind == RequestOutputKind.FINAL_ONLY
 
 
+def test_the_engine_gets_rendered_token_input(client: TestClient, fake_llm: FakeLLM) -> None:
+    # vLLM re-renders a bare {"prompt_token_ids": ...} in its thread pool; a rendered TokensInput goes straight in.
+    client.post("/v1/chat/completions", json={"messages": MSG})
+    client.post("/v1/completions", json={"prompt": [60, 61], "max_tokens": 4})
+    assert [s["input_type"] for s in fake_llm.seen[-2:]] == ["token", "token"]
+
+
 def test_json_n_logprobs_and_usage_from_one_final_output(client: TestClient) -> None:
     body = {"messages": MSG, "n": 2, "logprobs": True, "top_logprobs": 2, "max_tokens": 8}
     r = client.post("/v1/chat/completions", json=body).json()
