@@ -44,6 +44,7 @@ from core.merge import MergeError
 from core.versions import BASE, VersionError, VersionStore, check_name, version_number
 from serve.errors import BadRequest, NotFound, Unavailable
 from serve.logs import note_version
+from serve.prefix_tokens import PrefixTokens
 
 if TYPE_CHECKING:
     from serve.metrics import Metrics
@@ -161,6 +162,7 @@ class ModelEngine:
     ) -> None:
         self.llm = llm
         self.tokenizer = tokenizer
+        self._prompt_tokens = PrefixTokens(tokenizer)
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.store = store
@@ -223,7 +225,7 @@ class ModelEngine:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # jinja raises on conversations the template refuses (e.g. bad role order)
             raise BadRequest(f"messages: the model's chat template rejected them: {exc}", param="messages") from exc
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return self._prompt_tokens.encode(text, messages)
 
     def check_length(self, prompt_len: int, max_tokens: int | None, param: str = "messages") -> int:
         """The max new tokens to use; 400 when the prompt (plus requested tokens) exceeds the context."""
