@@ -11,6 +11,7 @@ message index, the span and the limit's numbers.
 from __future__ import annotations
 
 import copy
+import re
 import unicodedata
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,7 @@ from core.policy.scope import RequestContext, active_indices, in_scope
 from core.policy.stream import Matcher
 
 _KEEP_CONTROLS = frozenset("\t\n\r")
+_NOT_PRINTABLE_ASCII = re.compile(r"[^\x20-\x7e]")
 
 
 def _text_parts(message: dict[str, Any]) -> list[tuple[Any, str]]:
@@ -52,11 +54,14 @@ def bad_chars(text: str, rule: UnicodeRule) -> list[int]:
     cats = set(rule.categories)
     allow = set(rule.allow)
     out = []
-    for i, ch in enumerate(text):
-        if ch in allow or ch in _KEEP_CONTROLS or (ch.isascii() and ch.isprintable()):
+    # Only characters outside printable ASCII can be caught: the regex finds them in C (a loop over every
+    # character in Python was ~3% of a short request's API-process CPU with the default `Cc` rule).
+    for m in _NOT_PRINTABLE_ASCII.finditer(text):
+        ch = m.group()
+        if ch in allow or ch in _KEEP_CONTROLS:
             continue
         if unicodedata.category(ch) in cats:
-            out.append(i)
+            out.append(m.start())
     return out
 
 
