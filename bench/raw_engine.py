@@ -112,6 +112,9 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
         AsyncEngineArgs(**engine_kwargs(ServeSettings(), cuda=current_platform.is_cuda_alike()))
     )
     started = time.monotonic() - t0
+    from vllm.utils.gc_utils import freeze_gc_heap
+
+    freeze_gc_heap()  # as vLLM's server and secondstage serve do once started: no GC walks of the startup heap
     tokenizer = llm.get_tokenizer()
     out: dict[str, Any] = {"startup_s": started, "cells": {}}
     try:
