@@ -155,7 +155,7 @@ def serve(port: int, config: str, redis_url: str, var_dir: Path, loop: str | Non
     if http:
         options["http"] = http
     uvicorn.run(
-        build_app(settings, engine=engine, freeze_heap=True),  # as `secondstage serve`
+        build_app(settings, engine=engine, own_process=True),  # as `secondstage serve`
         host="127.0.0.1",
         port=port,
         log_level="warning",

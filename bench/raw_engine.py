@@ -32,6 +32,7 @@ from typing import Any
 
 from bench.harness import cpu_by_process
 from bench.load import Sample, cpu_ms_per_request, summarise
+from serve.placement import keep_off_workers
 
 
 async def _one(llm: Any, ids: list[int], params: Any, lora: Any) -> Sample:
@@ -107,14 +108,15 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
     from serve.engine import engine_kwargs
     from serve.settings import ServeSettings
 
+    settings = ServeSettings()
     t0 = time.monotonic()
-    llm = AsyncLLM.from_engine_args(
-        AsyncEngineArgs(**engine_kwargs(ServeSettings(), cuda=current_platform.is_cuda_alike()))
-    )
+    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(settings, cuda=current_platform.is_cuda_alike())))
     started = time.monotonic() - t0
     from vllm.utils.gc_utils import freeze_gc_heap
 
     freeze_gc_heap()  # as vLLM's server and secondstage serve do once started: no GC walks of the startup heap
+    if settings.keep_off_worker_cpus:  # as secondstage serve does: this process and the engine core off them
+        keep_off_workers()
     tokenizer = llm.get_tokenizer()
     out: dict[str, Any] = {"startup_s": started, "cells": {}}
     try:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -75,6 +76,7 @@ from bench.results import fmt, load_result, write_result
 from core.keys import Keys
 from core.redis_server import PrivateRedis
 from core.versions import BASE, Manifest, Registry, VersionStore
+from serve.placement import worker_free_cpus
 
 console = Console(width=220)
 LABELS = {
@@ -231,8 +233,6 @@ def run_http(
     """Every step against `server`; `on_lora()` returns the model name LoRA steps ask for (after switching).
     The CPU of the server's process tree (and of `extra_pids`: Redis for secondstage) is counted per cell.
     `system`: a system message every request sends first (the equal prompts, `instructions_message`)."""
-    out: dict[str, Any] = {}
-    lora_model: str | None = None
     assert server.proc is not None
     pid = server.proc.pid
 
@@ -242,6 +242,31 @@ def run_http(
             roles["redis"] = sum(cpu_seconds(p) for p in extra_pids)
         return roles
 
+    # The load generator (this thread) and the Redis secondstage logs to keep off the cores the server's engine
+    # workers are bound to, as secondstage keeps its own processes (serve/placement.py) and as clients on other
+    # machines would: run on a worker's core they preempt forward passes, whichever server is measured.
+    cpus = worker_free_cpus(pid)
+    before = {p: os.sched_getaffinity(p) for p in (0, *extra_pids)}
+    if cpus is not None:
+        for p in before:
+            os.sched_setaffinity(p, cpus)
+    try:
+        return _steps(server, steps, on_lora, server_cpu, system)
+    finally:
+        for p, mask in before.items():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(p, mask)  # servers this process starts next inherit its mask
+
+
+def _steps(
+    server: ServerProcess,
+    steps: list[dict[str, Any]],
+    on_lora: Any,
+    server_cpu: Any,
+    system: str | None,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    lora_model: str | None = None
     for step in steps:
         model = "demo"
         if step["lora"]:

@@ -34,6 +34,7 @@ from serve.logs import RequestLogMiddleware
 from serve.logwriter import LogWriter, Record
 from serve.metrics import Metrics
 from serve.middleware import RequestMiddleware
+from serve.placement import keep_off_workers
 from serve.routers import chat, completions, feedback, models, ops, policies, tokenize
 from serve.services.chat import ChatService
 from serve.services.completions import CompletionService
@@ -51,10 +52,11 @@ def build_app(
     *,
     engine: ModelEngine | None = None,
     registry: CollectorRegistry | None = None,
-    freeze_heap: bool = False,
+    own_process: bool = False,
 ) -> FastAPI:
-    """The app. `freeze_heap`: once started, move every object alive to the GC's permanent generation (the
-    server process sets it; an app embedded in another process, a test's, leaves that process' GC alone)."""
+    """The app. `own_process`: the app is its process' server (`secondstage serve` sets it; an app embedded in
+    another process, a test's, leaves that process alone): once started, move every object alive to the GC's
+    permanent generation, and on a CPU engine keep the process off the engine workers' cores."""
     settings = settings or ServeSettings()
     # No `_created` series: a sample per counter and histogram child that no dashboard or rule reads
     # (process-wide, so vLLM's metrics lose theirs too; called here, not at import, like everything else).
@@ -65,13 +67,15 @@ def build_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             await _start(app, settings, metrics, engine, stack)
-            if freeze_heap:
+            if own_process:
                 # What torch, vLLM and the app made at start never dies, yet every oldest-generation collection
                 # walked it: 360-380 ms event-loop stalls every ~2 s under 64 clients here (a gc callback in the
                 # server), 7-17 ms with the heap frozen. vLLM's own server freezes it the same way.
                 from vllm.utils.gc_utils import freeze_gc_heap
 
                 freeze_gc_heap()
+                if settings.keep_off_worker_cpus:
+                    keep_off_workers()
             yield
 
     app = FastAPI(

@@ -148,7 +148,7 @@ def serve(
 
         ensure_demo_model(settings.demo_model_dir)
     uvicorn.run(
-        build_app(settings, freeze_heap=True),
+        build_app(settings, own_process=True),
         host=settings.host,
         port=settings.port,
         log_level=log_level,
