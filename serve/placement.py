@@ -7,12 +7,12 @@ on a worker's cores, and the kernel puts them there whenever the reserved cores 
 pass that every running sequence waits for. Measured here (2 vCPUs, the worker bound to one; secondstage full,
 64 clients × 64 tokens streamed, one warm server, 4 alternating rounds; docs/performance.md): keeping the API and
 engine-core processes on the other core raised throughput 9-19% in every round, and the engine core's CPU per
-request fell by a fifth (it spins less when it is not fighting the worker for its core).
+request fell by about a quarter (it spins less when it is not fighting the worker for its core).
 
 So once the engine has started, the server moves every thread of its own process and of each non-worker
 descendant onto the CPUs no worker is bound to; threads and processes started later inherit that. Nothing moves
-when no worker is bound to a subset of the CPUs (a GPU engine, `VLLM_CPU_OMP_THREADS_BIND=nobind`) or when the
-workers hold every CPU. psutil (a vLLM dependency) walks the process tree; the kernel call is the stdlib's.
+when there is no worker below this process or one is not bound (a GPU engine, `VLLM_CPU_OMP_THREADS_BIND=nobind`)
+or when the workers hold every CPU. psutil (a vLLM dependency) walks the process tree; the kernel call is the stdlib's.
 """
 
 from __future__ import annotations
@@ -53,28 +53,30 @@ def _tree(root: psutil.Process) -> tuple[list[psutil.Process], list[psutil.Proce
     return workers, rest
 
 
-def worker_free_cpus(pid: int | None = None) -> set[int] | None:
-    """The CPUs process `pid` (default: this one) may use that none of its vLLM workers is bound to; None as in
-    `free_cpus`. The benchmarks keep their load generator there too."""
-    root = psutil.Process(pid)
-    workers, _ = _tree(root)
+def _plan(root: psutil.Process) -> tuple[set[int] | None, list[psutil.Process]]:
+    """The CPUs `root`'s vLLM workers leave free (None as in `free_cpus`) and the processes to move there."""
+    workers, rest = _tree(root)
     bindings = []
     for worker in workers:
         try:
             bindings.append(set(worker.cpu_affinity()))
         except psutil.Error:
             continue
-    return free_cpus(set(root.cpu_affinity()), bindings)
+    return free_cpus(set(root.cpu_affinity()), bindings), rest
+
+
+def worker_free_cpus(pid: int | None = None) -> set[int] | None:
+    """The CPUs process `pid` (default: this one) may use that none of its vLLM workers is bound to; None as in
+    `free_cpus`. The benchmarks keep their load generator there too."""
+    return _plan(psutil.Process(pid))[0]
 
 
 def keep_off_workers(pid: int | None = None) -> set[int] | None:
     """Move every thread of process `pid` (default: this one) and of its non-worker descendants onto the CPUs no
     vLLM worker below it is bound to. Returns those CPUs, or None when nothing moved (see `free_cpus`)."""
-    root = psutil.Process(pid)
-    cpus = worker_free_cpus(root.pid)
+    cpus, rest = _plan(psutil.Process(pid))
     if cpus is None:
         return None
-    _, rest = _tree(root)
     for proc in rest:
         try:
             threads = [t.id for t in proc.threads()]
