@@ -79,6 +79,9 @@ from core.versions import BASE, Manifest, Registry, VersionStore
 from serve.placement import worker_free_cpus
 
 console = Console(width=220)
+PLACED = {"SECONDSTAGE_KEEP_OFF_WORKER_CPUS": "true"}
+"""secondstage and the raw engine keep their processes off the engine worker's cores (serve/placement.py: opt-in,
+its setting says why), as the published figures were measured."""
 LABELS = {
     "r": "raw engine",
     "a": "vLLM server",
@@ -381,7 +384,9 @@ def run_one(
     # Every server but full secondstage (whose instructions rule adds it) gets the instructions from its client.
     system = None if name == "c" else args.system
     if name == "r":
-        env = secondstage_env(redis_url=rs.url, var_dir=work / "var-r", port=free_port(), engine=args.engine)
+        env = secondstage_env(
+            redis_url=rs.url, var_dir=work / "var-r", port=free_port(), engine=args.engine, extra_env=PLACED
+        )
         return run_raw(env, steps, adapter, work, rep, system)
     if name == "a":
         vllm = vllm_server(log=work / f"vllm-{rep}.log", lora_modules={LORA_NAME: adapter}, engine=args.engine)
@@ -401,7 +406,7 @@ def run_one(
         redis_url=rs.url,
         var_dir=var_dir,
         log=work / f"secondstage-{name}-{rep}.log",
-        extra_env={"SECONDSTAGE_POLICIES_ENABLED": flag, "SECONDSTAGE_LOGGING_ENABLED": flag},
+        extra_env={"SECONDSTAGE_POLICIES_ENABLED": flag, "SECONDSTAGE_LOGGING_ENABLED": flag, **PLACED},
     )
     try:
         with running(server):

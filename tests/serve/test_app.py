@@ -25,6 +25,7 @@ def placements(monkeypatch: pytest.MonkeyPatch) -> list[None]:
 def test_the_server_freezes_its_startup_heap_an_embedded_app_does_not(
     settings: ServeSettings, engine: ModelEngine, placements: list[None]
 ) -> None:
+    settings = settings.model_copy(update={"keep_off_worker_cpus": True})
     gc.unfreeze()
     try:
         with TestClient(build_app(settings, engine=engine)) as client:
@@ -39,9 +40,10 @@ def test_the_server_freezes_its_startup_heap_an_embedded_app_does_not(
         gc.unfreeze()  # the rest of the test session collects as before
 
 
-def test_the_server_stays_where_the_kernel_puts_it_when_told_to(
+def test_the_server_stays_where_the_kernel_puts_it_unless_told_to_move(
     settings: ServeSettings, engine: ModelEngine, placements: list[None]
 ) -> None:
+    assert ServeSettings.model_fields["keep_off_worker_cpus"].default is False  # opt-in: the setting says why
     unplaced = settings.model_copy(update={"keep_off_worker_cpus": False})
     try:
         with TestClient(build_app(unplaced, engine=engine, own_process=True)) as client:
