@@ -9,10 +9,11 @@ pass that every running sequence waits for. Measured here (2 vCPUs, the worker b
 engine-core processes on the other core raised throughput 9-19% in every round, and the engine core's CPU per
 request fell by about a quarter (it spins less when it is not fighting the worker for its core).
 
-So once the engine has started, the server moves every thread of its own process and of each non-worker
-descendant onto the CPUs no worker is bound to; threads and processes started later inherit that. Nothing moves
-when there is no worker below this process or one is not bound (a GPU engine, `VLLM_CPU_OMP_THREADS_BIND=nobind`)
-or when the workers hold every CPU. psutil (a vLLM dependency) walks the process tree; the kernel call is the stdlib's.
+So, when `keep_off_worker_cpus` is set (opt-in: its description says why), once the engine has started the
+server moves every thread of its own process and of each non-worker descendant onto the CPUs no worker is bound
+to; threads and processes started later inherit that. Nothing moves when there is no worker below this process
+or one is not bound (a GPU engine, `VLLM_CPU_OMP_THREADS_BIND=nobind`) or when the workers hold every CPU.
+psutil (a vLLM dependency) walks the process tree; the kernel call is the stdlib's.
 """
 
 from __future__ import annotations
